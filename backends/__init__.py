@@ -1,0 +1,1 @@
+"""Built-in attention backends, one module each; pytest-attn finds every module here."""

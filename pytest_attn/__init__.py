@@ -1,0 +1,28 @@
+"""pytest-attn: a pytest plugin and validation suite for attention backends.
+
+The public names are imported lazily, so ``import pytest_attn`` (and loading the plugin) imports
+neither torch nor any backend library.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Backend": "contract", "Plan": "contract", "Capabilities": "contract", "LayerSpec": "contract",
+    "Tolerance": "contract", "Availability": "contract",
+    "AttentionMetadata": "metadata", "PagedKVCacheManager": "kv_cache",
+    "AttnError": "errors", "AttnInputError": "errors", "UnsupportedCase": "errors", "CacheFullError": "errors",
+    "UnknownBackendError": "errors",
+    "BatchCase": "cases", "CATALOG": "cases",
+    "reference_attention": "reference", "compare": "reference", "POISON": "reference",
+    "run_case": "harness", "assert_case_passes": "harness", "Registry": "registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'pytest_attn' has no attribute {name!r}")

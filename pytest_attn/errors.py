@@ -1,0 +1,26 @@
+"""Errors raised by pytest-attn. Each message says what was wrong and what to do about it."""
+
+
+class AttnError(Exception):
+    """Base class of every pytest-attn error."""
+
+
+class AttnInputError(AttnError, ValueError):
+    """An argument is malformed: negative lengths, offsets that do not match the tensors, and so on."""
+
+
+class UnsupportedCase(AttnError):
+    """A backend cannot run this case. ``reasons`` lists why, in the backend's own words."""
+
+    def __init__(self, backend: str, reasons):
+        self.backend = backend
+        self.reasons = tuple(reasons)
+        super().__init__(f"backend {backend!r} does not support this case: " + "; ".join(self.reasons))
+
+
+class CacheFullError(AttnError, RuntimeError):
+    """The paged KV cache has no free page left for the tokens asked for."""
+
+
+class UnknownBackendError(AttnError, LookupError):
+    """A backend name that no module in backends/ and no entry point registers."""

@@ -1,0 +1,22 @@
+"""What the run tells the user: the report header."""
+from __future__ import annotations
+
+
+def header_lines(session, config=None) -> list[str]:
+    selected = session.selected
+    lines = [f"attn backends: {', '.join(b.name for b in selected) or '(none available)'}"
+             + ("" if session.requested else " (every available one; choose with --attn-backend)")]
+    unavailable = session.unavailable
+    if unavailable:
+        lines.append("attn unavailable: " + "; ".join(f"{name} ({reason})" for name, reason in unavailable))
+    dtypes = ", ".join(session.dtypes) if session.dtypes else "each case's own"
+    limit = session.max_tokens
+    limit_text = (f"{limit} (larger cases deselected; --attn-max-tokens=0 runs them)" if limit else "none")
+    lines.append(f"attn device: {session.describe_device()}")
+    lines.append(f"attn dtypes: {dtypes} | seed: {session.seed} (rerun with --attn-seed={session.seed}) | "
+                 f"strict: {'on' if session.strict else 'off'} | max tokens: {limit_text}")
+    if config is not None:
+        from .gpu_workers import header_lines as gpu_lines
+
+        lines.extend(gpu_lines(config))
+    return lines

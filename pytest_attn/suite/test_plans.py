@@ -1,0 +1,33 @@
+"""Does the backend's plan describe what it runs? Checked without running anything."""
+import pytest
+
+from pytest_attn.contract import KV_LAYOUTS
+from pytest_attn.errors import UnsupportedCase
+from pytest_attn.harness import first_step
+
+INDEX_UNITS = ("tokens", "elements", "pages")
+
+
+def test_plan_matches_the_batch(attn_backend, attn_case, attn_device):
+    metadata, layer = first_step(attn_case, attn_device)
+    reasons = attn_backend.unsupported(layer, metadata, attn_device)
+    assert isinstance(reasons, list) and all(isinstance(r, str) and r for r in reasons), reasons
+    if reasons:
+        raise UnsupportedCase(attn_backend.name, reasons)
+    plan = attn_backend.plan(metadata, layer, device=attn_device)
+    assert plan.backend == attn_backend.name
+    assert plan.layer == layer, "the plan must carry the layer it was made for"
+    for part in plan.parts or (plan,):
+        assert part.layout in KV_LAYOUTS, part
+        assert part.index_units in INDEX_UNITS, part
+        assert part.kernel and part.kernel_backend, part
+    assert plan.reads_cache == metadata.has_cache, (
+        f"plan {plan.describe()} says reads_cache={plan.reads_cache} for a batch "
+        f"{'with' if metadata.has_cache else 'without'} a kv_cache_manager")
+    if metadata.has_cache:
+        layouts = {p.layout for p in plan.parts or (plan,) if p.reads_cache}
+        assert layouts == {metadata.kv_cache_manager.layout}, (
+            f"the cache is {metadata.kv_cache_manager.layout} but the plan reads it as {layouts}")
+    again = attn_backend.plan(metadata, layer, device=attn_device)
+    assert again == plan, "planning the same batch twice gave different plans"
+
