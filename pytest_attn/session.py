@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .cases import select
 from .contract import Availability, Backend, dtype_name
 from .errors import AttnInputError
 from .registry import Registry
@@ -38,6 +39,7 @@ class AttnSession:
         if seed is None:
             seed = int(os.environ.get("PYTEST_ATTN_SEED", DEFAULT_SEED))
         cases = [c.strip() for item in opt("attn_cases") or [] for c in item.split(",") if c.strip()]
+        select(cases)  # an unknown case name or tag is a usage error now, not at collection
         return cls(Registry.discover(), list(opt("attn_backend") or []), opt("attn_device"), dtypes, seed,
                    bool(opt("attn_strict")), cases, opt("attn_max_tokens"))
 
