@@ -35,12 +35,24 @@ def choose_sdpa_kernel(device_type: str, dtype: str, head_dim: int, explicit_mas
     return "math"
 
 
-def varlen_available() -> bool:
+def varlen_parameters() -> frozenset:
+    """Keyword parameters of torch.nn.attention.varlen.varlen_attn (empty where it does not exist).
+    They changed between releases: 2.10 takes is_causal, later ones window_size and enable_gqa."""
+    import inspect
+
     try:
-        from torch.nn.attention import varlen  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_can_run(params: frozenset, layer: LayerSpec) -> bool:
+    if not params or "scale" not in params:
         return False
-    return hasattr(varlen, "varlen_attn")
+    if layer.group_size > 1 and "enable_gqa" not in params:
+        return False
+    return "window_size" in params or "is_causal" in params
 
 
 class TorchSDPABackend(Backend):
@@ -71,7 +83,8 @@ class TorchSDPABackend(Backend):
         layout = metadata.kv_cache_manager.layout if metadata.has_cache else "NHD"
         if (self._use_varlen and self._forced_kernel is None and device_type == "cuda" and not metadata.has_cache
                 and layer.dtype in _HALF and layer.head_dim % 8 == 0 and layer.head_dim <= 256
-                and layer.window_left < 0 and 0 not in metadata.seq_lens and varlen_available()):
+                and layer.window_left < 0 and 0 not in metadata.seq_lens
+                and varlen_can_run(varlen_parameters(), layer)):
             return Plan(self.name, "varlen_attn", "flash", layout, "tokens", False, device=str(device),
                         layer=layer, details=(("launches", 1),))
         explicit = needs_explicit_mask(metadata, layer)
@@ -137,10 +150,16 @@ class TorchSDPABackend(Backend):
     def _varlen(self, q, k, v, metadata, layer, out):
         from torch.nn.attention.varlen import varlen_attn
 
+        params = varlen_parameters()
         cu = metadata.int_tensor("qo_indptr", q.device)
-        window = (-1, 0) if layer.causal else (-1, -1)
-        out.copy_(varlen_attn(q, k, v, cu, cu, metadata.max_seq_len_q, metadata.max_seq_len_q,
-                              scale=layer.scale, window_size=window, enable_gqa=layer.group_size > 1))
+        kwargs = {"scale": layer.scale}
+        if "window_size" in params:
+            kwargs["window_size"] = (-1, 0) if layer.causal else (-1, -1)
+        else:
+            kwargs["is_causal"] = layer.causal
+        if layer.group_size > 1:
+            kwargs["enable_gqa"] = True
+        out.copy_(varlen_attn(q, k, v, cu, cu, metadata.max_seq_len_q, metadata.max_seq_len_q, **kwargs))
         return out
 
 

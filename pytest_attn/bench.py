@@ -1,11 +1,322 @@
-# PLACEHOLDER, replaced by the benchmark work (issue 4).
+"""Benchmarks of attention backends, recorded by pytest-benchmark.
+
+``attn_benchmark(backend, batch)`` plans the batch (timing the plan), runs it once untimed through
+the harness (contract check, first-call costs), times it with :mod:`pytest_attn.timing` and hands
+the per-call DEVICE times to pytest-benchmark, so its table, saved JSON, --benchmark-compare and
+--benchmark-compare-fail all work on device time. Host overhead and plan time go in the row's
+``extra_info`` beside the plan, FLOPs, TFLOP/s, µs per token and percent of a measured bf16
+matrix-product peak.
+
+How device times reach pytest-benchmark: ``benchmark.pedantic`` times ``target`` with the
+fixture's timer, reading it before and after each round. We make that timer a clock that only
+moves when ``target`` replays one of our measured samples, so each round records exactly one
+device-time sample and everything downstream (stats, JSON, compare, the regression gate) is
+pytest-benchmark's own. The timer is the fixture's private ``_timer`` (pytest-benchmark reads no
+per-call timer option); so that a future pytest-benchmark cannot silently record host time
+instead, the recorded data are checked against the samples afterwards.
+
+torch is imported inside functions only: loading the plugin must stay cheap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
+
 import pytest
+
+from .contract import Backend
+from .errors import UnsupportedCase
+
+if TYPE_CHECKING:
+    from .fixtures import AttnBatch
+    from .timing import Timing
+
+# The seed's microbenchmark: one ViT sequence (hidden 1280 = 16 heads x 80), bf16, full mask.
+SEED_SEQ_LENS = (128, 256, 512, 1024, 2048, 4096, 8192)
+SEED_SERIES = "seed"
+# Ragged ViT batches: images of several sizes at patch 14 (112 px: 64 tokens, 224: 256, 336: 576,
+# 448: 1024, 672: 2304).
+VIT_MIXES = {
+    "vit-mix-small": (64, 144, 256, 16),
+    "vit-mix": (256, 576, 1024, 2304, 64),
+}
+CPU_BENCH_MAX_TOKENS = 256  # the pytest benchmarks on CPU (CI): small sizes unless --attn-max-tokens says otherwise
+CPU_SEED_TABLE_MAX_SEQ = 1024  # `pytest-attn seed-table` on CPU
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    warmup: int = 10
+    iters: int = 50
+    graph: str = "auto"
+    cold_l2: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "BenchSettings":
+        settings = cls(config.getoption("attn_bench_warmup"), config.getoption("attn_bench_iters"),
+                       config.getoption("attn_bench_graph"), bool(config.getoption("attn_bench_cold_l2")))
+        if settings.iters < 1 or settings.warmup < 0:
+            raise pytest.UsageError(f"pytest-attn: --attn-bench-iters must be >= 1 and --attn-bench-warmup >= 0 "
+                                    f"(got {settings.iters} and {settings.warmup})")
+        return settings
+
+
+def bench_max_tokens(session) -> Optional[int]:
+    """The longest sequence the pytest benchmarks generate: --attn-max-tokens when given (0: no
+    limit), else CPU_BENCH_MAX_TOKENS on CPU and no limit on CUDA."""
+    if session.max_tokens_option is not None:
+        return session.max_tokens_option or None
+    return CPU_BENCH_MAX_TOKENS if session.device_type == "cpu" else None
+
+
+# -- what a row records ------------------------------------------------------------------------------
+def attended_pairs(q_len: int, kv_len: int, causal: bool, window_left: int = -1) -> int:
+    """Unmasked (query, key) pairs of one request whose q_len queries are its last tokens."""
+    if window_left < 0:
+        if not causal:
+            return q_len * kv_len
+        # query i sits at position kv_len - q_len + i and sees keys 0..that position
+        return q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2
+    total = 0
+    for i in range(q_len):
+        pos = kv_len - q_len + i
+        last = pos if causal else kv_len - 1
+        total += max(0, last - max(0, pos - window_left) + 1)
+    return total
+
+
+def attention_flops(metadata, layer) -> int:
+    """Forward FLOPs: QK^T and PV, 2 FLOPs per multiply-add each, over unmasked pairs only."""
+    pairs = sum(attended_pairs(q, kv, layer.causal, layer.window_left)
+                for q, kv in zip(metadata.seq_lens, metadata.kv_lens))
+    return 4 * pairs * layer.head_dim * layer.num_heads
+
+
+def row_info(backend: Backend, plan, batch: "AttnBatch", timing: "Timing", *, series: str, peak_tflops: float,
+             device: str, label: Optional[str] = None) -> dict:
+    """Everything a benchmark row carries besides the device-time stats (all JSON-able)."""
+    md, layer = batch.metadata, batch.layer
+    flops = attention_flops(md, layer)
+    median = timing.device_median_s
+    tflops = flops / median / 1e12 if median > 0 else 0.0
+    info = {
+        "backend": backend.name, "series": series, "label": label or series,
+        "plan": plan.describe(), "plan_dict": plan.as_dict(),
+        "seq_lens": list(md.seq_lens), "kv_lens": list(md.kv_lens), "tokens": md.num_tokens,
+        "num_heads": layer.num_heads, "num_kv_heads": layer.num_kv_heads, "head_dim": layer.head_dim,
+        "dtype": layer.dtype, "mask": layer.mask, "device": device,
+        "flops": flops, "tflops": tflops,
+        "device_ms": median * 1e3, "host_overhead_ms": timing.host_overhead_s * 1e3,
+        "host_call_ms": timing.host_median_s * 1e3,
+        "plan_ms": None if timing.plan_s is None else timing.plan_s * 1e3,
+        "plan_first_ms": None if timing.plan_first_s is None else timing.plan_first_s * 1e3,
+        "us_per_token": median * 1e6 / max(1, md.num_tokens),
+        "matmul_peak_tflops": peak_tflops,
+        "pct_of_matmul_peak": 100.0 * tflops / peak_tflops if peak_tflops else None,
+        "timer": timing.method, "graph_fallback": timing.graph_fallback, "cold_l2": timing.cold_l2,
+        "warmup": timing.warmup, "iters": timing.iters,
+    }
+    if md.num_requests == 1:
+        info["seq_len"] = md.seq_lens[0]  # the x axis of sweeps (pytest-attn compare)
+    info.update(timing.details)
+    return info
+
+
+# -- measuring without pytest (the CLI and the fidelity script use this too) -------------------------
+def measure_backend(backend: Backend, batch: "AttnBatch", settings: BenchSettings = BenchSettings(),
+                    *, warm_call: bool = True):
+    """(plan, timing, forward) for one batch: plan timed, one untimed call through the harness
+    (the output contract, JIT and first-call costs), then the timed calls. Raises UnsupportedCase
+    before launching anything when the backend cannot run the batch."""
+    from .harness import run_forward
+    from .timing import measure_call, time_plan
+
+    device = batch.device
+    reasons = backend.unsupported(batch.layer, batch.metadata, device)
+    if reasons:
+        raise UnsupportedCase(backend.name, reasons)
+    plan, plan_s, plan_first_s = time_plan(lambda: backend.plan(batch.metadata, batch.layer, device=device), device)
+    _, out = run_forward(backend, batch.q, batch.k, batch.v, batch.metadata, batch.layer, device, plan)
+
+    def forward():
+        return backend.forward(batch.q, batch.k, batch.v, batch.metadata, plan, out=out)
+
+    timing = measure_call(forward, device=device, warmup=settings.warmup, iters=settings.iters,
+                          graph=settings.graph, cold_l2=settings.cold_l2)
+    timing.plan_s, timing.plan_first_s = plan_s, plan_first_s
+    return plan, timing, forward
+
+
+# -- feeding samples to pytest-benchmark -------------------------------------------------------------
+class ReplayClock:
+    """pytest-benchmark's timer while our samples are recorded: time moves only in ``advance``,
+    by the next measured sample, so the timer read around ``advance`` differs by exactly it."""
+
+    def __init__(self, samples: Sequence[float], method: str):
+        self._samples = iter(samples)
+        self.now = 0.0
+        self.__name__ = f"pytest_attn.timing[{method}]"  # what the saved JSON's options.timer shows
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self) -> None:
+        self.now += next(self._samples)
+
+
+def record_samples(benchmark, samples: Sequence[float], method: str) -> None:
+    """Make ``samples`` the rounds of this pytest-benchmark fixture (see the module docstring)."""
+    if not hasattr(benchmark, "_timer"):
+        raise RuntimeError("this pytest-benchmark has no BenchmarkFixture._timer, which pytest-attn uses to record "
+                           "device times; install pytest-benchmark>=5.1,<6")
+    clock = ReplayClock(samples, method)
+    benchmark._timer = clock
+    benchmark.pedantic(clock.advance, rounds=len(samples), iterations=1, warmup_rounds=0)
+    recorded = list(benchmark.stats.stats.data) if benchmark.stats is not None else []
+    if len(recorded) != len(samples) or any(abs(r - s) > 1e-9 * max(1.0, s) for r, s in zip(recorded, samples)):
+        raise RuntimeError("pytest-benchmark did not record the device-time samples pytest-attn gave it "
+                           f"({len(recorded)} recorded, {len(samples)} given); pin pytest-benchmark>=5.1,<6")
+
+
+class AttnBenchmark:
+    """The ``attn_benchmark`` fixture's value: call it once per test with a backend and a batch."""
+
+    def __init__(self, benchmark, session, settings: BenchSettings):
+        self.benchmark = benchmark
+        self.session = session
+        self.settings = settings
+        self.info: Optional[dict] = None
+
+    @property
+    def disabled(self) -> bool:
+        """pytest-benchmark is off (--benchmark-disable, or xdist): calls run once, untimed."""
+        return bool(self.benchmark.disabled)
+
+    def __call__(self, backend: Backend, batch: "AttnBatch", *, series: str = "", label: Optional[str] = None,
+                 group: Optional[str] = None) -> Optional["Timing"]:
+        """Benchmark one forward of ``batch`` through ``backend``; returns the Timing (None when
+        benchmarks are disabled, where the call still runs once, as pytest-benchmark does)."""
+        from .timing import GraphCaptureError, matmul_peak_tflops
+
+        if self.disabled:
+            from .harness import run_forward
+
+            self.benchmark.pedantic(run_forward, args=(backend, batch.q, batch.k, batch.v, batch.metadata,
+                                                       batch.layer, batch.device))
+            return None
+        try:
+            plan, timing, _ = measure_backend(backend, batch, self.settings)
+        except GraphCaptureError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        layer = batch.layer
+        shape = f"h{layer.num_heads}/{layer.num_kv_heads}xd{layer.head_dim} {layer.dtype} {layer.mask}"
+        series = series or "custom"
+        tail = f" {label}" if label and label != series else ""
+        self.benchmark.group = group or f"{series} {shape}{tail}"
+        self.info = row_info(backend, plan, batch, timing, series=f"{series} {shape}",
+                             peak_tflops=matmul_peak_tflops(batch.device), device=batch.device, label=label)
+        self.benchmark.extra_info.update(self.info)
+        record_samples(self.benchmark, timing.device_s, timing.method)
+        return timing
 
 
 @pytest.fixture
-def attn_benchmark():
-    raise NotImplementedError
+def attn_benchmark(benchmark, request, attn_session) -> AttnBenchmark:
+    """Time a backend on a batch and record its device time with pytest-benchmark::
+
+        def test_speed(attn_benchmark, attn_backend, make_attn_batch):
+            attn_benchmark(attn_backend, make_attn_batch([1024]), series="my-sweep")
+
+    --attn-bench-warmup/--attn-bench-iters/--attn-bench-graph/--attn-bench-cold-l2 set how."""
+    return AttnBenchmark(benchmark, attn_session, BenchSettings.from_config(request.config))
 
 
-def update_machine_info(config, machine_info):
-    pass
+# -- machine_info --------------------------------------------------------------------------------------
+def _package_version(*names: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in names:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def _nvidia_driver() -> Optional[str]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            found = pynvml.nvmlSystemGetDriverVersion()
+            return found.decode() if isinstance(found, bytes) else str(found)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        pass
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        try:
+            done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=20)
+            if done.returncode == 0 and done.stdout.strip():
+                return done.stdout.strip().splitlines()[0]
+        except Exception:
+            pass
+    return None
+
+
+def attn_machine_info(device: str) -> dict:
+    """GPU, driver and library versions: what makes two benchmark runs comparable."""
+    import torch
+
+    info = {"device": device, "gpu": None, "gpu_capability": None, "driver": None,
+            "cuda": torch.version.cuda, "cudnn": None, "torch": torch.__version__,
+            "flashinfer": _package_version("flashinfer-python", "flashinfer"), "triton": _package_version("triton")}
+    if str(device).startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        info["driver"] = _nvidia_driver()
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def update_machine_info(config, machine_info: dict) -> None:
+    """pytest_benchmark_update_machine_info: add ``machine_info['attn']`` (GPU, driver, CUDA, cuDNN,
+    torch, FlashInfer). pytest-benchmark warns when a compared run's machine_info differs, and
+    ``pytest-attn compare`` keeps runs from different GPUs apart."""
+    from .plugin import attn_session_of
+
+    try:
+        device = attn_session_of(config).device
+    except Exception as exc:  # no session (configure failed) or no usable device: say so, do not crash saving
+        machine_info["attn"] = {"error": f"could not read the attention device: {exc}"}
+        return
+    machine_info["attn"] = attn_machine_info(device)
+
+
+def machine_key(machine_info: dict) -> str:
+    """What must match for two runs to be compared: the GPU (or, on CPU, the processor)."""
+    attn = machine_info.get("attn") or {}
+    if attn.get("gpu"):
+        return f"{attn['gpu']} (sm {attn.get('gpu_capability') or '?'})"
+    cpu = machine_info.get("cpu") or {}
+    brand = cpu.get("brand_raw") if isinstance(cpu, dict) else None
+    return f"cpu: {brand or machine_info.get('processor') or machine_info.get('machine') or 'unknown'}"
+
+
+def compare_machine_info(config, benchmarksession, machine_info, compared_benchmark) -> None:
+    """For a pytest_benchmark_compare_machine_info hook: refuse to gate a run against a baseline
+    recorded on another GPU (the numbers say nothing about a regression then)."""
+    saved = compared_benchmark.get("machine_info") or {}
+    if "attn" not in saved or "attn" not in machine_info:
+        return
+    now, then = machine_key(machine_info), machine_key(saved)
+    if now != then:
+        raise pytest.UsageError(
+            f"pytest-attn: the benchmark baseline was recorded on {then}, this run is on {now}; "
+            "compare only runs from the same GPU (save a baseline on this runner with --benchmark-autosave, "
+            "or point --benchmark-storage at this GPU's baselines)")

@@ -1,9 +1,13 @@
 """A real paged KV cache: fixed-size pages, per-request block tables, NHD or HND layout.
 
 Pages are handed out from a free list in a scrambled (seeded) order, so a backend that assumes a
-request's pages are contiguous reads the wrong keys and fails. Storage starts poisoned with NaN,
-so reading a slot nothing wrote shows up as NaN in the output. Running out of pages raises
-:class:`CacheFullError` before anything changes; nothing is ever silently overwritten.
+request's pages are contiguous reads the wrong keys and fails. Storage starts poisoned (K = 0,
+V = POISON), as do freed pages: attending to a slot nothing wrote gives it a fair share of the
+softmax and pulls the output towards -49152, far outside any tolerance. The poison is finite on
+purpose: kernels legitimately load whole pages and mask the slots past a request's length, and a
+NaN there would turn the masked 0 weight into 0 * NaN = NaN (seen with FlashInfer's cuDNN paged
+prefill on an H100). Running out of pages raises :class:`CacheFullError` before anything changes;
+nothing is ever silently overwritten.
 """
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from .contract import KV_LAYOUTS, dtype_name, torch_dtype
 from .errors import AttnInputError, CacheFullError
 from .metadata import AttentionMetadata, _as_lengths
+from .reference import POISON
+
+K_POISON, V_POISON = 0.0, POISON  # what unwritten and freed slots hold (see the module docstring)
 
 if TYPE_CHECKING:
     import torch
@@ -35,8 +42,8 @@ class PagedKVCacheManager:
         self.dtype, self.device = dtype_name(dtype), torch.device(device)
         shape = ((num_pages, page_size, num_kv_heads, head_dim) if layout == "NHD"
                  else (num_pages, num_kv_heads, page_size, head_dim))
-        self._k = [torch.full(shape, float("nan"), dtype=torch_dtype(dtype), device=self.device) for _ in range(num_layers)]
-        self._v = [torch.full(shape, float("nan"), dtype=torch_dtype(dtype), device=self.device) for _ in range(num_layers)]
+        self._k = [torch.full(shape, K_POISON, dtype=torch_dtype(dtype), device=self.device) for _ in range(num_layers)]
+        self._v = [torch.full(shape, V_POISON, dtype=torch_dtype(dtype), device=self.device) for _ in range(num_layers)]
         free = list(range(num_pages))
         if scramble_seed is not None:
             random.Random(scramble_seed).shuffle(free)
@@ -98,13 +105,15 @@ class PagedKVCacheManager:
                                  cached_lens=cached, block_tables=tuple(tuple(self._pages[rid]) for rid in ids))
 
     def free(self, request_id: int) -> None:
-        """Give a finished request's pages back, poisoning them so a stale read shows up."""
+        """Give a finished request's pages back, poisoned again so a stale read shows up."""
         self._known(request_id)
         pages = self._pages.pop(request_id)
         del self._lens[request_id]
         if pages:
-            for cache in (*self._k, *self._v):
-                cache[pages] = float("nan")
+            for cache in self._k:
+                cache[pages] = K_POISON
+            for cache in self._v:
+                cache[pages] = V_POISON
         self._free.extend(reversed(pages))
 
     def _pages_for(self, tokens: int) -> int:

@@ -72,6 +72,12 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     update_machine_info(config, machine_info)
 
 
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
+    from .bench import compare_machine_info
+
+    compare_machine_info(config, benchmarksession, machine_info, compared_benchmark)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
     from .isolation import run_isolated_if_asked

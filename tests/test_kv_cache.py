@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pytest_attn.errors import AttnInputError, CacheFullError
-from pytest_attn.kv_cache import PagedKVCacheManager
+from pytest_attn.kv_cache import K_POISON, V_POISON, PagedKVCacheManager
 
 
 def make(layout="NHD", num_pages=16, page_size=4, **kw):
@@ -46,7 +46,7 @@ def test_write_then_gather_returns_the_tokens_across_prefill_and_decode(layout):
     assert v[:, 1, 7].tolist() == [100, 101, 102, 103, 104, 105, 2000, 2010, 2020]
     k1, _ = cache.gather(1, cache.block_table(1), cache.seq_len(1))
     assert k1[:, 0, 0].tolist() == [6, 7, 8, 1001, 1011, 1021]
-    assert torch.isnan(cache.k_cache(0)).all(), "layer 0 was never written"
+    assert cache.v_cache(0).eq(V_POISON).all() and cache.k_cache(0).eq(K_POISON).all(), "layer 0 was never written"
 
 
 def test_raw_layouts_are_what_kernels_expect():
@@ -77,7 +77,7 @@ def test_freed_pages_are_reused_and_poisoned():
     cache.write(0, md, tokens(8), tokens(8))
     cache.free(0)
     assert cache.num_free_pages == 2 and cache.active_requests == ()
-    assert torch.isnan(cache.k_cache()).all(), "a stale read of a freed page must show up as NaN"
+    assert cache.v_cache().eq(V_POISON).all(), "a freed page must be poisoned again"
     md = cache.prepare([5], [1])
     assert sorted(md.block_tables[0]) == [0, 1]
     with pytest.raises(AttnInputError, match="request 0 is not in the cache"):
@@ -97,3 +97,25 @@ def test_decode_fills_the_last_page_before_taking_a_new_one():
     md = cache.prepare([1], [0], num_contexts=0)
     assert len(md.block_tables[0]) == 2 and md.paged_kv_last_page_len == (1,)
     assert md.cached_lens == (4,) and md.kv_lens == (5,)
+
+
+def test_reading_an_unwritten_slot_fails_but_masked_padding_does_not():
+    """A backend that attends one slot past a request's length (still inside its last page) must
+    fail; the same page's padding, masked, must not matter."""
+    from pytest_attn.contract import LayerSpec, Tolerance
+    from pytest_attn.harness import make_qkv
+    from pytest_attn.reference import compare, reference_attention
+
+    cache = PagedKVCacheManager(num_kv_heads=2, head_dim=8, page_size=4, num_pages=4, dtype="float32")
+    layer = LayerSpec(2, 2, 8, "float32", "full")
+    md = cache.prepare([6], [0])
+    q, k, v = make_qkv(6, layer, "cpu", 0)
+    cache.write(0, md, k, v)
+    high = reference_attention(q, [k], [v], [6], layer)
+    right_k, right_v = cache.gather(0, md.block_tables[0], 6)
+    over_k, over_v = cache.gather(0, md.block_tables[0], 7)  # one unwritten slot too many
+    right = reference_attention(q, [right_k], [right_v], [6], layer)
+    over = reference_attention(q, [over_k], [over_v], [6], layer)
+    assert compare(right.float(), high, right, Tolerance()).passed
+    result = compare(over.float(), high, right, Tolerance())
+    assert not result.passed and result.max_abs_err > 100

@@ -1,0 +1,215 @@
+"""Reading saved pytest-benchmark runs (``--benchmark-autosave`` / ``--benchmark-json`` files):
+where one backend overtakes another along a sequence-length sweep, per run (commit), and a plot
+of µs per token against seq_len.
+
+Runs from different GPUs are never mixed: they are reported in separate sections (and separate
+panels of the plot), with a warning, or refused with ``require_same_device``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .bench import machine_key
+
+
+class CompareError(Exception):
+    """Nothing usable to compare, or runs from different devices where one device was required."""
+
+
+@dataclass(frozen=True)
+class Row:
+    backend: str
+    series: str  # what is swept, with the layer's shape: "seed h16/16xd80 bfloat16 full"
+    seq_len: Optional[int]  # the sweep's x; None for rows that are not one sequence
+    tokens: int
+    median_s: float
+    name: str
+
+    @property
+    def us_per_token(self) -> float:
+        return self.median_s * 1e6 / max(1, self.tokens)
+
+
+@dataclass
+class Run:
+    path: Path
+    commit: str
+    label: str  # short commit (+dirty), made unique among the runs compared
+    when: str
+    machine: str  # machine_key: the GPU, or the CPU
+    attn: dict
+    rows: list[Row] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Crossover:
+    faster_before: str
+    faster_after: str
+    seq_len: int  # the first seq_len at which faster_after is faster
+    previous_seq_len: int
+
+
+def find_json_files(paths: Iterable) -> list[Path]:
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*.json") if q.is_file()))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise CompareError(f"{p} does not exist: give saved benchmark JSON files or a folder of them "
+                               "(pytest --benchmark-autosave writes them under .benchmarks/)")
+    return found
+
+
+def load_run(path: Path) -> Optional[Run]:
+    """A run from one pytest-benchmark JSON file; None when the file is not one (or has no attn rows)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or "benchmarks" not in data:
+        return None
+    commit_info = data.get("commit_info") or {}
+    commit = str(commit_info.get("id") or "nocommit")
+    is_sha = len(commit) >= 12 and all(c in "0123456789abcdef" for c in commit.lower())
+    label = (commit[:8] if is_sha else commit) + ("+dirty" if commit_info.get("dirty") else "")
+    machine_info = data.get("machine_info") or {}
+    run = Run(Path(path), commit, label, str(data.get("datetime", "")), machine_key(machine_info),
+              machine_info.get("attn") or {})
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        stats = bench.get("stats") or {}
+        if "backend" not in info or "median" not in stats:
+            continue
+        seq_len = info.get("seq_len")
+        run.rows.append(Row(info["backend"], info.get("series", bench.get("group") or ""),
+                            int(seq_len) if seq_len is not None else None, int(info.get("tokens") or 1),
+                            float(stats["median"]), bench.get("fullname", bench.get("name", ""))))
+    return run if run.rows else None
+
+
+def load_runs(paths: Iterable) -> list[Run]:
+    runs = [r for r in (load_run(p) for p in find_json_files(paths)) if r is not None]
+    if not runs:
+        raise CompareError("no pytest-attn benchmark rows found: save runs with "
+                           "`pytest -m attn_bench --benchmark-autosave` (or --benchmark-json FILE) first")
+    runs.sort(key=lambda r: (r.when, str(r.path)))
+    seen: dict[str, int] = defaultdict(int)
+    for run in runs:  # the same commit run twice: label the runs apart
+        seen[run.label] += 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label}#{seen[run.label]}"
+    return runs
+
+
+def by_machine(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.machine].append(run)
+    return dict(groups)
+
+
+def sweeps(run: Run) -> dict[str, dict[str, dict[int, float]]]:
+    """series -> backend -> seq_len -> µs per token (rows along a one-sequence sweep only)."""
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    for row in run.rows:
+        if row.seq_len is not None:
+            out[row.series][row.backend][row.seq_len] = row.us_per_token
+    return out
+
+
+def crossovers(a: str, times_a: dict[int, float], b: str, times_b: dict[int, float]) -> list[Crossover]:
+    """Every seq_len (common to both) at which the faster backend changes, in increasing order."""
+    xs = sorted(set(times_a) & set(times_b))
+    found, leader, leader_x = [], None, None
+    for x in xs:
+        if times_a[x] == times_b[x]:
+            continue
+        now = a if times_a[x] < times_b[x] else b
+        if leader is not None and now != leader:
+            found.append(Crossover(leader, now, x, leader_x))
+        leader, leader_x = now, x
+    return found
+
+
+def describe_pair(a: str, times_a: dict[int, float], b: str, times_b: dict[int, float]) -> str:
+    xs = sorted(set(times_a) & set(times_b))
+    if not xs:
+        return f"{a} vs {b}: no seq_len in common"
+    found = crossovers(a, times_a, b, times_b)
+    if not found:
+        faster = a if sum(times_a[x] for x in xs) < sum(times_b[x] for x in xs) else b
+        return f"{a} vs {b}: {faster} is faster at every seq_len ({xs[0]}..{xs[-1]}); no crossover"
+    parts = [f"{c.faster_after} overtakes {c.faster_before} at seq_len {c.seq_len} (after {c.previous_seq_len})"
+             for c in found]
+    return f"{a} vs {b}: " + "; ".join(parts)
+
+
+def report(runs: list[Run]) -> tuple[str, bool]:
+    """(text, mixed): the crossovers of each run, one section per device."""
+    groups = by_machine(runs)
+    lines = []
+    mixed = len(groups) > 1
+    if mixed:
+        lines.append("WARNING: these runs come from {} different devices ({}); they are compared only within "
+                     "each device.".format(len(groups), "; ".join(groups)))
+    for machine, machine_runs in groups.items():
+        lines.append(f"== {machine}: {len(machine_runs)} run(s) ==")
+        for run in machine_runs:
+            versions = ", ".join(f"{k} {run.attn[k]}" for k in ("torch", "cuda", "flashinfer") if run.attn.get(k))
+            lines.append(f"run {run.label} ({run.when or 'no date'}; {run.path.name}){': ' + versions if versions else ''}")
+            series = sweeps(run)
+            if not series:
+                lines.append("  (no seq_len sweep in this run)")
+            for name, per_backend in sorted(series.items()):
+                names = sorted(per_backend)
+                lines.append(f"  {name}: " + ", ".join(f"{n} ({len(per_backend[n])} sizes)" for n in names))
+                if len(names) < 2:
+                    lines.append("    one backend only: nothing to compare")
+                for i, a in enumerate(names):
+                    for b in names[i + 1:]:
+                        lines.append("    " + describe_pair(a, per_backend[a], b, per_backend[b]))
+    return "\n".join(lines), mixed
+
+
+def plot(runs: list[Run], out: Path) -> Path:
+    """µs per token against seq_len, one line per (backend, run), one panel per (device, series)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI runners
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for machine, machine_runs in by_machine(runs).items():
+        names = sorted({s for run in machine_runs for s in sweeps(run)})
+        panels.extend((machine, s, machine_runs) for s in names)
+    if not panels:
+        raise CompareError("nothing to plot: no run has a seq_len sweep (the seed microbenchmark)")
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.5 * rows), squeeze=False)
+    for ax, (machine, series, machine_runs) in zip(axes.flat, panels):
+        for run in machine_runs:
+            for backend, points in sorted(sweeps(run).get(series, {}).items()):
+                xs = sorted(points)
+                ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{backend} @ {run.label}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("seq_len (tokens)")
+        ax.set_ylabel("µs per token (device time, median)")
+        ax.set_title(f"{series}\n{machine}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

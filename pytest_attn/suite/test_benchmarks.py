@@ -1,0 +1,40 @@
+"""How fast is the backend? The seed's microbenchmark (one ViT sequence, 128 to 8192 tokens) and
+ragged ViT batches, recorded by pytest-benchmark as device time (see pytest_attn.bench).
+
+Run serially: pytest-benchmark turns itself off under xdist (-n), and then each benchmark runs its
+call once, untimed. On CPU the sizes stop at CPU_BENCH_MAX_TOKENS unless --attn-max-tokens is given.
+"""
+import pytest
+
+from pytest_attn.bench import SEED_SEQ_LENS, SEED_SERIES, VIT_MIXES, bench_max_tokens
+from pytest_attn.cases import VIT_HEAD_DIM, VIT_HEADS
+from pytest_attn.fixtures import build_batch
+
+pytestmark = pytest.mark.attn_bench
+
+
+def pytest_generate_tests(metafunc):
+    """Sizes depend on the device (small on CPU), so they are chosen at collection."""
+    from pytest_attn.plugin import attn_session_of
+
+    limit = bench_max_tokens(attn_session_of(metafunc.config))
+    if "seed_seq_len" in metafunc.fixturenames:
+        lens = [n for n in SEED_SEQ_LENS if limit is None or n <= limit]
+        metafunc.parametrize("seed_seq_len", lens, ids=[f"seq{n}" for n in lens])
+    if "vit_mix" in metafunc.fixturenames:
+        mixes = [name for name, lens in VIT_MIXES.items() if limit is None or max(lens) <= limit]
+        metafunc.parametrize("vit_mix", mixes)
+
+
+def test_seed_microbenchmark(attn_benchmark, attn_backend, seed_seq_len, attn_device, attn_seed):
+    """Batch 1, hidden 1280 (16 heads x 80), bf16, full mask: the seed's table, one row per size."""
+    batch = build_batch([seed_seq_len], num_heads=VIT_HEADS, head_dim=VIT_HEAD_DIM, dtype="bfloat16", mask="full",
+                        device=attn_device, seed=attn_seed)
+    attn_benchmark(attn_backend, batch, series=SEED_SERIES, label=f"seq {seed_seq_len}")
+
+
+def test_vit_ragged_mix(attn_benchmark, attn_backend, vit_mix, attn_device, attn_seed):
+    """Several images of different sizes in one ragged batch, as the ViT encoder sees them."""
+    batch = build_batch(VIT_MIXES[vit_mix], num_heads=VIT_HEADS, head_dim=VIT_HEAD_DIM, dtype="bfloat16",
+                        mask="full", device=attn_device, seed=attn_seed)
+    attn_benchmark(attn_backend, batch, series=vit_mix, label=vit_mix)

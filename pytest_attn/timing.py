@@ -1,0 +1,280 @@
+"""Timers for attention calls: device time, host overhead and plan time, kept apart.
+
+On CUDA, device time comes from CUDA events around each call, preferably around the replay of a
+CUDA graph of the call (no launch gaps, and the same call the serving engine replays); a backend
+that cannot be captured is timed eagerly with events instead, and the reason is recorded. Each
+sample is the mean of a few back-to-back calls (one with a cold L2), so the launch of a graph or an
+event pair per sample stays out of the figure. On CPU the same code path runs with a wall-clock
+timer, so CI exercises it.
+
+First-call costs (JIT builds, cuDNN graph builds, lazy allocations) stay out: every timed call
+comes after ``warmup`` untimed ones. torch is imported inside functions only.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+GRAPH_MODES = ("auto", "on", "off")
+# The queue the GPU works through while the host enqueues the timed calls is primed with a sleep
+# kernel of at most this long, so eager event timings hold device time, not launch gaps.
+MAX_PRIME_S = 0.2
+# On CUDA each sample is the mean of back-to-back calls, enough for a sample to last this long, so the
+# ~1 µs of launching a graph and recording events per sample stays well under 1% (on the H100 one
+# call per sample read 5% high at 20 µs; 30 calls agreed with a 74-call graph within 1%).
+MIN_SAMPLE_S = 1e-3
+MAX_CALLS_PER_SAMPLE = 64
+CPU_MATMUL_N = 1024  # bf16 matrix product for the CPU's "peak": quick, and enough to be compute bound
+CUDA_MATMUL_N = 8192
+
+
+class GraphCaptureError(RuntimeError):
+    """--attn-bench-graph=on, and the call could not be captured into a CUDA graph."""
+
+
+@dataclass
+class Timing:
+    """What one benchmarked call cost. All times in seconds."""
+
+    device_s: list[float]  # one sample per timed call: device time (wall clock on CPU)
+    host_s: list[float]  # eager calls, each synchronised: wall time per call
+    method: str  # "cuda-graph", "cuda-events" or "wall-clock"
+    plan_s: Optional[float] = None  # median of repeated plan() calls, after the first
+    plan_first_s: Optional[float] = None  # the first plan() call (may build or JIT things)
+    graph_fallback: str = ""  # why a CUDA graph was not used, when it was not
+    cold_l2: bool = False
+    warmup: int = 0
+    details: dict = field(default_factory=dict)
+
+    @property
+    def iters(self) -> int:
+        return len(self.device_s)
+
+    @property
+    def device_median_s(self) -> float:
+        return statistics.median(self.device_s)
+
+    @property
+    def host_median_s(self) -> float:
+        return statistics.median(self.host_s) if self.host_s else self.device_median_s
+
+    @property
+    def host_overhead_s(self) -> float:
+        """Eager wall time per call minus device time: what the host adds to each call."""
+        return max(0.0, self.host_median_s - self.device_median_s)
+
+
+def device_type(device: Any) -> str:
+    return str(device).split(":")[0]
+
+
+def synchronize(device: Any) -> None:
+    if device_type(device) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def time_plan(plan_fn: Callable[[], Any], device: Any, repeats: int = 5) -> tuple[Any, float, float]:
+    """(last plan, median plan time, first plan time). Synchronises after each call, since a plan
+    may copy its index arrays to the device asynchronously."""
+    samples = []
+    plan = None
+    for _ in range(1 + max(1, repeats)):
+        start = time.perf_counter()
+        plan = plan_fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return plan, statistics.median(samples[1:]), samples[0]
+
+
+# -- CUDA helpers ------------------------------------------------------------------------------------
+_flush_buffers: dict = {}
+
+
+def l2_flush_buffer(device):
+    """A buffer twice the L2 cache (at least 64 MiB); writing it evicts the inputs from L2."""
+    import torch
+
+    key = str(device)
+    if key not in _flush_buffers:
+        props = torch.cuda.get_device_properties(device)
+        l2_bytes = int(getattr(props, "L2_cache_size", 0) or 0) or 50 * 2**20
+        _flush_buffers[key] = torch.empty(max(2 * l2_bytes, 64 * 2**20) // 4, dtype=torch.int32, device=device)
+    return _flush_buffers[key]
+
+
+def _prime_queue(seconds: float) -> None:
+    """Keep the GPU busy while the host enqueues the timed calls (torch.cuda._sleep spins for a
+    number of cycles; ~1.5 GHz is a low clock, so the spin is at least as long as asked)."""
+    import torch
+
+    if seconds > 0 and hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(int(min(seconds, MAX_PRIME_S) * 1.5e9))
+
+
+def calls_per_sample(call_s: float, cold_l2: bool) -> int:
+    """Back-to-back calls per timed sample: 1 with a cold L2 (each call must start cold)."""
+    if cold_l2 or call_s <= 0:
+        return 1
+    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / call_s)))
+
+
+def capture_graph(fn: Callable[[], Any], device, calls: int = 1) -> tuple[Any, str]:
+    """(graph of ``calls`` back-to-back calls, "") when ``fn`` can be captured and its replay
+    reproduces the eager output;
+    (None, reason) otherwise. The eager output is compared so that a backend doing its work outside
+    the capturing stream (which a replay would silently skip) is caught."""
+    import torch
+
+    reason = ""
+    graph = None
+    try:
+        torch.cuda.synchronize(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # a warm call on a side stream, as torch's graph docs advise
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                static_out = fn()
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # any capture error means "time it eagerly"
+        reason = f"capture failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        graph = None
+    if graph is None:
+        _reset_generator_after_failed_capture(device)
+        try:
+            torch.cuda.synchronize(device)
+        except Exception as exc:  # the failed capture left the CUDA context unusable
+            raise RuntimeError(f"CUDA graph capture failed ({reason}) and left the CUDA context broken: {exc}. "
+                               "Rerun with --attn-bench-graph=off (or seed-table --graph off)") from exc
+        return None, reason
+    if not isinstance(static_out, torch.Tensor):
+        return None, "the call returned no tensor to check the graph replay against"
+    expected = fn().clone()
+    torch.cuda.synchronize(device)
+    if static_out.is_floating_point():
+        static_out.fill_(float("nan"))  # a replay that writes nothing cannot pass
+    graph.replay()
+    torch.cuda.synchronize(device)
+    if not torch.allclose(static_out.float(), expected.float(), rtol=2e-2, atol=2e-2):
+        return None, "graph replay did not reproduce the eager output (work outside the captured stream?)"
+    return graph, ""
+
+
+def _reset_generator_after_failed_capture(device) -> None:
+    """A failed capture leaves torch's CUDA generator believing it is still capturing (every later
+    random op raises "Offset increment outside graph capture"); setting its state again clears that."""
+    import torch
+
+    try:
+        index = torch.device(device).index
+        generator = torch.cuda.default_generators[torch.cuda.current_device() if index is None else index]
+        generator.graphsafe_set_state(generator.clone_state())
+    except Exception:
+        pass  # older torch: no graph-safe generator state, and no such leftover either
+
+
+def _event_samples(call: Callable[[], Any], iters: int, flush, prime_s: float, calls: int = 1) -> list[float]:
+    """Per-call device times from event pairs around ``call`` (which makes ``calls`` calls); all
+    enqueued first, then one synchronisation."""
+    import torch
+
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    _prime_queue(prime_s)
+    for start, end in zip(starts, ends):
+        if flush is not None:
+            flush.zero_()  # outside the event pair: only the call is timed
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) / 1e3 / calls for s, e in zip(starts, ends)]
+
+
+def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10, iters: int = 50,
+                 graph: str = "auto", cold_l2: bool = False) -> Timing:
+    """Time ``fn`` (one attention call, returning its output tensor) ``iters`` times after
+    ``warmup`` untimed calls. graph: "auto" (replay a CUDA graph when capture works, else events),
+    "on" (raise GraphCaptureError when it does not), "off" (events)."""
+    if graph not in GRAPH_MODES:
+        raise ValueError(f"graph={graph!r}: use one of {GRAPH_MODES}")
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    if device_type(device) != "cuda":
+        return _measure_cpu(fn, warmup, iters, cold_l2)
+    import torch
+
+    with torch.cuda.device(device):
+        for _ in range(max(1, warmup)):
+            fn()
+        torch.cuda.synchronize()
+        host = []
+        for _ in range(iters):  # eager, each synchronised: what one call costs the host and device together
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            host.append(time.perf_counter() - start)
+        flush = l2_flush_buffer(device) if cold_l2 else None
+        calls = calls_per_sample(min(_event_samples(fn, 3, None, 0.0)), cold_l2)
+        captured, fallback = (None, "--attn-bench-graph=off") if graph == "off" else capture_graph(fn, device, calls)
+        if captured is None and graph == "on":
+            raise GraphCaptureError(f"--attn-bench-graph=on but the call cannot be timed as a CUDA graph: {fallback}. "
+                                    "Use --attn-bench-graph=auto to fall back to CUDA events")
+        if captured is not None:
+            call = captured.replay
+        else:
+            def call():
+                for _ in range(calls):
+                    fn()
+        prime = iters * calls * statistics.median(host)
+        for _ in range(2):  # untimed: a graph's first replay uploads it
+            call()
+        device_s = _event_samples(call, iters, flush, prime, calls)
+    return Timing(device_s, host, "cuda-graph" if captured is not None else "cuda-events",
+                  graph_fallback=fallback, cold_l2=cold_l2, warmup=warmup, details={"calls_per_sample": calls})
+
+
+def _measure_cpu(fn, warmup: int, iters: int, cold_l2: bool) -> Timing:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    # On the CPU the "device" is the host: wall time is device time and there is no separate overhead.
+    details = {"calls_per_sample": 1, **({"cold_l2_ignored": True} if cold_l2 else {})}
+    return Timing(samples, list(samples), "wall-clock", graph_fallback="cpu: no CUDA graphs", cold_l2=False,
+                  warmup=warmup, details=details)
+
+
+# -- the matrix-product peak -------------------------------------------------------------------------
+_peaks: dict[str, float] = {}
+
+
+def matmul_peak_tflops(device: Any = "cpu") -> float:
+    """bf16 matrix-product TFLOP/s measured on this device (once per process and device): the
+    yardstick for "percent of peak", measured rather than taken from a datasheet."""
+    key = str(device)
+    if key in _peaks:
+        return _peaks[key]
+    import torch
+
+    cuda = device_type(device) == "cuda"
+    n = CUDA_MATMUL_N if cuda else CPU_MATMUL_N
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=torch.bfloat16)
+    timing = measure_call(lambda: a @ b, device=device, warmup=3, iters=10 if cuda else 3, graph="off")
+    _peaks[key] = 2.0 * n ** 3 / min(timing.device_s) / 1e12
+    del a, b
+    return _peaks[key]

@@ -1,0 +1,132 @@
+"""Crash isolation: a backend that kills its process, or poisons its CUDA context, fails only its
+own tests, and every other result is kept: with --attn-isolate (a subprocess per test) and under
+xdist (a fresh worker). The crashing backends are real: ctypes.string_at(0) and os.abort()."""
+import signal
+import sys
+
+import pytest
+from backend_packages import write_backend_package
+
+from pytest_attn import isolation
+
+CRASHERS = '''
+import ctypes
+import os
+
+from pytest_attn_backends.torch_sdpa import TorchSDPABackend
+
+
+class Crasher(TorchSDPABackend):
+    """The torch backend, except that forward dies the way a broken kernel does."""
+
+    def __init__(self, name):
+        super().__init__(name)
+
+    def forward(self, q, k, v, metadata, plan, out=None):
+        if self.name == "segv":
+            ctypes.string_at(0)  # reads address 0: SIGSEGV
+        elif self.name == "abort":
+            os.abort()  # SIGABRT, as a failed assert in C++ does
+        elif self.name == "poison":
+            # what torch raises after a kernel's illegal memory access (FlashInfer fa2, head_dim 80)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().forward(q, k, v, metadata, plan, out)
+
+
+segv, abort, poison = Crasher("segv"), Crasher("abort"), Crasher("poison")
+'''
+CRASHER_ENTRY_POINTS = {"segv": "crash_attn:segv", "abort": "crash_attn:abort", "poison": "crash_attn:poison"}
+
+FORWARD_TEST = """
+def test_forward(attn_backend, make_attn_batch):
+    make_attn_batch([7, 3], num_heads=2, head_dim=16).assert_matches_reference(attn_backend)
+"""
+MORE_TESTS = """
+import pytest
+
+@pytest.mark.parametrize("i", range(6))
+def test_unrelated(i):
+    pass
+"""
+
+
+@pytest.fixture
+def crashers(pytester, monkeypatch):
+    """The segv, abort and poison backends, registered through entry points (also for subprocesses)."""
+    site = write_backend_package(pytester, "crash_attn", CRASHERS, CRASHER_ENTRY_POINTS)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+    return site
+
+
+# -- units ----------------------------------------------------------------------------------------
+def test_exit_status_names_the_signal():
+    assert isolation.describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV (signal 11)"
+    assert isolation.describe_exit(-signal.SIGABRT) == "killed by SIGABRT (signal 6)"
+    assert isolation.describe_exit(3) == "exited with status 3"
+
+
+def test_child_gets_plugins_and_configuration_but_not_test_selection():
+    args = ["-p", "no:randomly", "-pfoo", "-k", "x", "-o", "a=b", "--rootdir=/r", "-x", "-p", "no:cacheprovider", "t.py"]
+    assert isolation._forwarded_invocation_args(args) == ["-p", "no:randomly", "-pfoo", "-o", "a=b", "--rootdir=/r"]
+
+
+def test_unknown_isolate_name_stops_the_run_with_a_usage_message(pytester):
+    pytester.makepyfile(FORWARD_TEST)
+    result = pytester.runpytest("--attn-isolate=nope", "--attn-backend=torch")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines(["*--attn-isolate names unknown backend(s) 'nope'; registered: *torch*"])
+
+
+# -- without xdist --------------------------------------------------------------------------------
+def test_without_isolation_a_segfault_takes_the_whole_run_down(pytester, crashers):
+    pytester.makepyfile(FORWARD_TEST)
+    result = pytester.runpytest_subprocess("--attn-backend=segv,torch", "-p", "no:cacheprovider")
+    assert result.ret not in (0, 1), result.ret  # killed: no summary, no result for torch either
+    assert "Segmentation fault" in result.stderr.str() + result.stdout.str()
+    assert "passed" not in result.stdout.str()
+
+
+def test_isolated_crashes_fail_only_their_own_tests(pytester, crashers):
+    # 'all': the torch test runs in a subprocess too, and its child's passing report comes through
+    pytester.makepyfile(FORWARD_TEST)
+    result = pytester.runpytest_subprocess("--attn-backend=segv,torch,abort", "--attn-isolate=all",
+                                           "-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=1, failed=2)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines([
+        "*test_forward[[]segv[]] crashed its isolated subprocess during call: killed by SIGSEGV (signal 11)*",
+        "*test_forward[[]abort[]] crashed its isolated subprocess during call: killed by SIGABRT (signal 6)*",
+    ])
+    assert "PASSED test_isolated_crashes_fail_only_their_own_tests.py::test_forward[torch]" in out
+    # the child's faulthandler traceback points at the culprit, pytest's own frames left out
+    assert "crash_attn.py" in out and "pluggy" not in out.split("= FAILURES =")[1].split("short test summary")[0]
+
+
+# -- under xdist ----------------------------------------------------------------------------------
+def test_xdist_survives_a_crash_and_replaces_a_poisoned_worker(pytester, crashers):
+    # test_forward[poison] is collected first, so its worker has another test queued behind it:
+    # that test must not be blamed, but handed to a fresh worker and pass there.
+    pytester.makepyfile(test_a=FORWARD_TEST, test_b=MORE_TESTS)
+    result = pytester.runpytest_subprocess("--attn-backend=poison,segv,torch", "-n", "2", "-p", "no:cacheprovider",
+                                           "test_a.py", "test_b.py")
+    result.assert_outcomes(passed=7, failed=2)
+    out = result.stdout.str()
+    assert "crashed while running 'test_a.py::test_forward[segv]'" in out
+    result.stdout.fnmatch_lines([
+        "*the error ('illegal memory access') means this process's CUDA context is poisoned: worker gw* ends*",
+        "gw* ended after test_a.py::test_forward[[]poison[]] poisoned its CUDA context ('illegal memory access');"
+        " * ran on a fresh worker instead",
+    ])
+    assert out.count("replacing crashed worker") == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals")
+def test_poisoned_context_markers_match_cuda_errors():
+    from pytest_attn.gpu_workers import poisoned_context_reason
+
+    assert poisoned_context_reason("torch.AcceleratorError: CUDA error: an illegal memory access was encountered")
+    assert poisoned_context_reason("RuntimeError: CUDA_ERROR_ILLEGAL_ADDRESS") == "cuda_error_illegal_address"
+    assert poisoned_context_reason("cudaErrorIllegalAddress") == "cudaerrorillegaladdress"
+    assert poisoned_context_reason("device-side assert triggered") == "device-side assert"
+    assert poisoned_context_reason("AssertionError: max |out - ref| = 1e-2 EXCEEDS") is None
