@@ -11,8 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from .contract import LayerSpec, dtype_name
+from .contract import KV_LAYOUTS, LayerSpec, dtype_name
 from .errors import AttnInputError
+from .metadata import _as_lengths
 
 # The seed's model: the Nemotron/RADIO ViT encoder (hidden 1280 = 16 heads x 80).
 VIT_HEADS, VIT_HEAD_DIM = 16, 80
@@ -46,8 +47,17 @@ class BatchCase:
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
-        if self.cache and not (self.decode_steps or self.joining) and False:
-            pass
+        object.__setattr__(self, "seq_lens", _as_lengths(self.seq_lens, f"case {self.name}: seq_lens"))
+        object.__setattr__(self, "joining", _as_lengths(self.joining, f"case {self.name}: joining"))
+        if not self.seq_lens:
+            raise AttnInputError(f"case {self.name}: seq_lens is empty; a case needs at least one request")
+        self.layer()  # heads, head_dim, dtype and mask are checked there
+        if self.kv_layout not in KV_LAYOUTS:
+            raise AttnInputError(f"case {self.name}: kv_layout {self.kv_layout!r} is not one of {KV_LAYOUTS}")
+        for name in ("page_size", "decode_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "page_size" else 0):
+                raise AttnInputError(f"case {self.name}: {name} must be an int >= {1 if name == 'page_size' else 0}, got {value!r}")
         if not self.cache and (self.decode_steps or self.joining):
             raise AttnInputError(f"case {self.name}: decode steps and joining prompts need cache=True")
 

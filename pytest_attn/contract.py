@@ -64,11 +64,12 @@ class LayerSpec:
                 "grouped-query attention needs a whole number of query heads per KV head")
         if self.mask not in MASKS:
             raise AttnInputError(f"mask {self.mask!r} is not one of {MASKS}")
-        if not isinstance(self.window_left, int) or self.window_left < -1:
+        if isinstance(self.window_left, bool) or not isinstance(self.window_left, int) or self.window_left < -1:
             raise AttnInputError(f"window_left must be -1 (no window) or >= 0, got {self.window_left!r}")
-        if self.sm_scale is not None and not self.sm_scale > 0:
+        if self.sm_scale is not None and (isinstance(self.sm_scale, bool) or not isinstance(self.sm_scale, (int, float))
+                                          or not self.sm_scale > 0):
             raise AttnInputError(f"sm_scale must be positive, got {self.sm_scale!r}")
-        if not isinstance(self.layer_idx, int) or self.layer_idx < 0:
+        if isinstance(self.layer_idx, bool) or not isinstance(self.layer_idx, int) or self.layer_idx < 0:
             raise AttnInputError(f"layer_idx must be an int >= 0, got {self.layer_idx!r}")
 
     @property

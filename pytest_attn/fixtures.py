@@ -10,6 +10,7 @@ import pytest
 
 from .cases import BatchCase, select
 from .contract import Backend, LayerSpec, Plan
+from .errors import AttnInputError
 from .metadata import AttentionMetadata
 
 
@@ -137,6 +138,8 @@ def build_batch(seq_lens: Sequence[int], *, num_heads: int = 16, num_kv_heads: O
         q, k, v = make_qkv(metadata.num_tokens, layer, device, derive_seed(seed, "batch", tuple(seq_lens)))
         return AttnBatch(layer, metadata, q, k, v, split_tokens(k, seq_lens), split_tokens(v, seq_lens), str(device))
     cached = tuple(cached_lens) or (0,) * len(seq_lens)
+    if len(cached) != len(seq_lens):
+        raise AttnInputError(f"{len(cached)} cached_lens for {len(seq_lens)} seq_lens: give one per request")
     pages = sum(-(-(c + n) // page_size) for c, n in zip(cached, seq_lens)) + 1
     manager = PagedKVCacheManager(num_kv_heads=layer.num_kv_heads, head_dim=head_dim, page_size=page_size,
                                   num_pages=pages, dtype=dtype, device=device, layout=kv_layout or "NHD")

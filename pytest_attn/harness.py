@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .cases import BatchCase
 from .contract import Backend, LayerSpec, Plan, torch_dtype
-from .errors import UnsupportedCase
+from .errors import AttnInputError, UnsupportedCase
 from .kv_cache import PagedKVCacheManager
 from .metadata import AttentionMetadata
 from .reference import Comparison, compare, poisoned_like, reference_attention
@@ -35,6 +35,8 @@ def make_tensor(shape, dtype, device, seed: int) -> "torch.Tensor":
 
 
 def make_qkv(num_tokens: int, layer: LayerSpec, device, seed: int):
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise AttnInputError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
     q = make_tensor((num_tokens, layer.num_heads, layer.head_dim), layer.dtype, device, seed)
     k = make_tensor((num_tokens, layer.num_kv_heads, layer.head_dim), layer.dtype, device, seed + 1)
     v = make_tensor((num_tokens, layer.num_kv_heads, layer.head_dim), layer.dtype, device, seed + 2)
@@ -42,6 +44,8 @@ def make_qkv(num_tokens: int, layer: LayerSpec, device, seed: int):
 
 
 def split_tokens(t: "torch.Tensor", lens) -> list["torch.Tensor"]:
+    if sum(lens) != t.shape[0]:
+        raise AttnInputError(f"lengths add up to {sum(lens)} but the tensor has {t.shape[0]} rows")
     out, start = [], 0
     for n in lens:
         out.append(t[start:start + n])
@@ -64,6 +68,7 @@ def run_forward(backend: Backend, q, k, v, metadata: AttentionMetadata, layer: L
     reasons = backend.unsupported(layer, metadata, str(device))
     if reasons:
         raise UnsupportedCase(backend.name, reasons)
+    metadata.check_inputs(q, k, v, layer, require_contiguous=backend.requires_contiguous)
     if plan is None:
         plan = backend.plan(metadata, layer, device=str(device))
     out = poisoned_like(q.shape, q.dtype, q.device)

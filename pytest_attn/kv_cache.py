@@ -39,7 +39,11 @@ class PagedKVCacheManager:
             raise AttnInputError(f"PagedKVCacheManager: layout {layout!r} is not one of {KV_LAYOUTS}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.page_size, self.num_pages, self.layout = page_size, num_pages, layout
-        self.dtype, self.device = dtype_name(dtype), torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise AttnInputError(f"PagedKVCacheManager: device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+        self.dtype = dtype_name(dtype)
         shape = ((num_pages, page_size, num_kv_heads, head_dim) if layout == "NHD"
                  else (num_pages, num_kv_heads, page_size, head_dim))
         self._k = [torch.full(shape, K_POISON, dtype=torch_dtype(dtype), device=self.device) for _ in range(num_layers)]
@@ -85,8 +89,12 @@ class PagedKVCacheManager:
         ids = tuple(request_ids)
         if len(ids) != len(lens):
             raise AttnInputError(f"{len(ids)} request_ids for {len(lens)} seq_lens")
+        if len(set(ids)) != len(ids):
+            raise AttnInputError(f"request_ids repeat an id: {list(ids)}")
         if num_contexts is None:
             num_contexts = sum(1 for rid in ids if rid not in self._lens)
+        if isinstance(num_contexts, bool) or not isinstance(num_contexts, int) or not 0 <= num_contexts <= len(ids):
+            raise AttnInputError(f"num_contexts={num_contexts!r} must be an int between 0 and the {len(ids)} requests")
         for i, rid in enumerate(ids):
             if i >= num_contexts and rid not in self._lens:
                 raise AttnInputError(f"generation request {rid} is not in the cache: run its context step first")
@@ -127,8 +135,8 @@ class PagedKVCacheManager:
         return self._v[self._layer(layer_idx)]
 
     def _layer(self, layer_idx: int) -> int:
-        if not 0 <= layer_idx < self.num_layers:
-            raise AttnInputError(f"layer {layer_idx} is out of range: the cache has {self.num_layers} layers")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
+            raise AttnInputError(f"layer {layer_idx!r} is out of range: the cache has {self.num_layers} layers")
         return layer_idx
 
     def _token_view(self, cache: "torch.Tensor") -> "torch.Tensor":
@@ -139,6 +147,8 @@ class PagedKVCacheManager:
         """(page, offset) of every new token of the step, in token order."""
         import torch
 
+        if metadata.kv_cache_manager is not self:
+            raise AttnInputError("this metadata was prepared by another cache manager (or none)")
         pages, offsets = [], []
         for table, start, n in zip(metadata.block_tables, metadata.cached_lens, metadata.seq_lens):
             for pos in range(start, start + n):
@@ -163,6 +173,11 @@ class PagedKVCacheManager:
         """The first ``length`` tokens stored under a block table, as contiguous [length, heads, dim]."""
         import torch
 
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise AttnInputError(f"gather: length must be an int >= 0, got {length!r}")
+        bad = [p for p in block_table if not isinstance(p, int) or not 0 <= p < self.num_pages]
+        if bad:
+            raise AttnInputError(f"gather: page ids {bad} are outside this cache's {self.num_pages} pages")
         n_pages = self._pages_for(length)
         if n_pages > len(block_table):
             raise AttnInputError(f"{length} tokens need {n_pages} pages, the block table has {len(block_table)}")

@@ -88,6 +88,16 @@ class AttentionMetadata:
             if len(cached) != n or len(self.block_tables) != n:
                 raise AttnInputError("cached_lens and block_tables need one entry per request")
             object.__setattr__(self, "cached_lens", cached)
+            manager = self.kv_cache_manager
+            for i, table in enumerate(self.block_tables):
+                need = -(-(cached[i] + seq_lens[i]) // manager.page_size)
+                if len(table) < need:
+                    raise AttnInputError(f"request {ids[i]} holds {cached[i] + seq_lens[i]} tokens but its block table "
+                                         f"has {len(table)} pages of {manager.page_size}: {need} needed")
+                bad = [p for p in table if not isinstance(p, int) or not 0 <= p < manager.num_pages]
+                if bad:
+                    raise AttnInputError(f"request {ids[i]}'s block table names pages {bad} outside the cache's "
+                                         f"{manager.num_pages}")
             for i in range(self.num_contexts, n):
                 if cached[i] == 0:
                     raise AttnInputError(
@@ -173,6 +183,8 @@ class AttentionMetadata:
 
     def subset(self, start: int, stop: int) -> "AttentionMetadata":
         """Requests [start, stop) as a batch of their own (context or generation part)."""
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.num_requests):
+            raise AttnInputError(f"subset({start!r}, {stop!r}): need 0 <= start < stop <= {self.num_requests}")
         contexts = max(0, min(self.num_contexts, stop) - start)
         return AttentionMetadata(
             seq_lens=self.seq_lens[start:stop], num_contexts=contexts, request_ids=self.request_ids[start:stop],
@@ -184,6 +196,8 @@ class AttentionMetadata:
         """An int32 tensor of one of the tuple fields above (cached per device)."""
         import torch
 
+        if name not in _INT_FIELDS:
+            raise AttnInputError(f"int_tensor({name!r}): one of {', '.join(_INT_FIELDS)}")
         key = (name, str(device))
         if key not in self._tensors:
             self._tensors[key] = torch.tensor(getattr(self, name), dtype=torch.int32, device=device)
@@ -198,6 +212,10 @@ class AttentionMetadata:
         shown = lens if len(lens) <= 8 else lens[:8] + ["..."]
         cache = f"paged cache ({self.kv_cache_manager.layout}, page {self.page_size})" if self.has_cache else "no cache"
         return f"{self.num_requests} requests ({self.num_contexts} ctx, {self.num_generations} gen), seq_lens {shown}, {cache}"
+
+
+_INT_FIELDS = ("seq_lens", "cached_lens", "kv_lens", "qo_indptr", "kv_indptr", "paged_kv_indptr",
+               "paged_kv_indices", "paged_kv_last_page_len")
 
 
 def check_qkv(q, k, v, layer: "LayerSpec", *, num_tokens: int, require_contiguous: bool = True) -> None:

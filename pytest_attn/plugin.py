@@ -64,6 +64,9 @@ def pytest_configure(config):
         config.stash[SESSION_KEY].selected  # resolve names now: an unknown one is a usage error
     except (UnknownBackendError, AttnInputError) as exc:
         raise pytest.UsageError(f"pytest-attn: {exc}") from None
+    from .isolation import check_options
+
+    check_options(config)  # an unknown --attn-isolate name is a usage error now, not at the first test
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

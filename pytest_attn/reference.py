@@ -74,6 +74,9 @@ def reference_attention(q: "torch.Tensor", keys: Sequence["torch.Tensor"], value
     """
     import torch
 
+    from .metadata import _as_lengths
+
+    q_lens = _as_lengths(q_lens, "q_lens")
     if len(keys) != len(q_lens) or len(values) != len(q_lens):
         raise AttnInputError(f"{len(keys)} key and {len(values)} value tensors for {len(q_lens)} requests")
     if sum(q_lens) != q.shape[0]:
@@ -85,8 +88,13 @@ def reference_attention(q: "torch.Tensor", keys: Sequence["torch.Tensor"], value
         compute = softmax_dtype = q.dtype
     else:
         raise AttnInputError(f"precision must be 'high' or 'low', got {precision!r}")
+    if q.dim() != 3 or q.shape[1:] != (layer.num_heads, layer.head_dim):
+        raise AttnInputError(f"q is {tuple(q.shape)}, expected [*, {layer.num_heads}, {layer.head_dim}]")
     outs, start = [], 0
     for n, k, v in zip(q_lens, keys, values):
+        if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != (layer.num_kv_heads, layer.head_dim):
+            raise AttnInputError(f"a request's k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+                                 f"[kv_len, {layer.num_kv_heads}, {layer.head_dim}]")
         if k.shape[0] < n:
             raise AttnInputError(f"a request has {n} queries but only {k.shape[0]} keys")
         outs.append(_attend_one(q[start:start + n], k, v, layer, compute, softmax_dtype))

@@ -75,7 +75,7 @@ def test_unknown_isolate_name_stops_the_run_with_a_usage_message(pytester):
     pytester.makepyfile(FORWARD_TEST)
     result = pytester.runpytest("--attn-isolate=nope", "--attn-backend=torch")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stdout.fnmatch_lines(["*--attn-isolate names unknown backend(s) 'nope'; registered: *torch*"])
+    result.stderr.fnmatch_lines(["*--attn-isolate names unknown backend(s) 'nope'; registered: *torch*"])
 
 
 # -- without xdist --------------------------------------------------------------------------------

@@ -176,21 +176,19 @@ def test_more_tokens_than_the_cache_holds_raises_and_changes_nothing():
     with pytest.raises(CacheFullError, match=r"this step needs 3 more pages of 4 tokens, 2 of 4 are free.*free\(\)"):
         m.prepare([9, 1], [1, 0], num_contexts=1)  # new request 1 needs 3 pages, request 0 none
     assert (m.num_free_pages, m.active_requests, m.seq_len(0), m.block_table(0)) == before
-    assert torch.equal(m.k_cache().isnan(), k_before.isnan())
+    same = (m.k_cache() == k_before) | (m.k_cache().isnan() & k_before.isnan())
+    assert bool(same.all()), "a failed prepare wrote into the cache"
 
 
-# Inputs that are not validated yet (see the report of issue 5): each documents the fix wanted.
-# strict: once the fix lands the test XPASSes and fails, so the marker gets removed with it.
-NOT_VALIDATED_YET = [
-    ("prepare with a repeated id leaves pages allocated",
+FAILED_PREPARES = [
+    ("prepare with a repeated id",
      lambda m: m.prepare([3, 3], [0, 0]), "request_ids repeat"),
-    ("prepare with num_contexts out of range leaves pages allocated",
+    ("prepare with num_contexts out of range",
      lambda m: m.prepare([3], [1], num_contexts=5), "num_contexts"),
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="PagedKVCacheManager.prepare allocates before AttentionMetadata validates")
-@pytest.mark.parametrize("call, message", [pytest.param(c, m, id=w) for w, c, m in NOT_VALIDATED_YET])
+@pytest.mark.parametrize("call, message", [pytest.param(c, m, id=w) for w, c, m in FAILED_PREPARES])
 def test_failed_prepare_changes_nothing(call, message):
     m = manager(num_pages=8)
     with pytest.raises(AttnInputError, match=message):
@@ -198,15 +196,11 @@ def test_failed_prepare_changes_nothing(call, message):
     assert (m.num_free_pages, m.active_requests) == (8, ())
 
 
-@pytest.mark.xfail(strict=True, reason="harness.run_forward does not enforce Backend.requires_contiguous; "
-                   "torch_sdpa.forward hard-codes require_contiguous=False")
-@pytest.mark.filterwarnings("ignore::UserWarning")  # SDPA's complaints about the strided q, while xfailing
 def test_run_forward_refuses_strided_inputs_for_a_backend_that_needs_contiguous():
     with pytest.raises(AttnInputError, match="not contiguous"):
         run_forward(ContiguousOnly("contig"), *q_k_v_with(q=strided), AttentionMetadata.ragged([10]), LAYER, "cpu")
 
 
-@pytest.mark.xfail(strict=True, reason="BatchCase does not validate its fields until a step runs")
 @pytest.mark.parametrize("fields", [
     dict(seq_lens=(-3,)), dict(seq_lens=()), dict(num_heads=5, num_kv_heads=2), dict(cache=True, kv_layout="XYZ"),
 ], ids=["negative-length", "no-sequences", "heads-not-divisible", "unknown-layout"])
@@ -214,3 +208,36 @@ def test_batch_case_validates_its_fields(fields):
     base = dict(name="x", num_heads=4, num_kv_heads=4, head_dim=16, seq_lens=(8,))
     with pytest.raises(AttnInputError):
         BatchCase(**{**base, **fields})
+
+
+def test_metadata_subset_and_int_tensor_refuse_bad_arguments():
+    md = AttentionMetadata.ragged([3, 4, 5])
+    with pytest.raises(AttnInputError, match=r"subset\(2, 5\): need 0 <= start < stop <= 3"):
+        md.subset(2, 5)
+    with pytest.raises(AttnInputError, match=r"int_tensor\('nope'\): one of"):
+        md.int_tensor("nope")
+
+
+def test_block_tables_must_cover_the_tokens_and_name_real_pages():
+    m = manager(num_pages=8, page_size=4)
+    good = m.prepare([6], [0])
+    with pytest.raises(AttnInputError, match="its block table has 1 pages of 4: 2 needed"):
+        AttentionMetadata(seq_lens=(6,), num_contexts=1, kv_cache_manager=m, block_tables=((good.block_tables[0][0],),))
+    with pytest.raises(AttnInputError, match=r"names pages \[99\] outside the cache's 8"):
+        AttentionMetadata(seq_lens=(6,), num_contexts=1, kv_cache_manager=m, block_tables=((good.block_tables[0][0], 99),))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.k_cache(True), "layer True is out of range"),
+    (lambda m: m.gather(0, (0,), -1), "length must be an int >= 0"),
+    (lambda m: m.gather(0, (42,), 2), r"page ids \[42\] are outside"),
+    (lambda m: m.slot_mapping(AttentionMetadata.ragged([2])), "prepared by another cache manager"),
+], ids=["bool-layer", "negative-length", "unknown-page", "foreign-metadata"])
+def test_cache_accessors_refuse_bad_arguments(call, message):
+    with pytest.raises(AttnInputError, match=message):
+        call(manager(num_pages=8))
+
+
+def test_cache_refuses_an_unknown_device():
+    with pytest.raises(AttnInputError, match="is not a torch device"):
+        PagedKVCacheManager(num_kv_heads=2, head_dim=16, num_pages=2, device="tpu9")
