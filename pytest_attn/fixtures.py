@@ -68,14 +68,7 @@ def attn_session(request):
 @pytest.fixture
 def attn_backend(request, attn_session) -> Backend:
     """One selected backend. Unavailable: skipped with the reason (failed under --attn-strict)."""
-    backend: Backend = request.param
-    availability = attn_session.availability(backend)
-    if not availability:
-        message = f"backend {backend.name!r} is unavailable here: {availability.reason}"
-        if attn_session.strict:
-            pytest.fail(message + " (--attn-strict)", pytrace=False)
-        pytest.skip(message)
-    return backend
+    return attn_session.require_available(request.param)
 
 
 @pytest.fixture

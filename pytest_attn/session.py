@@ -52,6 +52,18 @@ class AttnSession:
                 self._availability[backend.name] = Availability(False, f"available() raised {exc!r}")
         return self._availability[backend.name]
 
+    def require_available(self, backend: Backend) -> Backend:
+        """The backend, or a skip with the reason it is unavailable (a failure under --attn-strict)."""
+        import pytest
+
+        availability = self.availability(backend)
+        if not availability:
+            message = f"backend {backend.name!r} is unavailable here: {availability.reason}"
+            if self.strict:
+                pytest.fail(message + " (--attn-strict)", pytrace=False)
+            pytest.skip(message)
+        return backend
+
     @functools.cached_property
     def selected(self) -> list[Backend]:
         """Backends the tests are parametrized with: the requested ones (even if unavailable, so

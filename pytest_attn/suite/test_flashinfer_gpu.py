@@ -16,14 +16,7 @@ SEED = dict(num_heads=16, head_dim=80, dtype="bfloat16", mask="full")
 def _flashinfer(attn_session, name="flashinfer"):
     if not any(b.name.startswith("flashinfer") for b in attn_session.selected):
         pytest.skip("no flashinfer backend among this run's backends (--attn-backend)")
-    backend = attn_session.registry.get(name)
-    availability = attn_session.availability(backend)
-    if not availability:
-        message = f"backend {name!r} is unavailable here: {availability.reason}"
-        if attn_session.strict:
-            pytest.fail(message + " (--attn-strict)", pytrace=False)
-        pytest.skip(message)
-    return backend
+    return attn_session.require_available(attn_session.registry.get(name))
 
 
 @pytest.fixture
