@@ -103,13 +103,10 @@ class AttnBatch:
 
     def run(self, backend: Backend, plan: Optional[Plan] = None):
         """(plan, out, comparison) of one forward of this batch through ``backend``."""
-        from .harness import run_forward
-        from .reference import compare, reference_attention
+        from .harness import compare_with_reference, run_forward
 
         plan, out = run_forward(backend, self.q, self.k, self.v, self.metadata, self.layer, self.device, plan)
-        high = reference_attention(self.q, self.keys, self.values, self.metadata.seq_lens, self.layer, precision="high")
-        low = reference_attention(self.q, self.keys, self.values, self.metadata.seq_lens, self.layer, precision="low")
-        return plan, out, compare(out, high, low, backend.tolerance(self.layer.dtype), self.metadata.qo_indptr)
+        return plan, out, compare_with_reference(backend, out, self.q, self.keys, self.values, self.metadata, self.layer)
 
     def assert_matches_reference(self, backend: Backend, plan: Optional[Plan] = None) -> Plan:
         plan, _, comparison = self.run(backend, plan)

@@ -125,6 +125,13 @@ def check_output(backend: Backend, out, q, history, metadata: AttentionMetadata,
 
     keys = [torch.cat(history[rid][0]) for rid in metadata.request_ids]
     values = [torch.cat(history[rid][1]) for rid in metadata.request_ids]
+    return compare_with_reference(backend, out, q, keys, values, metadata, layer)
+
+
+def compare_with_reference(backend: Backend, out, q, keys, values, metadata: AttentionMetadata,
+                           layer: LayerSpec) -> Comparison:
+    """``out`` against the reference in high precision, by the backend's tolerance (which the
+    same math in the input precision sets)."""
     high = reference_attention(q, keys, values, metadata.seq_lens, layer, precision="high")
     low = reference_attention(q, keys, values, metadata.seq_lens, layer, precision="low")
     return compare(out, high, low, backend.tolerance(layer.dtype), metadata.qo_indptr)
