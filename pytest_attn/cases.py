@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 from .contract import KV_LAYOUTS, LayerSpec, dtype_name
 from .errors import AttnInputError
-from .metadata import _as_lengths
+from .metadata import _as_lengths, pages_for
 
 # The seed's model: the Nemotron/RADIO ViT encoder (hidden 1280 = 16 heads x 80).
 VIT_HEADS, VIT_HEAD_DIM = 16, 80
@@ -99,7 +99,7 @@ class BatchCase:
             active = [r for r in ids if r not in done]
 
     def pages_needed(self) -> int:
-        per_request = [-(-(s + self.decode_steps) // self.page_size) for s in self.seq_lens + self.joining]
+        per_request = [pages_for(s + self.decode_steps, self.page_size) for s in self.seq_lens + self.joining]
         return sum(per_request) + 2  # two spare pages
 
 

@@ -11,7 +11,7 @@ import pytest
 from .cases import BatchCase, select
 from .contract import Backend, LayerSpec, Plan
 from .errors import AttnInputError
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, pages_for
 
 
 def _session(config):
@@ -130,7 +130,7 @@ def build_batch(seq_lens: Sequence[int], *, num_heads: int = 16, num_kv_heads: O
     cached = tuple(cached_lens) or (0,) * len(seq_lens)
     if len(cached) != len(seq_lens):
         raise AttnInputError(f"{len(cached)} cached_lens for {len(seq_lens)} seq_lens: give one per request")
-    pages = sum(-(-(c + n) // page_size) for c, n in zip(cached, seq_lens)) + 1
+    pages = sum(pages_for(c + n, page_size) for c, n in zip(cached, seq_lens)) + 1
     manager = PagedKVCacheManager(num_kv_heads=layer.num_kv_heads, head_dim=head_dim, page_size=page_size,
                                   num_pages=pages, dtype=dtype, device=device, layout=kv_layout or "NHD")
     ids = tuple(range(len(seq_lens)))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from .contract import KV_LAYOUTS, dtype_name, torch_dtype
 from .errors import AttnInputError, CacheFullError
-from .metadata import AttentionMetadata, _as_lengths
+from .metadata import AttentionMetadata, _as_lengths, pages_for
 from .reference import POISON
 
 K_POISON, V_POISON = 0.0, POISON  # what unwritten and freed slots hold (see the module docstring)
@@ -125,7 +125,7 @@ class PagedKVCacheManager:
         self._free.extend(reversed(pages))
 
     def _pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_size)
+        return pages_for(tokens, self.page_size)
 
     # -- data -----------------------------------------------------------------------------------
     def k_cache(self, layer_idx: int = 0) -> "torch.Tensor":

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from .kv_cache import PagedKVCacheManager
 
 
+def pages_for(tokens: int, page_size: int) -> int:
+    """Cache pages that ``tokens`` tokens fill (the last one possibly in part)."""
+    return -(-tokens // page_size)
+
+
 def _as_lengths(values, what: str) -> tuple[int, ...]:
     if hasattr(values, "tolist"):  # a tensor or an array
         values = values.tolist()
@@ -90,7 +95,7 @@ class AttentionMetadata:
             object.__setattr__(self, "cached_lens", cached)
             manager = self.kv_cache_manager
             for i, table in enumerate(self.block_tables):
-                need = -(-(cached[i] + seq_lens[i]) // manager.page_size)
+                need = pages_for(cached[i] + seq_lens[i], manager.page_size)
                 if len(table) < need:
                     raise AttnInputError(f"request {ids[i]} holds {cached[i] + seq_lens[i]} tokens but its block table "
                                          f"has {len(table)} pages of {manager.page_size}: {need} needed")
@@ -179,7 +184,7 @@ class AttentionMetadata:
 
     def _pages_used(self, i: int) -> int:
         ps = self.page_size
-        return -(-self.kv_lens[i] // ps) if ps else 0
+        return pages_for(self.kv_lens[i], ps) if ps else 0
 
     def subset(self, start: int, stop: int) -> "AttentionMetadata":
         """Requests [start, stop) as a batch of their own (context or generation part)."""
