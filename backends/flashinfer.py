@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from pytest_attn import torch_build
 from pytest_attn.contract import Availability, Backend, Capabilities, LayerSpec, Plan
 from pytest_attn.errors import AttnInputError, UnsupportedCase
 from pytest_attn.metadata import AttentionMetadata
@@ -296,11 +297,9 @@ class FlashInferBackend(Backend):
         if importlib.util.find_spec("flashinfer") is None:
             return Availability(False, "flashinfer is not installed: pip install flashinfer-python "
                                        f"(pytest-attn[flashinfer] pins {PINNED_VERSION})")
-        try:
-            import torch
-        except ImportError as exc:
-            return Availability(False, f"torch is not importable: {exc}")
-        if not torch.cuda.is_available():
+        if not torch_build.is_installed():
+            return Availability(False, "torch is not installed: pip install torch")
+        if not torch_build.cuda_available():  # (a CPU build of torch answers without being imported)
             return Availability(False, "no CUDA device (FlashInfer runs on NVIDIA GPUs only)")
         version = self.version()
         if version is None:
@@ -311,9 +310,9 @@ class FlashInferBackend(Backend):
         return installed_version()
 
     def sm(self, device) -> tuple[int, int]:
-        import torch
+        if str(device).startswith("cuda") and torch_build.cuda_available():
+            import torch
 
-        if str(device).startswith("cuda") and torch.cuda.is_available():
             return tuple(torch.cuda.get_device_capability(device))
         return ASSUMED_SM
 

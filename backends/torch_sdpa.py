@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from pytest_attn import torch_build
 from pytest_attn.contract import Availability, Backend, Capabilities, LayerSpec, Plan
 from pytest_attn.metadata import AttentionMetadata
 
@@ -66,10 +67,9 @@ class TorchSDPABackend(Backend):
         self._use_varlen = use_varlen
 
     def available(self) -> Availability:
-        try:
-            import torch  # noqa: F401
-        except ImportError as exc:
-            return Availability(False, f"torch is not importable: {exc}")
+        # Not imported here: a process that only reports (an xdist controller) need not pay for it.
+        if not torch_build.is_installed():
+            return Availability(False, "torch is not installed: pip install torch")
         return Availability(True)
 
     def unsupported(self, layer, metadata, device="cpu"):

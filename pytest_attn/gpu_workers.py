@@ -81,6 +81,11 @@ def count_gpus() -> tuple[int, str]:
                 return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU ")), "nvidia-smi -L"
         except (OSError, subprocess.SubprocessError):
             pass
+    from . import torch_build
+
+    build = torch_build.installed_build()
+    if build is not None and not build.has_gpu_runtime and "torch" not in sys.modules:
+        return 0, f"torch {build.version}, a build without CUDA"
     try:
         import torch
     except ImportError:
@@ -185,7 +190,7 @@ def header_lines(config) -> list[str]:
         ids, source = gpu_pool(config)
         threads = os.environ.get("OMP_NUM_THREADS") or threads_per_worker(workers)
         if not ids:
-            return [f"attn workers: {workers} xdist workers, no GPU to pin ({source} found none); "
+            return [f"attn workers: {workers} xdist workers, no GPU to pin (none found: {source}); "
                     f"{threads} torch thread(s) each"]
         plan = ", ".join(f"{w} -> GPU {g}" for w, g in planned_assignment(ids, workers).items())
         return [f"attn gpus: {plan} (round robin over {source}; each worker sees only its GPU as cuda:0)"]

@@ -1,7 +1,7 @@
 """Per-run state: which backends run, on which device, with which dtypes and seed.
 
-Built once at configure time from the options; torch is imported only when the device is first
-needed (the report header, or the first test), never when the plugin loads.
+Built once at configure time from the options. torch is imported only when a test needs it, or
+when the device is a GPU: the header of a CPU run reads torch's build off disk (torch_build).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .errors import AttnInputError
 from .registry import Registry
 
 DEFAULT_SEED = 20261125
-CPU_MAX_TOKENS = 2048  # default --attn-max-tokens on CPU: keeps the float64 reference quick
+CPU_MAX_TOKENS = 2048  # default --attn-max-tokens on CPU: keeps the reference quick
 
 
 @dataclass
@@ -79,15 +79,17 @@ class AttnSession:
     # -- device ---------------------------------------------------------------------------------
     @functools.cached_property
     def device(self) -> str:
-        import torch
+        from . import torch_build
 
-        wanted = self.device_option or ("cuda" if torch.cuda.is_available() else "cpu")
-        if wanted.startswith("cuda") and not torch.cuda.is_available():
-            raise AttnInputError(f"--attn-device={wanted} but torch sees no CUDA device "
-                                 f"(torch {torch.__version__}); use --attn-device=cpu")
+        wanted = self.device_option or ("cuda" if torch_build.cuda_available() else "cpu")
         if wanted.split(":")[0] not in ("cpu", "cuda"):
             raise AttnInputError(f"--attn-device={wanted}: use cpu, cuda or cuda:N")
+        if wanted.startswith("cuda") and not torch_build.cuda_available():
+            raise AttnInputError(f"--attn-device={wanted} but torch sees no CUDA device "
+                                 f"(torch {torch_build.version()}); use --attn-device=cpu")
         if wanted == "cuda":
+            import torch
+
             wanted = f"cuda:{torch.cuda.current_device()}"
         return wanted
 
@@ -103,8 +105,10 @@ class AttnSession:
         return CPU_MAX_TOKENS if self.device_type == "cpu" else None
 
     def describe_device(self) -> str:
-        import torch
+        from . import torch_build
 
         if self.device_type == "cuda":
+            import torch
+
             return f"{self.device} ({torch.cuda.get_device_name(self.device)}), torch {torch.__version__}"
-        return f"cpu, torch {torch.__version__}"
+        return f"cpu, torch {torch_build.version()}"
