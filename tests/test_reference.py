@@ -1,5 +1,7 @@
 """The reference and the tolerance rule: right answers pass, wrong ones fail with a clear reason."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,3 +88,31 @@ def test_worst_element_is_located_by_request():
     result = compare(out, high, low, Tolerance(), qo_indptr=(0, 30, 64))
     assert result.worst_index == (40, 2, 3) and result.worst_request == 1
     assert "(request #1)" in result.message()
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.float32), ("float16", torch.float32),
+                                             ("float32", torch.float64)])
+def test_the_reference_is_float32_for_16_bit_inputs_and_float64_for_float32_on_cpu(dtype, expected):
+    layer = LayerSpec(2, 2, 8, dtype, "causal")
+    q, k, v = make_qkv(5, layer, "cpu", 5)
+    assert reference_attention(q, [k], [v], [5], layer).dtype == expected
+    assert reference_attention(q, [k], [v], [5], layer, precision="low").dtype == q.dtype
+
+
+@pytest.mark.attn_long
+def test_comparing_imports_neither_sympy_nor_torch_fx():
+    """torch.unravel_index would: it costs 0.3 s to 2 s in every process that checks an output."""
+    code = ("import sys, torch\n"
+            "from pytest_attn.contract import LayerSpec, Tolerance\n"
+            "from pytest_attn.harness import make_qkv\n"
+            "from pytest_attn.reference import compare, reference_attention\n"
+            "layer = LayerSpec(2, 2, 8, 'bfloat16', 'causal')\n"
+            "q, k, v = make_qkv(6, layer, 'cpu', 1)\n"
+            "hi = reference_attention(q, [k], [v], [6], layer)\n"
+            "lo = reference_attention(q, [k], [v], [6], layer, precision='low')\n"
+            "out = lo.clone(); out[4, 1, 3] += 1\n"
+            "result = compare(out, hi, lo, Tolerance())\n"
+            "assert result.worst_index == (4, 1, 3), result.worst_index\n"
+            "heavy = [m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
