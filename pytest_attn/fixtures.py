@@ -41,19 +41,19 @@ def parametrize(metafunc, session) -> None:
 
 def deselect_oversized(config, items, session) -> None:
     """Drop cases over --attn-max-tokens (by default 2048 on CPU), reporting them as deselected."""
-    limit = session.max_tokens if any(_case_of(i) for i in items) else None
+    limit = session.max_tokens if any(case_of(i) for i in items) else None
     if not limit:
         return
     keep, drop = [], []
     for item in items:
-        case = _case_of(item)
+        case = case_of(item)
         (drop if case is not None and case.max_tokens > limit else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
 
 
-def _case_of(item) -> Optional[BatchCase]:
+def case_of(item) -> Optional[BatchCase]:
     callspec = getattr(item, "callspec", None)
     return callspec.params.get("attn_case") if callspec is not None else None
 

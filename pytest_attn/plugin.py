@@ -38,6 +38,12 @@ def pytest_addoption(parser):
     group.addoption("--attn-gpus", default=None, metavar="IDS",
                     help="GPUs for xdist workers, round robin (e.g. 0,1). Default: CUDA_VISIBLE_DEVICES "
                          "or every GPU torch sees.")
+    group.addoption("--attn-schedule", choices=("longest-first", "xdist"), default="longest-first",
+                    help="under xdist (--dist load or worksteal): run the longest tests first, by the "
+                         "durations earlier runs recorded (default), or leave xdist's order alone.")
+    group.addoption("--attn-gc-freeze", choices=("on", "off"), default="on",
+                    help="keep the garbage collector off the objects alive after collection and after "
+                         "the last test (gc.freeze; default on).")
     bench = parser.getgroup("attn-bench", "attention benchmarks (pytest-attn, with pytest-benchmark)")
     bench.addoption("--attn-bench-warmup", type=int, default=10, metavar="N",
                     help="warm-up calls before timing (default 10); first-call costs stay out.")
@@ -49,14 +55,20 @@ def pytest_addoption(parser):
                     help="time CUDA-graph replays where the backend can be captured (auto), always, or never.")
 
 
+# tryfirst: pin the GPU before any other plugin can initialise CUDA, and register gc_freeze's
+# clean-up before pytest's unraisable-exception plugin registers its own, so that it runs after it.
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    from . import gpu_workers
+    from . import gc_freeze, gpu_workers, schedule
 
     gpu_workers.pin_worker(config)  # before anything can initialise CUDA in an xdist worker
+    gc_freeze.start(config)
     if config.pluginmanager.hasplugin("xdist"):  # xdist's hooks exist only when xdist is loaded
         config.pluginmanager.register(gpu_workers.XdistHooks(config), "attn-xdist-gpus")
+    schedule.configure(config)
     config.addinivalue_line("markers", "attn_cases(*names_or_tags): run this test on these catalog cases only")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason on CPU (fails under --attn-strict)")
+    config.addinivalue_line("markers", schedule.LONG_MARKER_HELP)
     from .session import AttnSession
 
     try:
@@ -104,10 +116,27 @@ def pytest_generate_tests(metafunc):
     parametrize(metafunc, attn_session_of(metafunc.config))
 
 
+@pytest.hookimpl(trylast=True)  # after other plugins' reordering (pytest-randomly): the sort is stable
 def pytest_collection_modifyitems(config, items):
     from .fixtures import deselect_oversized
+    from .schedule import order_for_workers
 
     deselect_oversized(config, items, attn_session_of(config))
+    order_for_workers(config, items)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    from .gc_freeze import freeze
+
+    freeze(session.config)  # what collection built (torch, the items) lives until the end
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    from .gc_freeze import freeze
+
+    freeze(config)  # before pytest's five collections at clean-up
 
 
 def pytest_runtest_setup(item):

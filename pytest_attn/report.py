@@ -17,6 +17,8 @@ def header_lines(session, config=None) -> list[str]:
                  f"strict: {'on' if session.strict else 'off'} | max tokens: {limit_text}")
     if config is not None:
         from .gpu_workers import header_lines as gpu_lines
+        from .schedule import header_line as schedule_line
 
         lines.extend(gpu_lines(config))
+        lines.extend(line for line in [schedule_line(config)] if line)
     return lines

@@ -9,8 +9,15 @@ def demo_backends(pytester):
     return write_backend_package(pytester, "demo_attn", DEMO_BACKENDS, DEMO_ENTRY_POINTS)
 
 
-@pytest.fixture(autouse=True)
-def _lean_inner_pytest_runs(monkeypatch):
-    """The pytest runs these tests start (pytester, their isolation children and xdist workers)
-    use no hypothesis; its plugin costs ~0.7 s of start-up in each such process."""
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:hypothesispytest")
+# For the pytest runs that tests start (in-process, subprocesses, their isolation children and
+# xdist workers): no hypothesis plugin (without a bytecode cache, importing it costs ~0.5 s of
+# assertion rewriting in each process), and no warning that an in-process run cannot rewrite the
+# plugins this process imported before it (pyproject names them with -p instead of autoloading).
+INNER_RUN_OPTIONS = "-p no:hypothesispytest -W ignore::pytest.PytestAssertRewriteWarning"
+
+
+@pytest.fixture
+def pytester(pytester, monkeypatch):
+    """pytester with INNER_RUN_OPTIONS, set after it starts, since it clears PYTEST_ADDOPTS."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", INNER_RUN_OPTIONS)
+    return pytester

@@ -177,6 +177,7 @@ def test_rows_hold_device_time_and_extra_info(pytester, monkeypatch):
     assert info["warmup"] == 1 and info["iters"] == 5
 
 
+@pytest.mark.attn_long
 def test_regression_gate_fails_a_slowed_backend_and_passes_an_unchanged_one(pytester, monkeypatch):
     """Baseline, then the same backend (passes), then the backend slowed 4x (fails the gate)."""
     pytester.makepyfile(test_gate=SLEEPY_TEST)

@@ -5,6 +5,7 @@ import json
 import re
 
 import hypothesis  # noqa: F401  (imported here once: each in-process run would import it again otherwise)
+import pytest
 import torch
 
 from pytest_attn import harness
@@ -48,6 +49,7 @@ def recorded(log):
     return steps
 
 
+@pytest.mark.attn_long
 def test_same_seed_same_inputs_alone_or_in_the_full_run_and_in_another_process(pytester, monkeypatch):
     log = pytester.path / "inputs.jsonl"
     monkeypatch.setenv("ATTN_INPUT_LOG", str(log))

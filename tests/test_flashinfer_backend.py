@@ -57,6 +57,7 @@ def test_module_imports_neither_torch_nor_flashinfer():
     assert done.stdout.strip() == "['flashinfer', 'flashinfer-fa2', 'flashinfer-fa3', 'flashinfer-auto']"
 
 
+@pytest.mark.attn_long
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # flashinfer's own imports of cutlass
 def test_flashinfer_is_importable_here():
     import flashinfer  # noqa: F401  (the CPU machines install it too: the plan logic reads its version)

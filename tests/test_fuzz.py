@@ -38,6 +38,7 @@ def ragged_lengths(draw):
     return lens
 
 
+@pytest.mark.attn_long
 @FUZZ
 @given(lens=ragged_lengths(), heads=heads, head_dim=head_dim, dtype=dtype, mask=mask, seed=st.integers(0, 2**16))
 def test_ragged_batches_match_the_reference(torch_backend, lens, heads, head_dim, dtype, mask, seed):

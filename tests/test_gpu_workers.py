@@ -124,6 +124,7 @@ def test_sees_one_gpu(i, record_property, attn_backend):
 """
 
 
+@pytest.mark.attn_long
 def test_each_xdist_worker_sees_a_different_single_gpu(pytester, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # fake ids: nothing here initialises CUDA
     pytester.makepyfile(SEES_ONE_GPU)

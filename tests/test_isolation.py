@@ -79,6 +79,7 @@ def test_unknown_isolate_name_stops_the_run_with_a_usage_message(pytester):
 
 
 # -- without xdist --------------------------------------------------------------------------------
+@pytest.mark.attn_long
 def test_without_isolation_a_segfault_takes_the_whole_run_down(pytester, crashers):
     pytester.makepyfile(FORWARD_TEST)
     result = pytester.runpytest_subprocess("--attn-backend=segv,torch", "-p", "no:cacheprovider")
@@ -87,6 +88,7 @@ def test_without_isolation_a_segfault_takes_the_whole_run_down(pytester, crasher
     assert "passed" not in result.stdout.str()
 
 
+@pytest.mark.attn_long
 def test_isolated_crashes_fail_only_their_own_tests(pytester, crashers):
     # 'all': the torch test runs in a subprocess too, and its child's passing report comes through
     pytester.makepyfile(FORWARD_TEST)
@@ -104,6 +106,7 @@ def test_isolated_crashes_fail_only_their_own_tests(pytester, crashers):
 
 
 # -- under xdist ----------------------------------------------------------------------------------
+@pytest.mark.attn_long
 def test_xdist_survives_a_crash_and_replaces_a_poisoned_worker(pytester, crashers):
     # test_forward[poison] is collected first, so its worker has another test queued behind it:
     # that test must not be blamed, but handed to a fresh worker and pass there.
