@@ -1,6 +1,7 @@
 """Crash isolation: a backend that kills its process, or poisons its CUDA context, fails only its
 own tests, and every other result is kept: with --attn-isolate (a subprocess per test) and under
 xdist (a fresh worker). The crashing backends are real: ctypes.string_at(0) and os.abort()."""
+import os
 import signal
 import sys
 
@@ -133,3 +134,69 @@ def test_poisoned_context_markers_match_cuda_errors():
     assert poisoned_context_reason("cudaErrorIllegalAddress") == "cudaerrorillegaladdress"
     assert poisoned_context_reason("device-side assert triggered") == "device-side assert"
     assert poisoned_context_reason("AssertionError: max |out - ref| = 1e-2 EXCEEDS") is None
+
+
+# -- a real poisoned CUDA context (GPU only) ------------------------------------------------------
+DEVICE_ASSERT = '''
+import torch
+
+from pytest_attn_backends.torch_sdpa import TorchSDPABackend
+
+
+class DeviceAssert(TorchSDPABackend):
+    """The torch backend, except that forward first reads past the end of q on the GPU: a real
+    device-side assert, after which every CUDA call of the process fails."""
+
+    def forward(self, q, k, v, metadata, plan, out=None):
+        past_the_end = torch.arange(q.shape[0], device=q.device) + q.shape[0]
+        q.index_select(0, past_the_end)
+        torch.cuda.synchronize()
+        return super().forward(q, k, v, metadata, plan, out)
+
+
+device_assert = DeviceAssert("device-assert")
+'''
+CUDA_AFTERWARDS = """
+import pytest
+import torch
+
+@pytest.mark.parametrize("i", range(4))
+def test_cuda_still_works(i):
+    assert torch.ones(8, device="cuda").sum().item() == 8
+"""
+
+
+@pytest.fixture
+def device_assert(pytester, monkeypatch):
+    site = write_backend_package(pytester, "assert_attn", DEVICE_ASSERT, {"device-assert": "assert_attn:device_assert"})
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    pytester.makepyfile(test_a=FORWARD_TEST, test_b=CUDA_AFTERWARDS)
+
+
+@pytest.mark.gpu
+@pytest.mark.attn_long
+def test_a_real_device_side_assert_poisons_the_rest_of_an_unprotected_run(pytester, device_assert):
+    result = pytester.runpytest_subprocess("--attn-backend=device-assert,torch", "-p", "no:cacheprovider",
+                                           "test_a.py", "test_b.py")
+    outcomes = result.parseoutcomes()
+    # the culprit, and the CUDA tests after it in the same process, fail
+    assert outcomes.get("failed", 0) >= 2 and "device-side assert" in result.stdout.str(), result.stdout.str()
+
+
+@pytest.mark.gpu
+@pytest.mark.attn_long
+def test_a_real_device_side_assert_fails_only_its_own_test_under_xdist(pytester, device_assert):
+    result = pytester.runpytest_subprocess("--attn-backend=device-assert,torch", "-n", "2", "-p", "no:cacheprovider",
+                                           "test_a.py", "test_b.py")
+    result.assert_outcomes(passed=5, failed=1)
+    result.stdout.fnmatch_lines(["*test_forward[[]device-assert[]]*",
+                                 "*the error ('device-side assert') means this process's CUDA context is poisoned*"])
+
+
+@pytest.mark.gpu
+@pytest.mark.attn_long
+def test_a_real_device_side_assert_fails_only_its_own_test_when_isolated(pytester, device_assert):
+    result = pytester.runpytest_subprocess("--attn-backend=device-assert,torch", "--attn-isolate=device-assert",
+                                           "-p", "no:cacheprovider", "test_a.py", "test_b.py")
+    result.assert_outcomes(passed=5, failed=1)
+    assert "device-side assert" in result.stdout.str()
