@@ -42,7 +42,6 @@ CACHE_KEY = "attn/durations"
 # "no" and does not pass on the options the controller changed.
 WORKERINPUT_DIST = "attn_dist"
 WORKERINPUT_CHUNK = "attn_maxschedchunk"
-SCHEDULES = ("longest-first", "xdist")
 REORDERED_MODES = ("load", "worksteal")
 # Tests xdist's load scheduling sends each worker at the start ("at least 2", its --maxschedchunk
 # help says): one to run and one queued behind it, since a worker runs a test only once it knows
