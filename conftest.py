@@ -1,4 +1,4 @@
-# The plugin itself loads through its pytest11 entry point (pip install -e .; pyproject's addopts name
-# it with -p attn); this file only adds pytester, which the plugin's own tests use to run pytest
-# inside pytest.
-pytest_plugins = ["pytester"]
+"""Kept empty on purpose. pytest-attn adds its bundled suite (pytest_attn/suite) to other
+projects' runs by path, and pytest then loads every conftest.py above that path, this one too when
+pytest-attn is installed from a checkout (pip install -e .): anything here would act on those
+runs. This project's own test configuration is in pyproject.toml and tests/conftest.py."""

@@ -334,6 +334,9 @@ class FlashInferBackend(Backend):
         resolved to (``resolved_backend``). Without a GPU, the decision alone (handle None)."""
         import torch
 
+        reasons = Backend.unsupported(self, layer, metadata, device)  # what the capabilities rule out
+        if reasons:
+            raise UnsupportedCase(self.name, reasons)
         if not (str(device).startswith("cuda") and torch.cuda.is_available()):
             return self._decide(metadata, layer, device)
         device = torch.device(device)

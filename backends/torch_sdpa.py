@@ -1,9 +1,17 @@
-"""PyTorch backend: ``scaled_dot_product_attention`` per sequence, or ``torch.nn.attention.varlen``
-(one launch for the whole ragged batch) where it exists, on CUDA, for half-precision batches
-without a cache. Reads the project's paged cache by gathering each request's pages.
+"""PyTorch backends: ``scaled_dot_product_attention`` per sequence, or ``torch.nn.attention.varlen``
+(one launch for the whole ragged batch) where it exists, on CUDA, for half-precision self-attention
+batches without a cache. Reads the project's paged cache by gathering each request's pages.
 
-The plan names the SDPA kernel, and forward runs under ``sdpa_kernel([that one])``, so what the
-plan says is what runs: if torch cannot use that kernel it raises rather than falling back.
+``torch`` picks the SDPA kernel per batch; ``torch-cudnn``, ``torch-flash`` and ``torch-efficient``
+force one (CUDA only), so one run compares every way torch can compute a shape. The plan names the
+SDPA kernel, and forward runs under ``sdpa_kernel([that one])``, so what the plan says is what
+runs: if torch cannot use that kernel it raises rather than falling back.
+
+What SDPA can express, these backends do: bottom-right causal masks, sliding windows, chunked
+prefill and speculative rows through explicit masks; a custom scale; cross-attention; a V head dim
+of its own (math kernel); attention sinks as one extra key of zeros whose logit is the sink (an
+additive mask column; its value row is zero); an FP8 cache by dequantizing what it gathers. A
+logit soft-cap cannot be expressed (no score modification in SDPA): the ``flex`` backend does it.
 """
 from __future__ import annotations
 
@@ -15,18 +23,24 @@ from pytest_attn.metadata import AttentionMetadata
 
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 _HALF = ("float16", "bfloat16")
+#: Forced-kernel variants (CUDA only): name -> SDPA kernel.
+FORCED = {"torch-cudnn": "cudnn", "torch-flash": "flash", "torch-efficient": "efficient"}
 
 
 def needs_explicit_mask(metadata: AttentionMetadata, layer: LayerSpec) -> bool:
     """SDPA's is_causal aligns the mask top-left; when a request has more keys than queries the
-    causal mask must be bottom-right (queries are the last tokens), so it is passed explicitly."""
-    if layer.window_left >= 0:
+    causal mask must be bottom-right (queries are the last tokens), so it is passed explicitly,
+    except for one query, which sees every key. Windows and sinks always need one."""
+    if layer.window_left >= 0 or layer.sinks:
         return True
-    return layer.causal and any(q != kv for q, kv in zip(metadata.seq_lens, metadata.kv_lens))
+    return layer.causal and any(1 < q != kv for q, kv in zip(metadata.seq_lens, metadata.kv_lens))
 
 
-def choose_sdpa_kernel(device_type: str, dtype: str, head_dim: int, explicit_mask: bool, gqa: bool) -> str:
+def choose_sdpa_kernel(device_type: str, dtype: str, head_dim: int, explicit_mask: bool, gqa: bool,
+                       head_dim_v: Optional[int] = None) -> str:
     """Which SDPA implementation to ask for. Pure so that CPU tests cover the CUDA rules too."""
+    if head_dim_v is not None and head_dim_v != head_dim:
+        return "math"  # the fused kernels want one head dim for q, k and v
     if device_type == "cpu":
         return "flash"  # the CPU flash kernel takes every dtype, masks and GQA
     if dtype in _HALF and head_dim <= 256 and head_dim % 8 == 0 and not explicit_mask:
@@ -34,6 +48,24 @@ def choose_sdpa_kernel(device_type: str, dtype: str, head_dim: int, explicit_mas
     if head_dim % 8 == 0 and not gqa:
         return "efficient"  # takes float32 and explicit masks
     return "math"
+
+
+def forced_kernel_reasons(kernel: str, layer: LayerSpec, explicit_mask: bool) -> list[str]:
+    """Why a forced SDPA kernel cannot run this layer on CUDA (the variants' ``unsupported``)."""
+    reasons = []
+    if layer.head_dim_v != layer.head_dim:
+        reasons.append(f"SDPA {kernel} needs one head dim for q, k and v, not {layer.head_dim}/{layer.head_dim_v}")
+    if kernel in ("flash", "cudnn"):
+        if layer.dtype not in _HALF:
+            reasons.append(f"SDPA {kernel} runs float16/bfloat16 only, not {layer.dtype}")
+        if layer.head_dim % 8 or layer.head_dim > 256:
+            reasons.append(f"SDPA {kernel} needs head_dim a multiple of 8 up to 256, not {layer.head_dim}")
+        if explicit_mask:
+            reasons.append(f"SDPA {kernel} takes no explicit attention mask (needed here for a bottom-right causal "
+                           "mask, a window or sinks)")
+    if kernel == "efficient" and layer.head_dim % 8:
+        reasons.append(f"SDPA efficient needs head_dim a multiple of 8, not {layer.head_dim}")
+    return reasons
 
 
 def varlen_parameters() -> frozenset:
@@ -58,42 +90,58 @@ def varlen_can_run(params: frozenset, layer: LayerSpec) -> bool:
 
 class TorchSDPABackend(Backend):
     description = "PyTorch scaled_dot_product_attention (per sequence) / torch.nn.attention.varlen"
-    capabilities = Capabilities(sliding_window=True)
+    capabilities = Capabilities(sliding_window=True, sinks=True, head_dim_vo=True, cross_attention=True,
+                                chunked_prefill=True, multi_token_generation=True,
+                                kv_dtypes=frozenset({"float8_e4m3fn"}), never_reads_masked_slots=True)
     requires_contiguous = False  # SDPA takes strided inputs
 
     def __init__(self, name: str = "torch", kernel: Optional[str] = None, use_varlen: bool = True):
         self.name = name
         self._forced_kernel = kernel
-        self._use_varlen = use_varlen
+        self._use_varlen = use_varlen and kernel is None
+        if kernel is not None:
+            self.description = f"PyTorch scaled_dot_product_attention with the {kernel} kernel forced (CUDA)"
+            self.capabilities = Capabilities(**{**TorchSDPABackend.capabilities.__dict__,
+                                                "devices": frozenset({"cuda"})})
 
     def available(self) -> Availability:
         # Not imported here: a process that only reports (an xdist controller) need not pay for it.
         if not torch_build.is_installed():
             return Availability(False, "torch is not installed: pip install torch")
+        if self._forced_kernel is not None and not torch_build.cuda_available():
+            return Availability(False, f"SDPA's {self._forced_kernel} kernel runs on CUDA only; torch sees no GPU")
         return Availability(True)
 
     def unsupported(self, layer, metadata, device="cpu"):
         reasons = super().unsupported(layer, metadata, device)
-        if str(device).startswith("cuda") and self._forced_kernel == "flash" and layer.head_dim % 8:
-            reasons.append(f"SDPA flash needs head_dim divisible by 8, got {layer.head_dim}")
+        if str(device).startswith("cuda") and self._forced_kernel is not None:
+            reasons += forced_kernel_reasons(self._forced_kernel, layer, needs_explicit_mask(metadata, layer))
         return reasons
 
     def plan(self, metadata: AttentionMetadata, layer: LayerSpec, device: str = "cpu") -> Plan:
         device_type = str(device).split(":")[0]
         layout = metadata.kv_cache_manager.layout if metadata.has_cache else "NHD"
-        if (self._use_varlen and self._forced_kernel is None and device_type == "cuda" and not metadata.has_cache
+        if (self._use_varlen and device_type == "cuda" and not metadata.has_cache and not metadata.is_cross
                 and layer.dtype in _HALF and layer.head_dim % 8 == 0 and layer.head_dim <= 256
-                and layer.window_left < 0 and 0 not in metadata.seq_lens
+                and not layer.features() and 0 not in metadata.seq_lens
                 and varlen_can_run(varlen_parameters(), layer)):
             return Plan(self.name, "varlen_attn", "flash", layout, "tokens", False, device=str(device),
                         layer=layer, details=(("launches", 1),))
         explicit = needs_explicit_mask(metadata, layer)
         kernel = self._forced_kernel or choose_sdpa_kernel(device_type, layer.dtype, layer.head_dim, explicit,
-                                                           layer.group_size > 1)
-        mask = "explicit" if explicit else ("is_causal" if layer.causal else "none")
+                                                           layer.group_size > 1, layer.head_dim_v)
+        mask = "explicit" if explicit else ("is_causal" if layer.causal and self._needs_causal(metadata) else "none")
+        details = [("launches", metadata.num_requests), ("mask", mask)]
+        if layer.sinks:
+            details.append(("sinks", "one zero key per head whose logit is the sink (additive mask column)"))
+        if metadata.has_cache and metadata.kv_cache_manager.quantized:
+            details.append(("kv_cache", f"{metadata.kv_cache_manager.dtype}, dequantized to {layer.dtype} on gather"))
         return Plan(self.name, "scaled_dot_product_attention", kernel, layout, "tokens", metadata.has_cache,
-                    device=str(device), layer=layer,
-                    details=(("launches", metadata.num_requests), ("mask", mask)))
+                    device=str(device), layer=layer, details=tuple(details))
+
+    @staticmethod
+    def _needs_causal(metadata: AttentionMetadata) -> bool:
+        return any(q > 1 for q in metadata.seq_lens)
 
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None):
         import torch
@@ -101,27 +149,29 @@ class TorchSDPABackend(Backend):
         layer = plan.layer
         metadata.check_inputs(q, k, v, layer, require_contiguous=False)
         if out is None:
-            out = torch.empty_like(q)
+            out = q.new_empty((q.shape[0], layer.num_heads, layer.head_dim_v))
         if plan.kernel == "varlen_attn":
             return self._varlen(q, k, v, metadata, layer, out)
         manager = metadata.kv_cache_manager
         if manager is not None:
-            manager.write(layer.layer_idx, metadata, k, v)
+            manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         sdpa_backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                         "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[plan.kernel_backend]
-        start = 0
+        q_off, kv_off = metadata.qo_indptr, metadata.kv_indptr
         with sdpa_kernel([sdpa_backend]):
             for i, n in enumerate(metadata.seq_lens):
                 if n == 0:
                     continue
                 if manager is None:
-                    ki, vi = k[start:start + n], v[start:start + n]
+                    ki, vi = k[kv_off[i]:kv_off[i + 1]], v[kv_off[i]:kv_off[i + 1]]
                 else:
                     ki, vi = manager.gather(layer.layer_idx, metadata.block_tables[i], metadata.kv_lens[i])
-                out[start:start + n] = self._attend(q[start:start + n], ki, vi, layer, plan)
-                start += n
+                    if manager.quantized:
+                        ki = (ki.to(torch.float32) * layer.k_scale).to(q.dtype)
+                        vi = (vi.to(torch.float32) * layer.v_scale).to(q.dtype)
+                out[q_off[i]:q_off[i + 1]] = self._attend(q[q_off[i]:q_off[i + 1]], ki, vi, layer, plan)
         return out
 
     def _attend(self, q, k, v, layer: LayerSpec, plan: Plan):
@@ -138,10 +188,18 @@ class TorchSDPABackend(Backend):
         if plan.detail("mask") == "explicit":
             qpos = torch.arange(lk - lq, lk, device=q.device)[:, None]
             kpos = torch.arange(lk, device=q.device)[None, :]
-            mask = kpos <= qpos if layer.causal else torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+            visible = kpos <= qpos if layer.causal else torch.ones(lq, lk, dtype=torch.bool, device=q.device)
             if layer.window_left >= 0:
-                mask = mask & (kpos >= qpos - layer.window_left)
-        elif plan.detail("mask") == "is_causal":
+                visible = visible & (kpos >= qpos - layer.window_left)
+            mask = visible
+            if layer.sinks:  # one more key of zeros (score 0) whose additive mask entry is the sink
+                kh = torch.cat([kh, kh.new_zeros(kh.shape[:2] + (1, kh.shape[3]))], dim=2)
+                vh = torch.cat([vh, vh.new_zeros(vh.shape[:2] + (1, vh.shape[3]))], dim=2)
+                bias = torch.zeros((1, layer.num_heads, lq, lk + 1), dtype=torch.float32, device=q.device)
+                bias[..., :lk].masked_fill_(~visible, float("-inf"))
+                bias[..., lk] = torch.tensor(layer.sinks, dtype=torch.float32, device=q.device)[:, None]
+                mask = bias.to(q.dtype)
+        elif plan.detail("mask") == "is_causal" and lq > 1:
             is_causal = True
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=is_causal, scale=layer.scale,
                                            enable_gqa=gqa)
@@ -163,4 +221,5 @@ class TorchSDPABackend(Backend):
         return out
 
 
-BACKENDS = [TorchSDPABackend()]
+BACKENDS = [TorchSDPABackend(), *(TorchSDPABackend(name, kernel=kernel, use_varlen=False)
+                                   for name, kernel in FORCED.items())]

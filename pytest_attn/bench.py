@@ -28,7 +28,7 @@ from .contract import Backend
 from .errors import UnsupportedCase
 
 if TYPE_CHECKING:
-    from .fixtures import AttnBatch
+    from .batch import AttnBatch
     from .timing import Timing
 
 # The seed's microbenchmark: one ViT sequence (hidden 1280 = 16 heads x 80), bf16, full mask.
@@ -53,12 +53,9 @@ class BenchSettings:
 
     @classmethod
     def from_config(cls, config) -> "BenchSettings":
-        settings = cls(config.getoption("attn_bench_warmup"), config.getoption("attn_bench_iters"),
-                       config.getoption("attn_bench_graph"), bool(config.getoption("attn_bench_cold_l2")))
-        if settings.iters < 1 or settings.warmup < 0:
-            raise pytest.UsageError(f"pytest-attn: --attn-bench-iters must be >= 1 and --attn-bench-warmup >= 0 "
-                                    f"(got {settings.iters} and {settings.warmup})")
-        return settings
+        # the values were checked at configure time (options.check)
+        return cls(config.getoption("attn_bench_warmup"), config.getoption("attn_bench_iters"),
+                   config.getoption("attn_bench_graph"), bool(config.getoption("attn_bench_cold_l2")))
 
 
 def bench_max_tokens(session) -> Optional[int]:
@@ -221,14 +218,59 @@ class AttnBenchmark:
 
 
 @pytest.fixture
-def attn_benchmark(benchmark, request, attn_session) -> AttnBenchmark:
+def attn_benchmark(request, attn_session) -> AttnBenchmark:
     """Time a backend on a batch and record its device time with pytest-benchmark::
 
         def test_speed(attn_benchmark, attn_backend, make_attn_batch):
             attn_benchmark(attn_backend, make_attn_batch([1024]), series="my-sweep")
 
-    --attn-bench-warmup/--attn-bench-iters/--attn-bench-graph/--attn-bench-cold-l2 set how."""
-    return AttnBenchmark(benchmark, attn_session, BenchSettings.from_config(request.config))
+    --attn-bench-warmup/--attn-bench-iters/--attn-bench-graph/--attn-bench-cold-l2 set how.
+    Without pytest-benchmark (``-p no:benchmark``) the test is skipped with that reason."""
+    if not request.config.pluginmanager.hasplugin("benchmark"):
+        pytest.skip("pytest-benchmark is not loaded (-p no:benchmark?): attention benchmarks record their times "
+                    "through it; pip install pytest-benchmark or drop -p no:benchmark")
+    return AttnBenchmark(request.getfixturevalue("benchmark"), attn_session, BenchSettings.from_config(request.config))
+
+
+# -- when benchmarks run --------------------------------------------------------------------------------
+BENCH_MARKER = "attn_bench"
+_SAVING_OPTIONS = ("benchmark_autosave", "benchmark_save", "benchmark_json", "benchmark_compare",
+                   "benchmark_compare_fail", "benchmark_histogram")
+
+
+def benchmarks_asked(config) -> bool:
+    """Benchmarks run when the -m expression picks them out (``-m attn_bench``), or a
+    pytest-benchmark option that saves or compares results is given; a correctness run leaves
+    them out, so it prints no benchmark tables."""
+    expression = config.getoption("markexpr", "") or ""
+    if expression:
+        try:
+            from _pytest.mark.expression import Expression
+
+            compiled = Expression.compile(expression)
+            with_marker = compiled.evaluate(_matcher({BENCH_MARKER}))
+            without = compiled.evaluate(_matcher(set()))
+        except Exception:  # an expression pytest itself will reject, or another pytest's API
+            with_marker, without = BENCH_MARKER in expression, False
+        if with_marker and not without:
+            return True
+    return any(config.getoption(name, None) for name in _SAVING_OPTIONS)
+
+
+def _matcher(markers: set):
+    def matches(name: str, **kwargs) -> bool:
+        return name in markers
+
+    return matches
+
+
+def deselect_unasked_benchmarks(config, items) -> None:
+    if benchmarks_asked(config):
+        return
+    drop = [item for item in items if item.get_closest_marker(BENCH_MARKER) is not None]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if item.get_closest_marker(BENCH_MARKER) is None]
 
 
 # -- machine_info --------------------------------------------------------------------------------------
@@ -288,7 +330,7 @@ def update_machine_info(config, machine_info: dict) -> None:
     """pytest_benchmark_update_machine_info: add ``machine_info['attn']`` (GPU, driver, CUDA, cuDNN,
     torch, FlashInfer). pytest-benchmark warns when a compared run's machine_info differs, and
     ``pytest-attn compare`` keeps runs from different GPUs apart."""
-    from .plugin import attn_session_of
+    from .session import attn_session_of
 
     try:
         device = attn_session_of(config).device

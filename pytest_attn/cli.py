@@ -3,6 +3,7 @@
   pytest-attn seed-table --a flashinfer --b torch   the seed's microbenchmark, run directly
   pytest-attn compare [.benchmarks | FILE.json ...] --plot out.png
   pytest-attn cases                                 the catalog of batch cases
+  pytest-attn backends                              every registered backend: origin, availability, support
 
 torch is imported only by the subcommands that run something.
 """
@@ -46,6 +47,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     cases = sub.add_parser("cases", help="list the catalog of batch cases")
     cases.add_argument("filter", nargs="*", help="only cases with these names or tags")
+
+    sub.add_parser("backends", help="every registered backend: where it comes from, whether it runs here, what "
+                                    "it supports; and the versions of torch, CUDA, cuDNN and FlashInfer")
     return parser
 
 
@@ -56,6 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return seed_table_command(args)
         if args.command == "compare":
             return compare_command(args)
+        if args.command == "backends":
+            return backends_command(args)
         return cases_command(args)
     except BrokenPipeError:  # `pytest-attn cases | head`
         return 0
@@ -75,7 +81,7 @@ def seed_table_command(args) -> int:
     from .bench import CPU_SEED_TABLE_MAX_SEQ, BenchSettings, measure_backend
     from .cases import VIT_HEAD_DIM, VIT_HEADS
     from .errors import AttnError, UnsupportedCase
-    from .fixtures import build_batch
+    from .batch import build_batch
     from .registry import Registry
     from .timing import GraphCaptureError
 
@@ -175,6 +181,15 @@ def compare_command(args) -> int:
         except CompareError as exc:
             print(f"pytest-attn compare: {exc}", file=sys.stderr)
             return 2
+    return 0
+
+
+# -- backends -------------------------------------------------------------------------------------------
+def backends_command(args) -> int:
+    from .info import report
+    from .registry import Registry
+
+    print("\n".join(report(Registry.discover())))
     return 0
 
 

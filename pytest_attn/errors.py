@@ -24,3 +24,12 @@ class CacheFullError(AttnError, RuntimeError):
 
 class UnknownBackendError(AttnError, LookupError):
     """A backend name that no module in backends/ and no entry point registers."""
+
+
+class AttnCheckFailure(AssertionError):
+    """A backend's output (or LSE) disagrees with the reference. ``summary`` is the one line a
+    report shows for it; the message has the whole comparison."""
+
+    def __init__(self, message: str, summary: str = ""):
+        super().__init__(message)
+        self.summary = summary or message.splitlines()[0]

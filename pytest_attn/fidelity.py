@@ -97,7 +97,7 @@ def check(backend_names: Sequence[str], seq_lens: Sequence[int], device: Optiona
     from .cases import VIT_HEAD_DIM, VIT_HEADS
     from .cli import _device
     from .errors import AttnError, UnsupportedCase
-    from .fixtures import build_batch
+    from .batch import build_batch
     from .registry import Registry
 
     registry = Registry.discover()

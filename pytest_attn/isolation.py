@@ -40,7 +40,7 @@ def isolated_backends(config) -> Optional[frozenset]:
         names = frozenset(n.strip() for item in config.getoption("attn_isolate", None) or []
                           for n in item.split(",") if n.strip())
         if names - {"all"}:
-            from .plugin import attn_session_of
+            from .session import attn_session_of
 
             known = set(attn_session_of(config).registry.names)
             unknown = sorted(names - known - {"all"})
@@ -58,9 +58,9 @@ def check_options(config) -> None:
 
 
 def backend_name_of(item) -> Optional[str]:
-    callspec = getattr(item, "callspec", None)
-    backend = callspec.params.get("attn_backend") if callspec is not None else None
-    return getattr(backend, "name", None) if backend is not None else None
+    from .items import backend_name_of as name_of
+
+    return name_of(item)
 
 
 def wants_isolation(item) -> bool:
@@ -178,7 +178,7 @@ def _forwarded_invocation_args(args: list[str]) -> list[str]:
 
 def _session_seed(config) -> Optional[int]:
     try:
-        from .plugin import attn_session_of
+        from .session import attn_session_of
 
         return attn_session_of(config).seed  # the resolved seed: the child must not re-read the environment
     except Exception:

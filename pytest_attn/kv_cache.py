@@ -1,59 +1,87 @@
 """A real paged KV cache: fixed-size pages, per-request block tables, NHD or HND layout.
 
 Pages are handed out from a free list in a scrambled (seeded) order, so a backend that assumes a
-request's pages are contiguous reads the wrong keys and fails. Storage starts poisoned (K = 0,
-V = POISON), as do freed pages: attending to a slot nothing wrote gives it a fair share of the
-softmax and pulls the output towards -49152, far outside any tolerance. The poison is finite on
-purpose: kernels legitimately load whole pages and mask the slots past a request's length, and a
-NaN there would turn the masked 0 weight into 0 * NaN = NaN (seen with FlashInfer's cuDNN paged
-prefill on an H100). Running out of pages raises :class:`CacheFullError` before anything changes;
-nothing is ever silently overwritten.
+request's pages are contiguous reads the wrong keys and fails. Storage starts poisoned, as do
+freed pages (see :mod:`pytest_attn.poison`: finite K = 0, V = -49152 by default, NaN for backends
+that declare their kernels never load masked slots). Running out of pages raises
+:class:`CacheFullError` before anything changes; nothing is ever silently overwritten.
+
+Engines share the pages of a common prompt prefix between requests (TensorRT-LLM's KV-cache
+reuse, vLLM's prefix caching): :meth:`share_prefix` gives a new request the first whole pages of
+another, counted by reference, so a page goes back to the free list (poisoned) only when its last
+user frees it. A float8 (e4m3) cache stores K / k_scale and V / v_scale, as TensorRT-LLM's FP8 KV
+cache does; :meth:`write` takes the layer's scales.
 """
 from __future__ import annotations
 
 import random
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from .contract import KV_LAYOUTS, dtype_name, torch_dtype
 from .errors import AttnInputError, CacheFullError
+from .layer import KV_DTYPES, KV_LAYOUTS, kv_dtype_name, torch_dtype
 from .metadata import AttentionMetadata, _as_lengths, pages_for
-from .reference import POISON
-
-K_POISON, V_POISON = 0.0, POISON  # what unwritten and freed slots hold (see the module docstring)
+from .poison import K_POISON, NAN, V_POISON
 
 if TYPE_CHECKING:
     import torch
+
+FP8_E4M3_MAX = 448.0  # largest finite e4m3 value: quantized values saturate there
 
 
 class PagedKVCacheManager:
     def __init__(self, *, num_layers: int = 1, num_kv_heads: int, head_dim: int, page_size: int = 16,
                  num_pages: int, dtype="bfloat16", device="cpu", layout: str = "NHD",
-                 scramble_seed: Optional[int] = 0):
+                 scramble_seed: Optional[int] = 0, head_dim_v: Optional[int] = None, nan_poison: bool = False):
         import torch
 
+        head_dim_v = head_dim if head_dim_v is None else head_dim_v
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                            ("page_size", page_size), ("num_pages", num_pages)):
+                            ("head_dim_v", head_dim_v), ("page_size", page_size), ("num_pages", num_pages)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise AttnInputError(f"PagedKVCacheManager: {name} must be a positive int, got {value!r}")
         if layout not in KV_LAYOUTS:
             raise AttnInputError(f"PagedKVCacheManager: layout {layout!r} is not one of {KV_LAYOUTS}")
-        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_layers, self.num_kv_heads, self.head_dim, self.head_dim_v = num_layers, num_kv_heads, head_dim, head_dim_v
         self.page_size, self.num_pages, self.layout = page_size, num_pages, layout
+        self.nan_poison = bool(nan_poison)
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError):
             raise AttnInputError(f"PagedKVCacheManager: device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
-        self.dtype = dtype_name(dtype)
-        shape = ((num_pages, page_size, num_kv_heads, head_dim) if layout == "NHD"
-                 else (num_pages, num_kv_heads, page_size, head_dim))
-        self._k = [torch.full(shape, K_POISON, dtype=torch_dtype(dtype), device=self.device) for _ in range(num_layers)]
-        self._v = [torch.full(shape, V_POISON, dtype=torch_dtype(dtype), device=self.device) for _ in range(num_layers)]
+        self.dtype = kv_dtype_name(dtype)
+        self._k = [self._poisoned(self._shape(head_dim), K_POISON) for _ in range(num_layers)]
+        self._v = [self._poisoned(self._shape(head_dim_v), V_POISON) for _ in range(num_layers)]
         free = list(range(num_pages))
         if scramble_seed is not None:
             random.Random(scramble_seed).shuffle(free)
         self._free: list[int] = free[::-1]  # pop() from the end hands out free[0] first
         self._pages: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
+        self._users: dict[int, int] = {}  # page -> how many requests hold it (shared prefixes: > 1)
+
+    def _shape(self, dim: int) -> tuple[int, ...]:
+        return ((self.num_pages, self.page_size, self.num_kv_heads, dim) if self.layout == "NHD"
+                else (self.num_pages, self.num_kv_heads, self.page_size, dim))
+
+    def _poisoned(self, shape, finite_value: float) -> "torch.Tensor":
+        import torch
+
+        if self.quantized:  # e4m3 cannot hold -49152: its largest value stands in for it
+            finite_value = 0.0 if finite_value == 0 else -FP8_E4M3_MAX
+        value = NAN if self.nan_poison else finite_value
+        return torch.full(shape, value, dtype=torch_dtype(self.dtype), device=self.device)
+
+    @property
+    def quantized(self) -> bool:
+        """The cache stores float8 values, each K / k_scale or V / v_scale of the layer."""
+        return self.dtype in KV_DTYPES
+
+    @property
+    def poison(self) -> tuple[float, float]:
+        """What unwritten and freed K and V slots hold."""
+        if self.nan_poison:
+            return NAN, NAN
+        return (K_POISON, -FP8_E4M3_MAX) if self.quantized else (K_POISON, V_POISON)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @property
@@ -107,22 +135,51 @@ class PagedKVCacheManager:
                 f"cache with more pages (num_pages).")
         for rid, c, n, extra in zip(ids, cached, lens, needed):
             pages = self._pages.setdefault(rid, [])
-            pages.extend(self._free.pop() for _ in range(extra))
+            for _ in range(extra):
+                page = self._free.pop()
+                self._users[page] = 1
+                pages.append(page)
             self._lens[rid] = c + n
         return AttentionMetadata(seq_lens=lens, num_contexts=num_contexts, request_ids=ids, kv_cache_manager=self,
                                  cached_lens=cached, block_tables=tuple(tuple(self._pages[rid]) for rid in ids))
 
+    def share_prefix(self, source_id: int, request_id: int, num_tokens: int) -> None:
+        """Start request ``request_id`` with the first ``num_tokens`` tokens of ``source_id``, by
+        sharing its pages (whole pages only, as engines reuse blocks). The new request then joins a
+        step as a context request whose first ``num_tokens`` tokens are already cached."""
+        self._known(source_id)
+        if request_id in self._lens:
+            raise AttnInputError(f"share_prefix: request {request_id} is already in the cache")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens <= 0 \
+                or num_tokens % self.page_size or num_tokens > self._lens[source_id]:
+            raise AttnInputError(f"share_prefix: {num_tokens!r} tokens must be a positive multiple of the page size "
+                                 f"{self.page_size} and at most the {self._lens[source_id]} tokens request "
+                                 f"{source_id} holds (only whole pages are shared)")
+        shared = self._pages[source_id][: num_tokens // self.page_size]
+        for page in shared:
+            self._users[page] += 1
+        self._pages[request_id] = list(shared)
+        self._lens[request_id] = num_tokens
+
     def free(self, request_id: int) -> None:
-        """Give a finished request's pages back, poisoned again so a stale read shows up."""
+        """Give a finished request's pages back, poisoned again so a stale read shows up. A page
+        shared with another request stays until its last user frees it."""
         self._known(request_id)
         pages = self._pages.pop(request_id)
         del self._lens[request_id]
-        if pages:
+        released = []
+        for page in pages:
+            self._users[page] -= 1
+            if not self._users[page]:
+                del self._users[page]
+                released.append(page)
+        if released:
+            k_poison, v_poison = self.poison
             for cache in self._k:
-                cache[pages] = K_POISON
+                cache[released] = k_poison
             for cache in self._v:
-                cache[pages] = V_POISON
-        self._free.extend(reversed(pages))
+                cache[released] = v_poison
+        self._free.extend(reversed(released))
 
     def _pages_for(self, tokens: int) -> int:
         return pages_for(tokens, self.page_size)
@@ -157,17 +214,32 @@ class PagedKVCacheManager:
         return (torch.tensor(pages, dtype=torch.long, device=self.device),
                 torch.tensor(offsets, dtype=torch.long, device=self.device))
 
-    def write(self, layer_idx: int, metadata: AttentionMetadata, k: "torch.Tensor", v: "torch.Tensor") -> None:
-        """Store the step's new K/V tokens ([num_tokens, kv_heads, head_dim]) at their slots."""
+    def write(self, layer_idx: int, metadata: AttentionMetadata, k: "torch.Tensor", v: "torch.Tensor", *,
+              k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        """Store the step's new K/V tokens ([num_tokens, kv_heads, head_dim]) at their slots. A
+        float8 cache stores K / k_scale and V / v_scale, saturated at +-448 and rounded to e4m3:
+        pass the layer's scales (``LayerSpec.k_scale``, ``v_scale``)."""
         if metadata.kv_cache_manager is not self:
             raise AttnInputError("this metadata was prepared by another cache manager (or none)")
-        expected = (metadata.num_tokens, self.num_kv_heads, self.head_dim)
-        for name, t in (("k", k), ("v", v)):
+        for name, t, dim in (("k", k, self.head_dim), ("v", v, self.head_dim_v)):
+            expected = (metadata.num_tokens, self.num_kv_heads, dim)
             if tuple(t.shape) != expected:
                 raise AttnInputError(f"cache write: {name} is {tuple(t.shape)}, expected {expected}")
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+                raise AttnInputError(f"cache write: {name} must be a positive number, got {scale!r}")
         pages, offsets = self.slot_mapping(metadata)
-        self._token_view(self.k_cache(layer_idx))[pages, offsets] = k.to(self.device, self._k[0].dtype)
-        self._token_view(self.v_cache(layer_idx))[pages, offsets] = v.to(self.device, self._v[0].dtype)
+        self._token_view(self.k_cache(layer_idx))[pages, offsets] = self._stored(k, k_scale)
+        self._token_view(self.v_cache(layer_idx))[pages, offsets] = self._stored(v, v_scale)
+
+    def _stored(self, t: "torch.Tensor", scale: float) -> "torch.Tensor":
+        """What the cache keeps of new tokens: as they are, or scaled and rounded to e4m3."""
+        import torch
+
+        storage = torch_dtype(self.dtype)
+        if not self.quantized:
+            return t.to(self.device, storage)
+        return (t.to(self.device, torch.float32) / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(storage)
 
     def gather(self, layer_idx: int, block_table: Sequence[int], length: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         """The first ``length`` tokens stored under a block table, as contiguous [length, heads, dim]."""
@@ -183,12 +255,13 @@ class PagedKVCacheManager:
             raise AttnInputError(f"{length} tokens need {n_pages} pages, the block table has {len(block_table)}")
         idx = torch.tensor(list(block_table[:n_pages]), dtype=torch.long, device=self.device)
         out = []
-        for cache in (self.k_cache(layer_idx), self.v_cache(layer_idx)):
-            tokens = self._token_view(cache)[idx].reshape(n_pages * self.page_size, self.num_kv_heads, self.head_dim)
+        for cache, dim in ((self.k_cache(layer_idx), self.head_dim), (self.v_cache(layer_idx), self.head_dim_v)):
+            tokens = self._token_view(cache)[idx].reshape(n_pages * self.page_size, self.num_kv_heads, dim)
             out.append(tokens[:length].contiguous())
         return out[0], out[1]
 
     def __repr__(self) -> str:
+        dims = f"{self.head_dim}" if self.head_dim == self.head_dim_v else f"{self.head_dim}/{self.head_dim_v}"
         return (f"PagedKVCacheManager({self.layout}, {self.num_pages} pages x {self.page_size} tokens, "
-                f"{self.num_kv_heads} kv heads x {self.head_dim}, {self.dtype}, {self.device}, "
+                f"{self.num_kv_heads} kv heads x {dims}, {self.dtype}, {self.device}, "
                 f"{len(self._free)} free)")

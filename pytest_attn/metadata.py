@@ -4,8 +4,12 @@ Lengths and offsets are plain Python tuples, so backends can make their plan dec
 CPU tests can check them) without a GPU; ``*_tensor`` methods give int32 tensors on a device.
 
 ``kv_cache_manager is None`` means a ragged batch with no cache: every request is a context
-request whose keys are its own new tokens (the ViT / encoder case). With a manager, metadata is
-made by :meth:`PagedKVCacheManager.prepare`, which allocates the pages of this step's tokens.
+request whose keys are its own new tokens (the ViT / encoder case), or, for cross-attention,
+``kv_seq_lens`` keys of its own (encoder-decoder, VLM cross-attention). With a manager (a
+``pytest_attn.kv_cache.PagedKVCacheManager``), metadata is made by its ``prepare``, which allocates
+the pages of this step's tokens; a context request may then already have tokens in the cache
+(chunked prefill, a reused prefix) and a generation request may bring several new tokens
+(speculative decoding).
 """
 from __future__ import annotations
 
@@ -17,8 +21,7 @@ from .errors import AttnInputError
 
 if TYPE_CHECKING:
     import torch
-    from .contract import LayerSpec
-    from .kv_cache import PagedKVCacheManager
+    from .layer import LayerSpec
 
 
 def pages_for(tokens: int, page_size: int) -> int:
@@ -64,6 +67,7 @@ class AttentionMetadata:
     kv_cache_manager: Optional["PagedKVCacheManager"] = None
     cached_lens: tuple[int, ...] = ()  # tokens each request had in the cache before this step
     block_tables: tuple[tuple[int, ...], ...] = ()  # the cache pages of each request, in order
+    kv_seq_lens: tuple[int, ...] = ()  # no cache: keys per request when not seq_lens (cross-attention)
     _tensors: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -88,7 +92,18 @@ class AttentionMetadata:
             if any(self.cached_lens) or self.block_tables:
                 raise AttnInputError("cached_lens and block_tables need a kv_cache_manager")
             object.__setattr__(self, "cached_lens", (0,) * n)
+            kv = _as_lengths(self.kv_seq_lens, "kv_seq_lens") if self.kv_seq_lens else seq_lens
+            if len(kv) != n:
+                raise AttnInputError(f"{len(kv)} kv_seq_lens for {n} requests: give one per entry of seq_lens")
+            for i, (q_len, kv_len) in enumerate(zip(seq_lens, kv)):
+                if q_len and not kv_len:
+                    raise AttnInputError(f"request {ids[i]} has {q_len} queries but no keys (kv_seq_lens[{i}] = 0): "
+                                         "a query with nothing to attend over has no defined output")
+            object.__setattr__(self, "kv_seq_lens", kv)
         else:
+            if self.kv_seq_lens:
+                raise AttnInputError("kv_seq_lens is for batches without a cache; with a kv_cache_manager the keys "
+                                     "are the cached tokens plus the new ones")
             cached = _as_lengths(self.cached_lens or (0,) * n, "cached_lens")
             if len(cached) != n or len(self.block_tables) != n:
                 raise AttnInputError("cached_lens and block_tables need one entry per request")
@@ -120,6 +135,14 @@ class AttentionMetadata:
         """A no-cache batch from cumulative offsets (cu_seqlens), as FlashAttention takes them."""
         return cls.ragged(lengths_from_offsets(cu_seqlens, "cu_seqlens"), request_ids)
 
+    @classmethod
+    def cross(cls, q_lens: Sequence[int], kv_lens: Sequence[int], request_ids: Sequence[int] = ()) -> "AttentionMetadata":
+        """A no-cache cross-attention batch: request i's q_lens[i] queries attend over kv_lens[i] keys
+        of its own (an encoder's output), given to forward as k and v of sum(kv_lens) rows."""
+        lens = _as_lengths(q_lens, "q_lens")
+        return cls(seq_lens=lens, num_contexts=len(lens), request_ids=tuple(request_ids),
+                   kv_seq_lens=_as_lengths(kv_lens, "kv_lens"))
+
     # -- derived --------------------------------------------------------------------------------
     @property
     def num_requests(self) -> int:
@@ -139,8 +162,31 @@ class AttentionMetadata:
 
     @property
     def kv_lens(self) -> tuple[int, ...]:
-        """Keys each request attends over: what was cached plus this step's tokens."""
+        """Keys each request attends over: what was cached plus this step's tokens (without a
+        cache: its own tokens, or its kv_seq_lens for cross-attention)."""
+        if self.kv_cache_manager is None:
+            return self.kv_seq_lens
         return tuple(c + s for c, s in zip(self.cached_lens, self.seq_lens))
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Rows of the k and v given to forward: the new tokens, or without a cache every key."""
+        return self.num_tokens if self.kv_cache_manager is not None else sum(self.kv_seq_lens)
+
+    @property
+    def is_cross(self) -> bool:
+        """No cache, and some request's keys are not its own queries (cross-attention)."""
+        return self.kv_cache_manager is None and self.kv_seq_lens != self.seq_lens
+
+    @property
+    def has_cached_context(self) -> bool:
+        """A context request already has tokens in the cache (chunked prefill, a reused prefix)."""
+        return any(self.cached_lens[: self.num_contexts])
+
+    @property
+    def max_generation_q(self) -> int:
+        """Most new tokens of any generation request: 1 for plain decode, more for speculative."""
+        return max(self.seq_lens[self.num_contexts:], default=0)
 
     seq_lens_kv = kv_lens  # TensorRT-LLM's name
 
@@ -193,8 +239,10 @@ class AttentionMetadata:
         contexts = max(0, min(self.num_contexts, stop) - start)
         return AttentionMetadata(
             seq_lens=self.seq_lens[start:stop], num_contexts=contexts, request_ids=self.request_ids[start:stop],
-            kv_cache_manager=self.kv_cache_manager, cached_lens=self.cached_lens[start:stop],
-            block_tables=self.block_tables[start:stop] if self.block_tables else ())
+            kv_cache_manager=self.kv_cache_manager,
+            cached_lens=self.cached_lens[start:stop] if self.kv_cache_manager is not None else (),
+            block_tables=self.block_tables[start:stop] if self.block_tables else (),
+            kv_seq_lens=self.kv_seq_lens[start:stop] if self.kv_cache_manager is None else ())
 
     # -- tensors --------------------------------------------------------------------------------
     def int_tensor(self, name: str, device="cpu") -> "torch.Tensor":
@@ -210,22 +258,33 @@ class AttentionMetadata:
 
     def check_inputs(self, q, k, v, layer: "LayerSpec", *, require_contiguous: bool = True) -> None:
         """Raise AttnInputError, naming the problem, unless q/k/v fit this batch and layer."""
-        check_qkv(q, k, v, layer, num_tokens=self.num_tokens, require_contiguous=require_contiguous)
+        check_qkv(q, k, v, layer, num_tokens=self.num_tokens, num_kv_tokens=self.num_kv_tokens,
+                  require_contiguous=require_contiguous)
 
     def describe(self) -> str:
-        lens = list(self.seq_lens)
-        shown = lens if len(lens) <= 8 else lens[:8] + ["..."]
-        cache = f"paged cache ({self.kv_cache_manager.layout}, page {self.page_size})" if self.has_cache else "no cache"
-        return f"{self.num_requests} requests ({self.num_contexts} ctx, {self.num_generations} gen), seq_lens {shown}, {cache}"
+        def shown(values):
+            values = list(values)
+            return values if len(values) <= 8 else values[:8] + ["..."]
+
+        if self.has_cache:
+            where = f"paged cache ({self.kv_cache_manager.layout}, page {self.page_size})"
+            if any(self.cached_lens):
+                where += f", cached_lens {shown(self.cached_lens)}"
+        else:
+            where = f"no cache, kv_lens {shown(self.kv_lens)}" if self.is_cross else "no cache"
+        return (f"{self.num_requests} requests ({self.num_contexts} ctx, {self.num_generations} gen), "
+                f"seq_lens {shown(self.seq_lens)}, {where}")
 
 
 _INT_FIELDS = ("seq_lens", "cached_lens", "kv_lens", "qo_indptr", "kv_indptr", "paged_kv_indptr",
                "paged_kv_indices", "paged_kv_last_page_len")
 
 
-def check_qkv(q, k, v, layer: "LayerSpec", *, num_tokens: int, require_contiguous: bool = True) -> None:
+def check_qkv(q, k, v, layer: "LayerSpec", *, num_tokens: int, num_kv_tokens: Optional[int] = None,
+              require_contiguous: bool = True) -> None:
     import torch
 
+    num_kv_tokens = num_tokens if num_kv_tokens is None else num_kv_tokens
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise AttnInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -237,15 +296,16 @@ def check_qkv(q, k, v, layer: "LayerSpec", *, num_tokens: int, require_contiguou
         raise AttnInputError(f"q, k and v are on different devices ({q.device}, {k.device}, {v.device}): move them to one")
     if str(q.dtype).replace("torch.", "") != layer.dtype:
         raise AttnInputError(f"tensors are {q.dtype} but the layer is {layer.dtype}")
-    if q.shape[0] != num_tokens or k.shape[0] != num_tokens or v.shape[0] != num_tokens:
+    if q.shape[0] != num_tokens or k.shape[0] != num_kv_tokens or v.shape[0] != num_kv_tokens:
+        kv_what = "" if num_kv_tokens == num_tokens else f" and {num_kv_tokens} keys (sum of kv_seq_lens)"
         raise AttnInputError(
-            f"the batch has {num_tokens} new tokens (sum of seq_lens) but q, k, v have "
+            f"the batch has {num_tokens} new tokens (sum of seq_lens){kv_what} but q, k, v have "
             f"{q.shape[0]}, {k.shape[0]}, {v.shape[0]} rows: offsets and tensors disagree")
     if q.shape[1] != layer.num_heads or q.shape[2] != layer.head_dim:
         raise AttnInputError(f"q is {tuple(q.shape)}, expected [*, {layer.num_heads}, {layer.head_dim}]")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape[1] != layer.num_kv_heads or t.shape[2] != layer.head_dim:
-            raise AttnInputError(f"{name} is {tuple(t.shape)}, expected [*, {layer.num_kv_heads}, {layer.head_dim}]")
+    for name, t, dim in (("k", k, layer.head_dim), ("v", v, layer.head_dim_v)):
+        if t.shape[1] != layer.num_kv_heads or t.shape[2] != dim:
+            raise AttnInputError(f"{name} is {tuple(t.shape)}, expected [*, {layer.num_kv_heads}, {dim}]")
     if require_contiguous:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not t.is_contiguous():

@@ -3,11 +3,17 @@
 The reference is computed per sequence in float32, as FlashAttention's own tests do: for bf16 and
 fp16 inputs its error (~1e-7) is four orders of magnitude below theirs. float32 inputs get float64
 on CPU (float32 on a GPU, where float64 is slow). It runs in query chunks, so an 8192-token
-sequence never materialises a whole score matrix. The
-same math done in the input precision gives the error this precision costs anyway; a backend
-passes when its error stays within a small multiple of that, plus a rounding floor
-(FlashAttention's rule; see :class:`~pytest_attn.contract.Tolerance`). NaN and Inf never pass,
-and an element still holding :data:`POISON` was never written.
+sequence never materialises a whole score matrix. The same math done in the input precision gives
+the error this precision costs anyway; a backend passes when its error stays within a small
+multiple of that, plus a rounding floor (FlashAttention's rule; see
+:class:`~pytest_attn.contract.Tolerance`). NaN and Inf never pass, and an element still holding
+:data:`~pytest_attn.poison.POISON` was never written.
+
+Everything a layer can ask for is computed here from its definition in :class:`LayerSpec`, and
+nothing here is shared with a backend: bottom-right causal alignment, sliding windows, logit
+soft-caps, attention sinks, a V head dim of its own, cross-attention, and the log-sum-exp. An
+FP8 cache is modelled by :func:`as_stored_in_cache`: the values attention must use are the
+quantized ones, so both references start from them.
 """
 from __future__ import annotations
 
@@ -15,100 +21,158 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from .contract import LayerSpec, Tolerance
+from .contract import Tolerance
 from .errors import AttnInputError
+from .layer import LayerSpec
+from .metadata import _as_lengths
+from .poison import POISON, poisoned_like  # noqa: F401  (poisoned_like: re-exported for callers)
 
 if TYPE_CHECKING:
     import torch
 
-#: Output buffers are filled with this before a backend runs. Attention outputs are convex
-#: combinations of V rows, so with V ~ N(0, 1) no real output comes near it; it is exact in
-#: float16, bfloat16 and float32.
-POISON = -49152.0
 # Score elements per chunk. On CPU, 16 MiB of float64: under glibc's largest mmap threshold
 # (32 MiB), so each chunk reuses the memory the last one freed instead of faulting in fresh pages
 # (with 256 MiB chunks, page faults were half the reference's time). On a GPU, large chunks keep
 # the number of launches down.
 _CHUNK_ELEMENTS = 1 << 21
 _GPU_CHUNK_ELEMENTS = 1 << 25
+_E4M3_MAX = 448.0
+BIAS_UNIT_FLOOR = 2.0 ** -16
 
 
-def poisoned_like(shape, dtype, device) -> "torch.Tensor":
+def as_stored_in_cache(t: "torch.Tensor", layer: LayerSpec, which: str) -> "torch.Tensor":
+    """The values attention must use for K or V (``which``) of this layer: the tensor itself, or,
+    for a float8 cache, t / scale saturated and rounded to e4m3, times scale again (float32)."""
     import torch
 
-    return torch.full(shape, POISON, dtype=dtype, device=device)
+    if not layer.quantized_kv:
+        return t
+    scale = layer.k_scale if which == "k" else layer.v_scale
+    stored = (t.to(torch.float32) / scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(getattr(torch, layer.cache_dtype))
+    return stored.to(torch.float32) * scale
 
 
-def _attend_one(q, k, v, layer: LayerSpec, compute_dtype, softmax_dtype) -> "torch.Tensor":
-    """q [Lq, H, D], k/v [Lk, Hkv, D] of one sequence -> [Lq, H, D] in compute_dtype."""
+def _attend_one(q, k, v, layer: LayerSpec, compute_dtype, softmax_dtype, want_lse: bool):
+    """q [Lq, H, D], k [Lk, Hkv, D], v [Lk, Hkv, Dv] of one sequence -> ([Lq, H, Dv], [Lq, H] or None)."""
     import torch
 
     lq, lk = q.shape[0], k.shape[0]
-    out = torch.empty((lq, layer.num_heads, layer.head_dim), dtype=compute_dtype, device=q.device)
-    if lq == 0:
-        return out
-    if lk == 0:
-        raise AttnInputError("a query with no keys to attend over has no defined output")
+    out = torch.zeros((lq, layer.num_heads, layer.head_dim_v), dtype=compute_dtype, device=q.device)
+    lse = torch.full((lq, layer.num_heads), -math.inf, dtype=softmax_dtype, device=q.device) if want_lse else None
+    if lq == 0 or lk == 0:
+        return out, lse
     qh = q.to(compute_dtype).transpose(0, 1)  # [H, Lq, D]
     kh = k.to(compute_dtype).repeat_interleave(layer.group_size, dim=1).transpose(0, 1)  # [H, Lk, D]
-    vh = v.to(compute_dtype).repeat_interleave(layer.group_size, dim=1).transpose(0, 1)
+    vh = v.to(compute_dtype).repeat_interleave(layer.group_size, dim=1).transpose(0, 1)  # [H, Lk, Dv]
+    sinks = (torch.tensor(layer.sinks, dtype=softmax_dtype, device=q.device).view(-1, 1, 1)
+             if layer.sinks else None)
     chunk = _CHUNK_ELEMENTS if q.device.type == "cpu" else _GPU_CHUNK_ELEMENTS
-    rows = max(1, chunk // max(1, layer.num_heads * lk))
+    rows = max(1, chunk // max(1, layer.num_heads * (lk + 1)))
     offset = lk - lq  # bottom-right alignment: query i sits at key position offset + i
+    cap = layer.logits_soft_cap
     for start in range(0, lq, rows):
         stop = min(lq, start + rows)
         scores = torch.matmul(qh[:, start:stop], kh.transpose(1, 2)) * layer.scale  # [H, r, Lk]
+        if cap > 0:
+            scores = torch.tanh(scores / cap) * cap
+        scores = scores.to(softmax_dtype)
+        visible = None
         if layer.causal or layer.window_left >= 0:
             qpos = torch.arange(start, stop, device=q.device)[:, None] + offset
             kpos = torch.arange(lk, device=q.device)[None, :]
-            allowed = torch.ones_like(qpos - kpos, dtype=torch.bool)
+            visible = torch.ones((stop - start, lk), dtype=torch.bool, device=q.device)
             if layer.causal:
-                allowed &= kpos <= qpos
+                visible &= kpos <= qpos
             if layer.window_left >= 0:
-                allowed &= kpos >= qpos - layer.window_left
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(compute_dtype)
-        out[start:stop] = torch.matmul(probs, vh).transpose(0, 1)
-    return out
+                visible &= kpos >= qpos - layer.window_left
+            scores = scores.masked_fill(~visible, -math.inf)
+        if sinks is not None:  # the sink is one more logit of the softmax, with no value
+            scores = torch.cat([scores, sinks.expand(-1, stop - start, 1)], dim=-1)
+        if want_lse:
+            lse[start:stop] = torch.logsumexp(scores, dim=-1).transpose(0, 1)
+        probs = torch.softmax(scores, dim=-1)
+        if sinks is not None:
+            probs = probs[..., :lk]
+        if visible is not None:  # a query that sees no key at all: output 0, not 0/0
+            probs = torch.where(visible.any(dim=-1)[None, :, None], probs, torch.zeros_like(probs))
+        out[start:stop] = torch.matmul(probs.to(compute_dtype), vh).transpose(0, 1)
+    return out, lse
+
+
+def _precision_dtypes(q, precision: str):
+    import torch
+
+    if precision == "high":
+        wide_input = q.dtype in (torch.float32, torch.float64)
+        compute = torch.float64 if wide_input and q.device.type == "cpu" else torch.float32
+        return compute, compute
+    if precision == "low":
+        return q.dtype, q.dtype
+    raise AttnInputError(f"precision must be 'high' or 'low', got {precision!r}")
 
 
 def reference_attention(q: "torch.Tensor", keys: Sequence["torch.Tensor"], values: Sequence["torch.Tensor"],
-                        q_lens: Sequence[int], layer: LayerSpec, *, precision: str = "high") -> "torch.Tensor":
+                        q_lens: Sequence[int], layer: LayerSpec, *, precision: str = "high",
+                        return_lse: bool = False):
     """Attention of each request's queries over its keys.
 
-    q: [sum(q_lens), H, D]; keys[i], values[i]: [kv_len_i, Hkv, D] (the whole history of
-    request i, cached tokens first). precision "high": float32, or float64 for float32 inputs on
-    CPU; "low": the input dtype throughout, the way an unfused low-precision implementation does it.
+    q: [sum(q_lens), H, D]; keys[i]: [kv_len_i, Hkv, D], values[i]: [kv_len_i, Hkv, Dv], the whole
+    history of request i (cached tokens first), as attention must use it (for an FP8 cache: the
+    dequantized values, see :func:`as_stored_in_cache`). The queries of request i are its last
+    q_lens[i] tokens. precision "high": float32, or float64 for float32 inputs on CPU; "low": the
+    input dtype throughout, the way an unfused low-precision implementation does it.
+
+    Returns the output [sum(q_lens), H, Dv], or (output, lse) with ``return_lse``: the natural
+    log-sum-exp of each query's logits [sum(q_lens), H] (the sink included; -inf where a query
+    sees no key).
     """
     import torch
-
-    from .metadata import _as_lengths
 
     q_lens = _as_lengths(q_lens, "q_lens")
     if len(keys) != len(q_lens) or len(values) != len(q_lens):
         raise AttnInputError(f"{len(keys)} key and {len(values)} value tensors for {len(q_lens)} requests")
+    if q.dim() != 3 or tuple(q.shape[1:]) != (layer.num_heads, layer.head_dim):
+        raise AttnInputError(f"q is {tuple(q.shape)}, expected [*, {layer.num_heads}, {layer.head_dim}]")
     if sum(q_lens) != q.shape[0]:
         raise AttnInputError(f"q has {q.shape[0]} rows but q_lens add up to {sum(q_lens)}")
-    if precision == "high":
-        wide_input = q.dtype in (torch.float32, torch.float64)
-        compute = torch.float64 if wide_input and q.device.type == "cpu" else torch.float32
-        softmax_dtype = compute
-    elif precision == "low":
-        compute = softmax_dtype = q.dtype
-    else:
-        raise AttnInputError(f"precision must be 'high' or 'low', got {precision!r}")
-    if q.dim() != 3 or q.shape[1:] != (layer.num_heads, layer.head_dim):
-        raise AttnInputError(f"q is {tuple(q.shape)}, expected [*, {layer.num_heads}, {layer.head_dim}]")
-    outs, start = [], 0
+    compute, softmax_dtype = _precision_dtypes(q, precision)
+    outs, lses, start = [], [], 0
     for n, k, v in zip(q_lens, keys, values):
-        if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != (layer.num_kv_heads, layer.head_dim):
-            raise AttnInputError(f"a request's k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
-                                 f"[kv_len, {layer.num_kv_heads}, {layer.head_dim}]")
-        if k.shape[0] < n:
-            raise AttnInputError(f"a request has {n} queries but only {k.shape[0]} keys")
-        outs.append(_attend_one(q[start:start + n], k, v, layer, compute, softmax_dtype))
+        if (k.dim() != 3 or v.dim() != 3 or k.shape[0] != v.shape[0]
+                or tuple(k.shape[1:]) != (layer.num_kv_heads, layer.head_dim)
+                or tuple(v.shape[1:]) != (layer.num_kv_heads, layer.head_dim_v)):
+            raise AttnInputError(f"a request's k {tuple(k.shape)} and v {tuple(v.shape)} must be "
+                                 f"[kv_len, {layer.num_kv_heads}, {layer.head_dim}] and "
+                                 f"[kv_len, {layer.num_kv_heads}, {layer.head_dim_v}]")
+        out, lse = _attend_one(q[start:start + n], k, v, layer, compute, softmax_dtype, return_lse)
+        outs.append(out)
+        lses.append(lse)
         start += n
-    return torch.cat(outs) if outs else q.new_empty((0, layer.num_heads, layer.head_dim), dtype=compute)
+    out = torch.cat(outs) if outs else q.new_empty((0, layer.num_heads, layer.head_dim_v), dtype=compute)
+    if not return_lse:
+        return out
+    lse = torch.cat(lses) if lses else q.new_empty((0, layer.num_heads), dtype=softmax_dtype)
+    return out, lse
+
+
+# -- the comparison ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LseComparison:
+    max_abs_err: float
+    low_precision_err: float
+    allowed: float
+    nonfinite: int  # NaN, or an infinity where the reference is finite
+    base: str
+
+    @property
+    def passed(self) -> bool:
+        return self.nonfinite == 0 and self.max_abs_err <= self.allowed
+
+    def message(self) -> str:
+        verdict = "within" if self.max_abs_err <= self.allowed else "EXCEEDS"
+        bad = f"; {self.nonfinite} LSE values NaN or infinite where the reference's are finite" if self.nonfinite else ""
+        return (f"LSE (base {self.base}): max |lse - ref| = {self.max_abs_err:.3e} {verdict} the allowed "
+                f"{self.allowed:.3e} (low-precision reference error {self.low_precision_err:.3e}){bad}")
 
 
 @dataclass(frozen=True)
@@ -125,10 +189,41 @@ class Comparison:
     worst_index: tuple  # (token, head, dim) of the largest error
     worst_request: Optional[int]
     numel: int
+    bias: float = 0.0  # <out - ref, ref> / <ref, ref>
+    bias_low: float = 0.0  # the same slope of the low-precision reference
+    bias_allowed: float = math.inf
+    lse: Optional[LseComparison] = None
+
+    @property
+    def elementwise_passed(self) -> bool:
+        return self.nonfinite == 0 and self.unwritten == 0 and self.max_abs_err <= self.allowed
+
+    @property
+    def bias_passed(self) -> bool:
+        return abs(self.bias) <= self.bias_allowed
 
     @property
     def passed(self) -> bool:
-        return self.nonfinite == 0 and self.unwritten == 0 and self.max_abs_err <= self.allowed
+        return self.elementwise_passed and self.bias_passed and (self.lse is None or self.lse.passed)
+
+    def summary(self) -> str:
+        """One line: the first thing that failed (or the elementwise figures when all passed)."""
+        if self.unwritten:
+            return f"{self.unwritten} of {self.numel} output elements never written (still the poison value {POISON})"
+        if self.nonfinite:
+            return f"{self.nonfinite} of {self.numel} output elements are NaN or Inf"
+        if self.max_abs_err > self.allowed or self.passed:
+            return (f"max |out - ref| = {self.max_abs_err:.3e} {'within' if self.max_abs_err <= self.allowed else 'EXCEEDS'} "
+                    f"the allowed {self.allowed:.3e}; relative L2 error {self.rel_l2_err:.3e}")
+        if not self.bias_passed:
+            return self._bias_line()
+        return self.lse.message()
+
+    def _bias_line(self) -> str:
+        verdict = "within" if self.bias_passed else "EXCEEDS"
+        return (f"systematic bias <out - ref, ref>/<ref, ref> = {self.bias:+.3e} {verdict} the allowed "
+                f"{self.bias_allowed:.3e} (the low-precision reference's is {self.bias_low:+.3e}): the output is "
+                f"scaled by about {1 + self.bias:.5f}")
 
     def message(self) -> str:
         lines = []
@@ -143,6 +238,10 @@ class Comparison:
             f"(low-precision reference error {self.low_precision_err:.3e}, rounding {self.rounding_err:.3e}); "
             f"relative L2 error {self.rel_l2_err:.3e}; worst at token/head/dim {self.worst_index}"
             + (f" (request #{self.worst_request})" if self.worst_request is not None else ""))
+        if not self.bias_passed:
+            lines.append(self._bias_line())
+        if self.lse is not None and not self.lse.passed:
+            lines.append(self.lse.message())
         return "\n".join(lines)
 
 
@@ -156,8 +255,17 @@ def _unravel(flat: int, shape: tuple) -> tuple:
     return tuple(reversed(index))
 
 
+def _slope(err: "torch.Tensor", ref: "torch.Tensor", ref_norm2: float) -> float:
+    """<err, ref> / <ref, ref>: how much of the answer the error adds (a scale of 1 + slope)."""
+    return float((err.double() * ref.double()).sum()) / ref_norm2 if ref_norm2 else 0.0
+
+
 def compare(out: "torch.Tensor", ref_high: "torch.Tensor", ref_low: "torch.Tensor", tolerance: Tolerance,
-            qo_indptr: Sequence[int] = ()) -> Comparison:
+            qo_indptr: Sequence[int] = (), *, lse: Optional["torch.Tensor"] = None,
+            lse_high: Optional["torch.Tensor"] = None, lse_low: Optional["torch.Tensor"] = None,
+            lse_base: str = "e") -> Comparison:
+    """``out`` against the references by ``tolerance``; with ``lse``, the backend's log-sum-exp
+    (in ``lse_base``) against the references' natural ones."""
     import torch
 
     if tuple(out.shape) != tuple(ref_high.shape):
@@ -174,15 +282,52 @@ def compare(out: "torch.Tensor", ref_high: "torch.Tensor", ref_low: "torch.Tenso
         worst = _unravel(flat, tuple(diff.shape))
     else:
         max_err, worst = 0.0, ()
-    low_err = float((ref_low.to(hi.device, hi.dtype) - hi).abs().max()) if hi.numel() else 0.0
+    low = ref_low.to(hi.device, hi.dtype)
+    low_err = float((low - hi).abs().max()) if hi.numel() else 0.0
     # Rounding the exact answer to the output dtype: measured, and never below half an ulp at the
     # output's largest magnitude (the measured value is 0 when the answer happens to be exact).
     half_ulp = 0.5 * torch.finfo(out.dtype).eps * float(hi.abs().max()) if hi.numel() else 0.0
     rounding = max(half_ulp, float((hi.to(out.dtype).to(hi.dtype) - hi).abs().max()) if hi.numel() else 0.0)
     allowed = tolerance.multiple * low_err + tolerance.floor * rounding
-    denom = float(hi.norm())
-    rel = float((torch.where(finite, got, hi) - hi).norm()) / denom if denom else 0.0
+    norm2 = float((hi.double() ** 2).sum())
+    rel = math.sqrt(float(((torch.where(finite, got, hi) - hi).double() ** 2).sum()) / norm2) if norm2 else 0.0
+    bias = _slope(torch.where(finite, got, hi) - hi, hi, norm2)
+    bias_low = _slope(low - hi, hi, norm2)
+    # Below 16-bit precision the elementwise rule already sees a bias of this size, and float32
+    # outputs carry accumulation errors larger than their rounding: the unit is at least 2^-16.
+    unit_roundoff = max(0.5 * torch.finfo(out.dtype).eps, BIAS_UNIT_FLOOR)
+    bias_allowed = (tolerance.bias_multiple * abs(bias_low)
+                    + tolerance.bias_floor * unit_roundoff / math.sqrt(max(1, hi.numel())))
     request = None
     if worst and qo_indptr:
         request = max(i for i, start in enumerate(qo_indptr[:-1]) if start <= worst[0])
-    return Comparison(max_err, low_err, rounding, allowed, rel, nonfinite, unwritten, worst, request, out.numel())
+    lse_cmp = None
+    if lse is not None:
+        lse_cmp = compare_lse(lse, lse_high, lse_low, tolerance, lse_base)
+    return Comparison(max_err, low_err, rounding, allowed, rel, nonfinite, unwritten, worst, request, out.numel(),
+                      bias, bias_low, bias_allowed, lse_cmp)
+
+
+def compare_lse(lse: "torch.Tensor", lse_high: "torch.Tensor", lse_low: "torch.Tensor", tolerance: Tolerance,
+                base: str = "e") -> LseComparison:
+    """A backend's LSE (in ``base``) against the natural-log references, elementwise like the output:
+    max error <= multiple * the low-precision reference's + floor * float32 rounding."""
+    import torch
+
+    if base not in ("e", "2"):
+        raise AttnInputError(f"LSE base {base!r}: 'e' or '2'")
+    if tuple(lse.shape) != tuple(lse_high.shape):
+        raise AssertionError(f"LSE shape {tuple(lse.shape)} differs from the reference's {tuple(lse_high.shape)}")
+    hi = lse_high.to(lse.device, torch.float64)
+    got = lse.to(torch.float64) * (math.log(2.0) if base == "2" else 1.0)
+    low = lse_low.to(lse.device, torch.float64)
+    both_minus_inf = torch.isneginf(hi) & torch.isneginf(got)
+    finite_ref = torch.isfinite(hi)
+    nonfinite = int((finite_ref & ~torch.isfinite(got)).sum() + (~finite_ref & ~both_minus_inf).sum())
+    diff = torch.where(finite_ref & torch.isfinite(got), (got - hi).abs(), torch.zeros_like(hi))
+    low_diff = torch.where(finite_ref & torch.isfinite(low), (low - hi).abs(), torch.zeros_like(hi))
+    max_err = float(diff.max()) if diff.numel() else 0.0
+    low_err = float(low_diff.max()) if low_diff.numel() else 0.0
+    scale = float(hi[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
+    allowed = tolerance.multiple * low_err + tolerance.floor * torch.finfo(torch.float32).eps * max(1.0, scale)
+    return LseComparison(max_err, low_err, allowed, nonfinite, base)

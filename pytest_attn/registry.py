@@ -1,9 +1,13 @@
 """Finding backends: every module of the built-in ``backends/`` folder (no list to maintain), then
 every ``pytest_attn.backends`` entry point of installed packages.
 
-A module (or an entry point's target) exposes its backends as a module-level ``BACKENDS`` list, a
-``backends()`` function, or is itself a Backend instance, class, or a function returning some.
-Nothing here imports torch; backend modules keep their heavy imports inside methods.
+An entry point (or a built-in module) may name a list or tuple of backends, a module with a
+``BACKENDS`` list or a ``backends()`` function, a Backend instance, a Backend class, or a function
+returning any of these. A package that cannot be used (it fails to import, exposes nothing, names
+something that is not a Backend, or a class that cannot be built) must not break pytest: it is
+registered as an unavailable backend under its entry point's name, whose reason names the package,
+the entry point and the fix, and every other backend runs. Nothing here imports torch; backend
+modules keep their heavy imports inside methods.
 """
 from __future__ import annotations
 
@@ -11,15 +15,61 @@ import importlib
 import importlib.util
 import pkgutil
 import sys
+import types
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
-from .contract import Backend, check_backend
+from . import guard
+from .contract import Availability, Backend, Capabilities, Plan
 from .errors import UnknownBackendError
 
 ENTRY_POINT_GROUP = "pytest_attn.backends"
 BUILTIN_PACKAGE = "pytest_attn_backends"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a backend came from: built in (a module of backends/), or a package's entry point."""
+
+    kind: str  # "built in" or "entry point"
+    where: str  # "backends/torch_sdpa.py", or the entry point as declared: "name = module:attr"
+    package: Optional[str] = None
+    version: Optional[str] = None
+
+    def __str__(self) -> str:
+        if self.kind == "built in":
+            return f"built in, {self.where}"
+        package = f"package {self.package} {self.version or ''}".rstrip() if self.package else "an unknown package"
+        return f"{package}, entry point '{self.where}'"
+
+    def fix(self) -> str:
+        if self.kind == "built in":
+            return f"fix {self.where}"
+        uninstall = f"; or uninstall it: pip uninstall {self.package}" if self.package else ""
+        return f"fix the package's entry point in group {ENTRY_POINT_GROUP!r}{uninstall}"
+
+
+class UnusableBackend(Backend):
+    """Stands in for something registered that cannot be used: always unavailable, with the reason."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+        self.description = "(registered, but unusable: see the reason)"
+
+    def available(self) -> Availability:
+        return Availability(False, self.reason)
+
+    def plan(self, metadata, layer, device="cpu") -> Plan:
+        raise guard.BackendError(self.reason)
+
+    def forward(self, q, k, v, metadata, plan, out=None):
+        raise guard.BackendError(self.reason)
+
+
+class _NotABackend(Exception):
+    pass
 
 
 def _builtin_package():
@@ -38,19 +88,78 @@ def _builtin_package():
         return module
 
 
-def _expand(obj, origin: str) -> list[Backend]:
+def _describe(obj) -> str:
+    text = repr(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def expand(obj, depth: int = 0) -> list:
+    """The backends an entry point's target stands for (instances, not yet validated)."""
+    if depth > 3:
+        raise _NotABackend("nests lists or functions too deeply")
     if isinstance(obj, Backend):
         return [obj]
-    if isinstance(obj, type) and issubclass(obj, Backend):
-        return [check_backend(obj(), origin)]
-    if hasattr(obj, "BACKENDS"):
-        return [check_backend(b, origin) for b in obj.BACKENDS]
-    if hasattr(obj, "backends") and callable(obj.backends):
-        return [check_backend(b, origin) for b in obj.backends()]
+    if isinstance(obj, type):
+        if not issubclass(obj, Backend):
+            raise _NotABackend(f"names the class {obj.__qualname__}, which is not a subclass of pytest_attn.Backend")
+        try:
+            return [obj()]
+        except Exception as exc:
+            raise _NotABackend(f"names the class {obj.__qualname__}, which cannot be built without arguments "
+                               f"({type(exc).__name__}: {exc}); implement plan() and forward(), or name an instance "
+                               "or a list of instances") from exc
+    if isinstance(obj, types.ModuleType):
+        if hasattr(obj, "BACKENDS"):
+            return expand(obj.BACKENDS, depth + 1)
+        if callable(getattr(obj, "backends", None)):
+            return expand(obj.backends(), depth + 1)
+        raise _NotABackend(f"names the module {obj.__name__}, which has neither a BACKENDS list nor a backends() "
+                           "function")
+    if isinstance(obj, (list, tuple)):
+        return [b for item in obj for b in expand(item, depth + 1)]
     if callable(obj):
-        got = obj()
-        return [check_backend(b, origin) for b in (got if isinstance(got, (list, tuple)) else [got])]
-    raise TypeError(f"{origin} exposes no backends: give it a BACKENDS list or a backends() function")
+        return expand(obj(), depth + 1)
+    raise _NotABackend(f"names {_describe(obj)}, which is not a Backend, a Backend class, a list of them, a module or "
+                       "a function returning them")
+
+
+def validation_problem(obj) -> Optional[str]:
+    """Why a registered object cannot be used as a backend; None when it can."""
+    if not isinstance(obj, Backend):
+        return f"registered {_describe(obj)}, which is not a pytest_attn.Backend instance"
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name.strip() or "," in name or name == "all" or name != name.strip():
+        return f"registered a backend with the name {name!r}: give it a name without commas or spaces (and not 'all')"
+    if not isinstance(getattr(obj, "capabilities", None), Capabilities):
+        return f"backend {name!r} has capabilities {obj.capabilities!r}, not a pytest_attn.Capabilities"
+    return None
+
+
+def _discover_one(label: str, origin: Origin, load) -> list[Backend]:
+    """The usable backends behind one module or entry point, or one UnusableBackend saying why."""
+    try:
+        target = load()
+    except (Exception, SystemExit) as exc:
+        return [UnusableBackend(label, f"{origin} failed to import: {type(exc).__name__}: {exc}; {origin.fix()}")]
+    try:
+        found = expand(target)
+    except _NotABackend as exc:
+        return [UnusableBackend(label, f"{origin} {exc}; {origin.fix()}")]
+    except Exception as exc:
+        return [UnusableBackend(label, f"{origin} raised {type(exc).__name__}: {exc} while listing its backends; "
+                                       f"{origin.fix()}")]
+    if not found:
+        return [UnusableBackend(label, f"{origin} exposes no backends (an empty list); {origin.fix()}")]
+    usable = []
+    for i, obj in enumerate(found):
+        problem = validation_problem(obj)
+        if problem:
+            usable.append(UnusableBackend(label if len(found) == 1 else f"{label}#{i + 1}",
+                                          f"{origin} {problem}; {origin.fix()}"))
+        else:
+            guard.set_origin(obj, str(origin))
+            usable.append(obj)
+    return usable
 
 
 def builtin_backends() -> list[Backend]:
@@ -61,27 +170,34 @@ def builtin_backends() -> list[Backend]:
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
-        if hasattr(module, "BACKENDS") or hasattr(module, "backends"):
-            found.extend(_expand(module, f"backends/{info.name}.py"))
+        origin = Origin("built in", f"backends/{info.name}.py")
+        module_name = f"{BUILTIN_PACKAGE}.{info.name}"
+        found.extend(_discover_one(info.name, origin, lambda m=module_name: importlib.import_module(m)))
     return found
 
 
 def entry_point_backends() -> list[Backend]:
     found = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found.extend(_expand(ep.load(), f"entry point {ep.name!r} ({ep.value})"))
+        dist = getattr(ep, "dist", None)
+        origin = Origin("entry point", f"{ep.name} = {ep.value}", getattr(dist, "name", None),
+                        getattr(dist, "version", None))
+        found.extend(_discover_one(ep.name, origin, ep.load))
     return found
 
 
 class Registry:
-    """Backends by name, in discovery order (built-ins first)."""
+    """Backends by name, in discovery order (built-ins first). A name registered twice keeps the
+    first; the second is recorded in ``problems``."""
 
     def __init__(self, backends: Iterable[Backend]):
         self._by_name: dict[str, Backend] = {}
+        self.problems: list[str] = []
         for b in backends:
             if b.name in self._by_name:
-                raise TypeError(f"two backends are named {b.name!r}: {self._by_name[b.name]!r} and {b!r}")
+                self.problems.append(f"two backends are named {b.name!r}: {guard.origin_of(self._by_name[b.name])} "
+                                     f"and {guard.origin_of(b)}; the second is ignored: rename one")
+                continue
             self._by_name[b.name] = b
 
     @classmethod

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Optional
 
-from .fixtures import case_of
+from .items import case_of
 from .gpu_workers import is_worker, worker_count
 
 LONG_MARKER = "attn_long"

@@ -1,22 +1,39 @@
 """Per-run state: which backends run, on which device, with which dtypes and seed.
 
-Built once at configure time from the options. torch is imported only when a test needs it, or
+Built on first use (:func:`attn_session_of`): at configure time when the run gave any pytest-attn
+option, else only when a collected test asks for pytest-attn's fixtures, so that in a project that
+does not use it the plugin imports no backend. torch is imported only when a test needs it, or
 when the device is a GPU: the header of a CPU run reads torch's build off disk (torch_build).
 """
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .cases import select
-from .contract import Availability, Backend, dtype_name
+import pytest
+
+from . import guard
+from .contract import Availability, Backend
 from .errors import AttnInputError
+from .layer import dtype_name
 from .registry import Registry
 
 DEFAULT_SEED = 20261125
 CPU_MAX_TOKENS = 2048  # default --attn-max-tokens on CPU: keeps the reference quick
+
+SESSION_KEY = pytest.StashKey["AttnSession"]()
+
+
+def attn_session_of(config) -> "AttnSession":
+    """The run's session, made on first use (see the module docstring)."""
+    if SESSION_KEY not in config.stash:
+        config.stash[SESSION_KEY] = AttnSession.from_config(config)
+    return config.stash[SESSION_KEY]
+
+
+def session_started(config) -> bool:
+    return SESSION_KEY in config.stash
 
 
 @dataclass
@@ -33,29 +50,24 @@ class AttnSession:
 
     @classmethod
     def from_config(cls, config) -> "AttnSession":
+        from .cases import select
+        from .options import seed
+
         opt = config.getoption
         dtypes = [dtype_name(d) for item in opt("attn_dtype") or [] for d in item.split(",") if d.strip()]
-        seed = opt("attn_seed")
-        if seed is None:
-            seed = int(os.environ.get("PYTEST_ATTN_SEED", DEFAULT_SEED))
         cases = [c.strip() for item in opt("attn_cases") or [] for c in item.split(",") if c.strip()]
         select(cases)  # an unknown case name or tag is a usage error now, not at collection
-        return cls(Registry.discover(), list(opt("attn_backend") or []), opt("attn_device"), dtypes, seed,
+        return cls(Registry.discover(), list(opt("attn_backend") or []), opt("attn_device"), dtypes, seed(config),
                    bool(opt("attn_strict")), cases, opt("attn_max_tokens"))
 
     # -- backends -------------------------------------------------------------------------------
     def availability(self, backend: Backend) -> Availability:
         if backend.name not in self._availability:
-            try:
-                self._availability[backend.name] = backend.available()
-            except Exception as exc:  # a broken backend must not take the run down
-                self._availability[backend.name] = Availability(False, f"available() raised {exc!r}")
+            self._availability[backend.name] = guard.availability(backend)
         return self._availability[backend.name]
 
     def require_available(self, backend: Backend) -> Backend:
         """The backend, or a skip with the reason it is unavailable (a failure under --attn-strict)."""
-        import pytest
-
         availability = self.availability(backend)
         if not availability:
             message = f"backend {backend.name!r} is unavailable here: {availability.reason}"
@@ -72,6 +84,10 @@ class AttnSession:
             return self.registry.resolve(self.requested)
         return [b for b in self.registry.resolve(["all"]) if self.availability(b)]
 
+    def selects(self, prefix: str) -> bool:
+        """Whether a selected backend is named ``prefix`` or ``prefix-...`` (a variant)."""
+        return any(b.name == prefix or b.name.startswith(prefix + "-") for b in self.selected)
+
     @property
     def unavailable(self) -> list[tuple[str, str]]:
         return [(b.name, self.availability(b).reason) for b in self.registry.resolve(["all"]) if not self.availability(b)]
@@ -82,15 +98,21 @@ class AttnSession:
         from . import torch_build
 
         wanted = self.device_option or ("cuda" if torch_build.cuda_available() else "cpu")
-        if wanted.split(":")[0] not in ("cpu", "cuda"):
+        kind, _, index = wanted.partition(":")
+        if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
             raise AttnInputError(f"--attn-device={wanted}: use cpu, cuda or cuda:N")
-        if wanted.startswith("cuda") and not torch_build.cuda_available():
-            raise AttnInputError(f"--attn-device={wanted} but torch sees no CUDA device "
-                                 f"(torch {torch_build.version()}); use --attn-device=cpu")
-        if wanted == "cuda":
+        if kind == "cuda" and not torch_build.cuda_available():
+            raise AttnInputError(f"--attn-device={wanted} but torch {torch_build.version()} sees no CUDA device; "
+                                 "use --attn-device=cpu, or install a CUDA build of torch on a GPU machine")
+        if kind == "cuda":
             import torch
 
-            wanted = f"cuda:{torch.cuda.current_device()}"
+            count = torch.cuda.device_count()
+            if index and int(index) >= count:
+                raise AttnInputError(f"--attn-device={wanted} but torch sees {count} GPU(s): use cuda:0 to "
+                                     f"cuda:{count - 1}")
+            if not index:
+                wanted = f"cuda:{torch.cuda.current_device()}"
         return wanted
 
     @property

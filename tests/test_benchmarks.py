@@ -139,8 +139,9 @@ def test_settings_come_from_the_options(pytester):
     config = pytester.parseconfig("--attn-bench-iters=7", "--attn-bench-warmup=0", "--attn-bench-graph=off",
                                   "--attn-bench-cold-l2")
     assert BenchSettings.from_config(config) == BenchSettings(0, 7, "off", True)
-    with pytest.raises(pytest.UsageError, match="--attn-bench-iters"):
-        BenchSettings.from_config(pytester.parseconfig("--attn-bench-iters=0"))
+    bad = pytester.runpytest("--attn-bench-iters=0")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--attn-bench-iters must be >= 1*"])
 
 
 # -- machine_info ---------------------------------------------------------------------------------------

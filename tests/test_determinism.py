@@ -26,8 +26,8 @@ from pytest_attn import harness
 def record_inputs(monkeypatch, request):
     make_qkv = harness.make_qkv
 
-    def recording(num_tokens, layer, device, seed):
-        q, k, v = make_qkv(num_tokens, layer, device, seed)
+    def recording(num_tokens, layer, device, seed, **kwargs):
+        q, k, v = make_qkv(num_tokens, layer, device, seed, **kwargs)
         digest = hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in (q, k, v))).hexdigest()
         with open(os.environ["ATTN_INPUT_LOG"], "a") as f:
             f.write(json.dumps([request.node.nodeid, digest]) + "\\n")
@@ -35,7 +35,7 @@ def record_inputs(monkeypatch, request):
 
     monkeypatch.setattr(harness, "make_qkv", recording)
 """
-CASES = "--attn-cases=hd64-ragged,hd64-decode-page1"
+CASES = ("--attn-cases=hd64-ragged,hd64-decode-page1", "--attn-backend=torch")
 DECODE_ID = "test_determinism_pytester.py::test_case[torch-hd64-decode-page1]"
 
 
@@ -57,7 +57,7 @@ def test_same_seed_same_inputs_alone_or_in_the_full_run_and_in_another_process(p
     pytester.makeconftest(RECORD_INPUTS)
     pytester.makepyfile(test_determinism_pytester=CASE_TEST)
 
-    full = pytester.runpytest(CASES)
+    full = pytester.runpytest(*CASES)
     full.assert_outcomes(passed=2)
     seed = re.search(r"seed: (\d+) \(rerun with --attn-seed=(\d+)\)", full.stdout.str())
     assert seed and seed.group(1) == seed.group(2) == "4242"
@@ -78,7 +78,7 @@ def test_no_outcome_changes_over_five_reruns(pytester):
     pytester.makepyfile(test_reruns=CASE_TEST)
     outcomes = []
     for _ in range(5):
-        result = pytester.runpytest(CASES, "-p", "no:randomly")
+        result = pytester.runpytest(*CASES, "-p", "no:randomly")
         outcomes.append({r.nodeid: r.outcome for r in result.reprec.getreports("pytest_runtest_logreport")
                          if r.when == "call"})
     assert len(outcomes[0]) == 2 and set(outcomes[0].values()) == {"passed"}, outcomes[0]

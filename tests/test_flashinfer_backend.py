@@ -9,7 +9,7 @@ import pytest
 from pytest_attn.cases import CATALOG
 from pytest_attn.contract import LayerSpec
 from pytest_attn.errors import AttnInputError, UnsupportedCase
-from pytest_attn.harness import assert_case_passes, first_step, run_case
+from pytest_attn.harness import assert_case_passes, first_step, run_case, step_metadata
 from pytest_attn.kv_cache import PagedKVCacheManager
 from pytest_attn.metadata import AttentionMetadata
 from pytest_attn_backends import flashinfer as fi
@@ -18,22 +18,6 @@ from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 VIT = LayerSpec(16, 16, 80, "bfloat16", "full")  # the seed: RADIO ViT encoder, 1280 = 16 x 80
 VIT_BATCH = AttentionMetadata.ragged([256, 1024, 576])
 BY_NAME = {b.name: b for b in fi.BACKENDS}
-
-
-def every_step(case):
-    """The metadata of each step of a case, on a cache with no storage (plans only)."""
-    manager = None
-    if case.cache:
-        manager = PagedKVCacheManager(num_kv_heads=case.num_kv_heads, head_dim=case.head_dim, page_size=case.page_size,
-                                      num_pages=case.pages_needed(), dtype=case.dtype, device="meta",
-                                      layout=case.kv_layout)
-    for step in case.steps():
-        if manager is None:
-            yield AttentionMetadata.ragged(step.seq_lens, step.request_ids)
-            continue
-        yield manager.prepare(step.seq_lens, step.request_ids, step.num_contexts)
-        for rid in step.finished:
-            manager.free(rid)
 
 
 def paged_batch(seq_lens, cached_lens, *, layout="NHD", kv_heads=4, page_size=16):
@@ -226,7 +210,7 @@ def test_generation_requests_of_several_tokens_go_through_paged_prefill():
 
 def test_head_dim_80_with_a_cache_goes_to_cudnn_paged_prefill_for_every_request():
     case = CATALOG["hd80-decode"]
-    steps = list(every_step(case))
+    steps = list(step_metadata(case))
     for md in steps:
         plan = fi.decide(md, case.layer(), "policy")
         assert (plan.kernel, plan.kernel_backend, plan.reads_cache, plan.parts) == (fi.PAGED_PREFILL, "cudnn", True, ())
@@ -251,7 +235,7 @@ def test_forced_backends_decode_on_their_own_tensor_core_kernels(variant):
 @pytest.mark.parametrize("case", list(CATALOG.values()), ids=list(CATALOG))
 def test_every_step_of_the_catalog_is_planned_or_refused_with_reasons(name, case):
     backend = BY_NAME[name]
-    for md in every_step(case):
+    for md in step_metadata(case):
         layer = case.layer()
         reasons = backend.unsupported(layer, md, "cuda")
         if reasons:

@@ -173,7 +173,7 @@ def device_assert(pytester, monkeypatch):
     pytester.makepyfile(test_a=FORWARD_TEST, test_b=CUDA_AFTERWARDS)
 
 
-@pytest.mark.gpu
+@pytest.mark.attn_gpu
 @pytest.mark.attn_long
 def test_a_real_device_side_assert_poisons_the_rest_of_an_unprotected_run(pytester, device_assert):
     result = pytester.runpytest_subprocess("--attn-backend=device-assert,torch", "-p", "no:cacheprovider",
@@ -183,7 +183,7 @@ def test_a_real_device_side_assert_poisons_the_rest_of_an_unprotected_run(pytest
     assert outcomes.get("failed", 0) >= 2 and "device-side assert" in result.stdout.str(), result.stdout.str()
 
 
-@pytest.mark.gpu
+@pytest.mark.attn_gpu
 @pytest.mark.attn_long
 def test_a_real_device_side_assert_fails_only_its_own_test_under_xdist(pytester, device_assert):
     result = pytester.runpytest_subprocess("--attn-backend=device-assert,torch", "-n", "2", "-p", "no:cacheprovider",
@@ -193,7 +193,7 @@ def test_a_real_device_side_assert_fails_only_its_own_test_under_xdist(pytester,
                                  "*the error ('device-side assert') means this process's CUDA context is poisoned*"])
 
 
-@pytest.mark.gpu
+@pytest.mark.attn_gpu
 @pytest.mark.attn_long
 def test_a_real_device_side_assert_fails_only_its_own_test_when_isolated(pytester, device_assert):
     result = pytester.runpytest_subprocess("--attn-backend=device-assert,torch", "--attn-isolate=device-assert",

@@ -8,14 +8,14 @@ import pytest
 
 from pytest_attn.bench import SEED_SEQ_LENS, SEED_SERIES, VIT_MIXES, bench_max_tokens
 from pytest_attn.cases import VIT_HEAD_DIM, VIT_HEADS
-from pytest_attn.fixtures import build_batch
+from pytest_attn.batch import build_batch
 
 pytestmark = pytest.mark.attn_bench
 
 
 def pytest_generate_tests(metafunc):
     """Sizes depend on the device (small on CPU), so they are chosen at collection."""
-    from pytest_attn.plugin import attn_session_of
+    from pytest_attn.session import attn_session_of
 
     limit = bench_max_tokens(attn_session_of(metafunc.config))
     if "seed_seq_len" in metafunc.fixturenames:

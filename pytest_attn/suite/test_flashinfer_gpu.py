@@ -7,7 +7,7 @@ test uses the fa3 bfloat16/128 family and the bfloat16/128 decode kernels the su
 """
 import pytest
 
-pytestmark = pytest.mark.gpu
+pytestmark = pytest.mark.attn_gpu
 
 SEED_LENS = [256, 1024, 576]  # three images of the RADIO ViT encoder: 16 heads x head_dim 80, bf16
 SEED = dict(num_heads=16, head_dim=80, dtype="bfloat16", mask="full")

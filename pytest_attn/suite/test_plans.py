@@ -1,8 +1,8 @@
 """Does the backend's plan describe what it runs? Checked without running anything."""
 import pytest
 
+from pytest_attn import guard
 from pytest_attn.contract import KV_LAYOUTS
-from pytest_attn.errors import UnsupportedCase
 from pytest_attn.harness import first_step
 
 INDEX_UNITS = ("tokens", "elements", "pages")
@@ -10,11 +10,8 @@ INDEX_UNITS = ("tokens", "elements", "pages")
 
 def test_plan_matches_the_batch(attn_backend, attn_case, attn_device):
     metadata, layer = first_step(attn_case, attn_device)
-    reasons = attn_backend.unsupported(layer, metadata, attn_device)
-    assert isinstance(reasons, list) and all(isinstance(r, str) and r for r in reasons), reasons
-    if reasons:
-        raise UnsupportedCase(attn_backend.name, reasons)
-    plan = attn_backend.plan(metadata, layer, device=attn_device)
+    guard.require_supported(attn_backend, layer, metadata, attn_device)
+    plan = guard.plan(attn_backend, metadata, layer, attn_device)
     assert plan.backend == attn_backend.name
     assert plan.layer == layer, "the plan must carry the layer it was made for"
     for part in plan.parts or (plan,):
@@ -28,6 +25,11 @@ def test_plan_matches_the_batch(attn_backend, attn_case, attn_device):
         layouts = {p.layout for p in plan.parts or (plan,) if p.reads_cache}
         assert layouts == {metadata.kv_cache_manager.layout}, (
             f"the cache is {metadata.kv_cache_manager.layout} but the plan reads it as {layouts}")
-    again = attn_backend.plan(metadata, layer, device=attn_device)
+    else:  # ragged K/V have the layout of the inputs: a plan that reads them as HND is TRT-LLM #13190
+        layouts = {p.layout for p in plan.parts or (plan,)}
+        assert layouts == {"NHD"}, (
+            f"without a cache K/V are the inputs, [tokens, kv_heads, head_dim] (NHD), but the plan reads them "
+            f"as {layouts}: the TensorRT-LLM #13190 bug")
+    again = guard.plan(attn_backend, metadata, layer, attn_device)
     assert again == plan, "planning the same batch twice gave different plans"
 

@@ -1,0 +1,120 @@
+"""Calls into a backend that check what comes back, and errors that say whose code failed.
+
+A backend is somebody else's code: it may return None where the contract wants an Availability,
+a reason list, a Plan or a Tolerance, or raise from any method. Every call the suite makes goes
+through here, so that such a backend fails (or is reported unavailable) with its name, where it
+came from (built in, or which package and entry point) and what to fix, and no other backend or
+test is affected.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .contract import Availability, Backend, Plan, Tolerance
+from .errors import AttnError, UnsupportedCase
+
+ORIGIN_ATTR = "_pytest_attn_origin"  # set on each backend by the registry: "built in (backends/x.py)" etc.
+
+
+class BackendError(AttnError):
+    """A backend broke its contract: it raised, or returned something of the wrong kind."""
+
+
+def origin_of(backend: Any) -> str:
+    return getattr(backend, ORIGIN_ATTR, None) or f"{type(backend).__module__}.{type(backend).__qualname__}"
+
+
+def set_origin(backend: Backend, origin: str) -> None:
+    try:
+        object.__setattr__(backend, ORIGIN_ATTR, origin)
+    except (AttributeError, TypeError):  # __slots__ without room for it: the class name will do
+        pass
+
+
+def who(backend: Any) -> str:
+    name = getattr(backend, "name", None) or type(backend).__name__
+    return f"backend {name!r} ({origin_of(backend)})"
+
+
+def call(backend: Backend, method: str, *args, **kwargs) -> Any:
+    """``backend.method(*args, **kwargs)``; an exception that is not pytest-attn's own (nor an
+    assertion, nor pytest's skip/fail) becomes a BackendError naming the backend, chained to it so
+    the traceback still shows where in the backend it happened."""
+    try:
+        return getattr(backend, method)(*args, **kwargs)
+    except (AttnError, AssertionError):
+        raise
+    except Exception as exc:
+        raise BackendError(f"{who(backend)} raised in {method}(): {type(exc).__name__}: {exc}. This is a bug in "
+                           f"the backend, not in pytest-attn: fix its {method}() (the traceback above shows where)") from exc
+
+
+def availability(backend: Backend) -> Availability:
+    """available(), never raising: an exception or a wrong return is reported as unavailable."""
+    try:
+        result = backend.available()
+    except Exception as exc:  # a broken backend must not take the run down
+        return Availability(False, f"available() raised {type(exc).__name__}: {exc} ({origin_of(backend)}); "
+                                   "available() must return an Availability and never raise")
+    if not isinstance(result, Availability):
+        return Availability(False, f"available() returned {result!r}, not an Availability ({origin_of(backend)}); "
+                                   "return pytest_attn.Availability(True), or Availability(False, 'why not')")
+    if not result.ok and not (isinstance(result.reason, str) and result.reason.strip()):
+        return Availability(False, f"unavailable, without a reason ({origin_of(backend)}); give "
+                                   "Availability(False, 'why not') a reason a user can act on")
+    return result
+
+
+def unsupported(backend: Backend, layer, metadata, device: str) -> list[str]:
+    reasons = call(backend, "unsupported", layer, metadata, device)
+    if not isinstance(reasons, (list, tuple)) or not all(isinstance(r, str) and r.strip() for r in reasons):
+        raise BackendError(f"{who(backend)}: unsupported() returned {reasons!r}; it must return a list of reasons, "
+                           "each a non-empty sentence (an empty list when it can run the case)")
+    return list(reasons)
+
+
+def require_supported(backend: Backend, layer, metadata, device: str) -> None:
+    reasons = unsupported(backend, layer, metadata, device)
+    if reasons:
+        raise UnsupportedCase(backend.name, reasons)
+
+
+def plan(backend: Backend, metadata, layer, device: str) -> Plan:
+    result = call(backend, "plan", metadata, layer, device=device)
+    if not isinstance(result, Plan):
+        raise BackendError(f"{who(backend)}: plan() returned {result!r}, not a pytest_attn.Plan; decide how to run "
+                           "the batch and return Plan(...) (see the README's Writing a backend)")
+    if result.layer is None:
+        raise BackendError(f"{who(backend)}: plan() returned a Plan without its layer; pass layer=layer to Plan(...): "
+                           "forward() reads the layer (scale, mask, layer_idx) from plan.layer")
+    return result
+
+
+def tolerance(backend: Backend, dtype: str) -> Tolerance:
+    result = call(backend, "tolerance", dtype)
+    if not isinstance(result, Tolerance):
+        raise BackendError(f"{who(backend)}: tolerance({dtype!r}) returned {result!r}, not a pytest_attn.Tolerance; "
+                           "return Tolerance() for the default rule, or leave tolerance() out")
+    return result
+
+
+def forward(backend: Backend, q, k, v, metadata, plan_: Plan, out, lse: Optional[Any] = None):
+    kwargs = {"out": out} if lse is None else {"out": out, "lse": lse}
+    result = call(backend, "forward", q, k, v, metadata, plan_, **kwargs)
+    if result is not out and (result is None or not hasattr(result, "data_ptr") or result.data_ptr() != out.data_ptr()):
+        raise BackendError(f"{who(backend)} did not write into the `out` buffer it was given (the contract: write "
+                           "into out and return it)")
+    return result
+
+
+def check_inputs_unchanged(backend: Backend, before: dict, after: dict) -> None:
+    """q, k and v must be as they were: a kernel that writes into its inputs corrupts the model."""
+    import torch
+
+    for name, old in before.items():
+        new = after[name]
+        if not torch.equal(old, new) and not (old.is_floating_point() and torch.equal(old.isnan(), new.isnan())
+                                              and torch.equal(old.nan_to_num(), new.nan_to_num())):
+            changed = int((old != new).sum())
+            raise BackendError(f"{who(backend)} modified its input {name} in place ({changed} elements changed): "
+                                 f"forward() must leave q, k and v as they were")

@@ -1,0 +1,136 @@
+"""pytest-attn's command-line options: their definitions, which of them a run gave, and the check
+of every value at configure time (a one-line usage error that names the fix, never a traceback
+mid-run, never a green run that tested nothing)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import pytest
+
+SEED_ENV = "PYTEST_ATTN_SEED"
+SUITE_MODES = ("auto", "on", "off")
+BENCH_METRICS = ("device", "eager")
+
+#: dest -> default, for every option; a run that changes none of them has not asked for pytest-attn.
+DEFAULTS = {
+    "attn_backend": [], "attn_device": None, "attn_dtype": [], "attn_seed": None, "attn_strict": False,
+    "attn_cases": [], "attn_max_tokens": None, "attn_isolate": [], "attn_gpus": None, "attn_schedule": "longest-first",
+    "attn_gc_freeze": "on", "attn_suite": "auto",
+    "attn_bench_warmup": 10, "attn_bench_iters": 50, "attn_bench_cold_l2": False, "attn_bench_graph": "auto",
+    "attn_bench_metric": [],
+}
+
+
+def add_options(parser) -> None:
+    group = parser.getgroup("attn", "attention backends (pytest-attn)")
+    group.addoption("--attn-backend", action="append", default=[], metavar="NAME[,NAME...]",
+                    help="backends to test (repeatable; 'all' = every registered backend); also adds the bundled "
+                         "validation suite to this run (see --attn-suite). Default: every backend available here.")
+    group.addoption("--attn-suite", choices=SUITE_MODES, default="auto",
+                    help="run pytest-attn's bundled suite with this run's tests: 'auto' (default) when "
+                         "--attn-backend is given and no test paths are, 'on' always, 'off' never.")
+    group.addoption("--attn-device", default=None, metavar="DEVICE",
+                    help="cpu, cuda or cuda:N. Default: cuda when torch sees a GPU, else cpu.")
+    group.addoption("--attn-dtype", action="append", default=[], metavar="DTYPE[,DTYPE...]",
+                    help="run every case in these dtypes (bfloat16/bf16, float16/fp16, float32/fp32) "
+                         "instead of each case's own.")
+    group.addoption("--attn-seed", type=int, default=None, metavar="N",
+                    help=f"seed of all generated inputs (default: ${SEED_ENV} or 20261125).")
+    group.addoption("--attn-strict", action="store_true", default=False,
+                    help="fail, instead of skip, when a backend is unavailable or does not support a case.")
+    group.addoption("--attn-cases", action="append", default=[], metavar="NAME|TAG[,...]",
+                    help="only catalog cases with these names or tags (see `pytest-attn cases`).")
+    group.addoption("--attn-max-tokens", type=int, default=None, metavar="N",
+                    help="deselect cases with sequences longer than N tokens (default 2048 on cpu, "
+                         "no limit on cuda; 0 = no limit).")
+    group.addoption("--attn-isolate", action="append", default=[], metavar="NAME[,NAME...]",
+                    help="run these backends' tests ('all': every test) each in a fresh subprocess, so a "
+                         "crash or a poisoned CUDA context fails only that test.")
+    group.addoption("--attn-gpus", default=None, metavar="IDS",
+                    help="GPUs for xdist workers, round robin (e.g. 0,1). Default: CUDA_VISIBLE_DEVICES "
+                         "or every GPU torch sees.")
+    group.addoption("--attn-schedule", choices=("longest-first", "xdist"), default="longest-first",
+                    help="under xdist (--dist load or worksteal): run the longest tests first, by the "
+                         "durations earlier runs recorded (default), or leave xdist's order alone.")
+    group.addoption("--attn-gc-freeze", choices=("on", "off"), default="on",
+                    help="keep the garbage collector off the objects alive after collection and after "
+                         "the last test (gc.freeze; default on).")
+    bench = parser.getgroup("attn-bench", "attention benchmarks (pytest-attn, with pytest-benchmark)")
+    bench.addoption("--attn-bench-warmup", type=int, default=10, metavar="N",
+                    help="warm-up calls before timing (default 10); first-call costs stay out.")
+    bench.addoption("--attn-bench-iters", type=int, default=50, metavar="N",
+                    help="timed calls per benchmark (default 50).")
+    bench.addoption("--attn-bench-cold-l2", action="store_true", default=False,
+                    help="flush the GPU's L2 cache before each timed call.")
+    bench.addoption("--attn-bench-graph", choices=("auto", "on", "off"), default="auto",
+                    help="time CUDA-graph replays where the backend can be captured (auto), always, or never.")
+    bench.addoption("--attn-bench-metric", action="append", default=[], metavar="device|eager",
+                    help="what pytest-benchmark records (and so what --benchmark-compare-fail gates): 'device' "
+                         "(device time, CUDA-graph replay where possible; default) or 'eager' (wall time of one "
+                         "uncaptured call, host overhead included). Repeat or comma-separate for both.")
+
+
+def given(config) -> list[str]:
+    """The pytest-attn options this run was given (on the command line, in addopts or
+    $PYTEST_ADDOPTS), even at their default values, or set by a plugin to other values."""
+    import shlex
+
+    words = [*config.invocation_params.args, *shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))]
+    try:
+        words += list(config.getini("addopts"))
+    except (ValueError, KeyError):
+        pass
+    found = []
+    for dest, default in DEFAULTS.items():
+        flag = "--" + dest.replace("_", "-")
+        named = any(str(w) == flag or str(w).startswith(flag + "=") for w in words)
+        value = config.getoption(dest, default)
+        if named or (value != default and not (value in (None, []) and default in (None, []))):
+            found.append(flag)
+    return found
+
+
+def _usage(message: str):
+    return pytest.UsageError(f"pytest-attn: {message}")
+
+
+def seed(config) -> int:
+    from .session import DEFAULT_SEED
+
+    value = config.getoption("attn_seed", None)
+    if value is not None:
+        return value
+    env = os.environ.get(SEED_ENV)
+    if env is None or not env.strip():
+        return DEFAULT_SEED
+    try:
+        return int(env)
+    except ValueError:
+        raise _usage(f"${SEED_ENV}={env!r} is not an integer; set it to a number or unset it") from None
+
+
+def bench_metrics(config) -> tuple[str, ...]:
+    values = [m.strip() for item in config.getoption("attn_bench_metric", None) or [] for m in item.split(",")
+              if m.strip()] or ["device"]
+    bad = [m for m in values if m not in BENCH_METRICS]
+    if bad:
+        raise _usage(f"--attn-bench-metric={','.join(bad)}: use device, eager, or both (device,eager)")
+    return tuple(dict.fromkeys(values))
+
+
+def check(config) -> None:
+    """Every value this run gave, checked now. Raises pytest.UsageError (exit 4) naming the fix."""
+    limit = config.getoption("attn_max_tokens", None)
+    if limit is not None and limit < 0:
+        raise _usage(f"--attn-max-tokens={limit}: give a number of tokens >= 1, or 0 for no limit")
+    warmup, iters = config.getoption("attn_bench_warmup", 10), config.getoption("attn_bench_iters", 50)
+    if iters < 1 or warmup < 0:
+        raise _usage(f"--attn-bench-iters must be >= 1 and --attn-bench-warmup >= 0 (got {iters} and {warmup})")
+    bench_metrics(config)
+    seed(config)
+    gpus: Optional[str] = config.getoption("attn_gpus", None)
+    if gpus is not None:
+        from .gpu_workers import parse_gpu_ids
+
+        parse_gpu_ids(gpus)
