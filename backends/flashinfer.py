@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -33,6 +34,7 @@ from pytest_attn.metadata import AttentionMetadata
 RAGGED = "BatchPrefillWithRaggedKVCacheWrapper"
 PAGED_PREFILL = "BatchPrefillWithPagedKVCacheWrapper"
 DECODE = "BatchDecodeWithPagedKVCacheWrapper"
+SINK = "BatchAttentionWithAttentionSinkWrapper"
 
 #: Variants by name: the policy, or one FlashInfer backend forced for every wrapper.
 VARIANTS = {"flashinfer": "policy", "flashinfer-fa2": "fa2", "flashinfer-fa3": "fa3", "flashinfer-auto": "auto"}
@@ -149,6 +151,29 @@ def decode_hazards(kernel_backend: str, tensor_cores: bool, layer: LayerSpec, sm
     return reasons
 
 
+def feature_hazards(kernel_backend: str, kernel: str, layer: LayerSpec, metadata: AttentionMetadata) -> list[str]:
+    """What a FlashInfer kernel backend lacks of this layer's optional features (read from
+    FlashInfer 0.7.2.post1's source; see the module docstring)."""
+    reasons = []
+    quantized = metadata.has_cache and metadata.kv_cache_manager.quantized
+    if kernel_backend == "cudnn":
+        if layer.window_left >= 0:
+            reasons.append("FlashInfer's cuDNN path takes no sliding window (window_left)")
+        if layer.logits_soft_cap > 0:
+            reasons.append("FlashInfer's cuDNN path has no logit soft-cap")
+        if quantized:
+            reasons.append("FlashInfer's planned cuDNN path does not hand FP8 K/V scales to cuDNN")
+    if kernel_backend == "fa3":
+        if quantized:
+            reasons.append("fa3 reads an FP8 KV cache only with FP8 queries (FlashInfer's is_fa3_backend_supported)")
+        if layer.head_dim_v != layer.head_dim and (layer.head_dim, layer.head_dim_v) != (192, 128):
+            reasons.append(f"fa3 has (head_dim, head_dim_vo) (64,64), (128,128), (256,256) and (192,128) only, not "
+                           f"({layer.head_dim},{layer.head_dim_v})")
+    if kernel == DECODE and layer.head_dim_v != layer.head_dim:
+        reasons.append("the decode wrapper has one head dim for K and V")
+    return reasons
+
+
 @dataclass(frozen=True)
 class Route:
     """One wrapper launch: requests [start, stop) of the batch through ``kernel``."""
@@ -160,6 +185,23 @@ class Route:
     tensor_cores: bool = False  # decode only: run the prefill (tensor-core) kernels
 
 
+def _hazards(kernel_backend: str, kernel: str, layer, metadata, sm, fa3_budget) -> list[str]:
+    return kernel_hazards(kernel_backend, layer, sm, fa3_budget) + feature_hazards(kernel_backend, kernel, layer,
+                                                                                    metadata)
+
+
+def _first_clean(candidates, kernel: str, layer, metadata, sm, fa3_budget) -> tuple[str, list[str]]:
+    """The first kernel backend with no hazard for this launch, or the first one and every
+    candidate's reasons."""
+    every = []
+    for backend in candidates:
+        reasons = _hazards(backend, kernel, layer, metadata, sm, fa3_budget)
+        if not reasons:
+            return backend, []
+        every += [f"{backend}: {r}" for r in reasons]
+    return candidates[0], ["no FlashInfer kernel backend runs this: " + "; ".join(every)]
+
+
 def route(metadata: AttentionMetadata, layer: LayerSpec, variant: str, sm: tuple[int, int] = ASSUMED_SM,
           fa3_budget: Optional[frozenset] = DEFAULT_FA3_FAMILIES,
           version: str = PINNED_VERSION) -> tuple[list[Route], list[str], str]:
@@ -167,16 +209,19 @@ def route(metadata: AttentionMetadata, layer: LayerSpec, variant: str, sm: tuple
     if variant not in VARIANTS.values():
         raise AttnInputError(f"unknown FlashInfer variant {variant!r}: one of {sorted(VARIANTS.values())}")
     n, c, hd = metadata.num_requests, metadata.num_contexts, layer.head_dim
+    if layer.sinks:
+        return _sink_route(metadata, layer, variant, sm, fa3_budget)
     if not metadata.has_cache:
-        backend = "cudnn" if variant == "policy" else variant
-        return [Route(RAGGED, backend, 0, n)], kernel_hazards(backend, layer, sm, fa3_budget), ""
-    if variant == "policy":
-        if sm[0] == 9 and hd in FA3_HEAD_DIMS and (fa3_budget is None or (layer.dtype, hd) in fa3_budget):
-            prefill = "fa3"
-        elif hd % FA2_SAFE_HEAD_DIM_MULTIPLE == 0 and hd <= MAX_HEAD_DIM:
-            prefill = "fa2"
+        if variant == "policy":
+            backend, reasons = _first_clean(("cudnn", "fa3", "fa2"), RAGGED, layer, metadata, sm, fa3_budget)
+            why = "" if backend == "cudnn" else f"{backend}: the cuDNN path lacks a feature of this layer"
         else:
-            prefill = "cudnn"  # fa2 and fa3 would crash (#4299) or have no kernel at this head dim
+            backend, reasons, why = variant, _hazards(variant, RAGGED, layer, metadata, sm, fa3_budget), ""
+        return [Route(RAGGED, backend, 0, n)], reasons, why
+    if variant == "policy":
+        prefill, reasons = _first_clean(("fa3", "fa2", "cudnn"), PAGED_PREFILL, layer, metadata, sm, fa3_budget)
+        if reasons:
+            return [Route(PAGED_PREFILL, prefill, 0, n)], reasons, ""
     else:
         prefill = variant
     multi_token_generation = any(s != 1 for s in metadata.seq_lens[c:])
@@ -184,15 +229,18 @@ def route(metadata: AttentionMetadata, layer: LayerSpec, variant: str, sm: tuple
         return [], [f"cuDNN paged prefill in FlashInfer {version} takes element offsets and block tables that this "
                     "backend does not build: install flashinfer-python>=0.7 for head_dim "
                     f"{hd} with a cache"], ""
-    if prefill == "cudnn" or multi_token_generation:
+    if prefill == "cudnn" or multi_token_generation or layer.head_dim_v != hd:
         why = (f"all requests through the paged prefill wrapper: fa2/fa3 and the decode kernels are unsafe at "
                f"head_dim {hd} (FlashInfer #4299)" if prefill == "cudnn" else
-               "all requests through the paged prefill wrapper: the decode wrapper takes one query token per request")
-        return [Route(PAGED_PREFILL, prefill, 0, n)], kernel_hazards(prefill, layer, sm, fa3_budget), why
+               "all requests through the paged prefill wrapper: the decode wrapper takes one query token per request"
+               if multi_token_generation else
+               "all requests through the paged prefill wrapper: the decode wrapper has one head dim for K and V")
+        return [Route(PAGED_PREFILL, prefill, 0, n)], _hazards(prefill, PAGED_PREFILL, layer, metadata, sm,
+                                                               fa3_budget), why
     routes, reasons = [], []
     if c:
         routes.append(Route(PAGED_PREFILL, prefill, 0, c))
-        reasons += kernel_hazards(prefill, layer, sm, fa3_budget)
+        reasons += _hazards(prefill, PAGED_PREFILL, layer, metadata, sm, fa3_budget)
     if n > c:
         if variant in ("fa2", "fa3"):  # forced: the decode wrapper runs that backend's tensor-core kernels
             decode = Route(DECODE, variant, c, n, tensor_cores=True)
@@ -201,9 +249,46 @@ def route(metadata: AttentionMetadata, layer: LayerSpec, variant: str, sm: tuple
             backend = "auto" if variant == "auto" else ("fa2" if cuda_core else prefill)
             decode = Route(DECODE, backend, c, n, tensor_cores=not cuda_core)
         routes.append(decode)
-        reasons += [r for r in decode_hazards(decode.kernel_backend, decode.tensor_cores, layer, sm, fa3_budget)
-                    if r not in reasons]
+        decode_reasons = decode_hazards(decode.kernel_backend, decode.tensor_cores, layer, sm, fa3_budget)
+        if decode.tensor_cores:
+            decode_reasons += feature_hazards(decode.kernel_backend, DECODE, layer, metadata)
+        reasons += [r for r in decode_reasons if r not in reasons]
     return routes, reasons, ""
+
+
+def _sink_route(metadata, layer, variant, sm, fa3_budget) -> tuple[list[Route], list[str], str]:
+    """Attention sinks: every request through BatchAttentionWithAttentionSinkWrapper (a paged prefill
+    wrapper; q_len 1 is its decode). The plain wrappers drop ``sinks=`` for fa2/fa3 without a word."""
+    n = metadata.num_requests
+    reasons = []
+    if not metadata.has_cache:
+        reasons.append("attention sinks need a paged cache here: the ragged wrapper takes no sinks, and "
+                       "BatchAttentionWithAttentionSinkWrapper is a paged wrapper")
+    backend = "fa2" if variant == "policy" else variant  # fa2: one sink build; fa3 would be one more (~100 s)
+    if layer.logits_soft_cap > 0:
+        reasons.append("the sink wrapper's AttentionSink variant has no logit soft-cap")
+    if layer.return_lse:
+        reasons.append("whether the sink wrapper's LSE counts the sink is not established; not offered")
+    if metadata.has_cache and metadata.kv_cache_manager.quantized:
+        reasons.append("the sink wrapper with an FP8 KV cache is not offered (its scales are unverified)")
+    reasons += kernel_hazards(backend, layer, sm, fa3_budget)
+    return [Route(SINK, backend, 0, n)], reasons, "every request through the attention-sink wrapper"
+
+
+def expected_specialization(part: "Plan") -> dict:
+    """What the live wrapper of one part must have been planned with (plan_wrapper below does it)."""
+    layer = part.layer
+    spec = {"kernel": part.kernel, "kv_layout": part.detail("kernel_kv_layout", part.layout),
+            "window_left": layer.window_left, "logits_soft_cap": float(layer.logits_soft_cap),
+            "sm_scale": layer.scale, "q_data_type": layer.dtype, "kv_data_type": part.detail("kv_data_type")}
+    if part.kernel != DECODE:
+        spec["causal"] = layer.causal
+    else:
+        spec["use_tensor_cores"] = bool(part.detail("tensor_cores"))
+    backend = part.detail("predicted_backend") or part.kernel_backend
+    if not (part.kernel == DECODE and not part.detail("tensor_cores")):
+        spec["backend"] = backend
+    return spec
 
 
 def decide(metadata: AttentionMetadata, layer: LayerSpec, variant: str = "policy", *, name: Optional[str] = None,
@@ -216,15 +301,20 @@ def decide(metadata: AttentionMetadata, layer: LayerSpec, variant: str = "policy
         raise UnsupportedCase(name, reasons)
     common = (("flashinfer_version", version), ("sm", _sm_text(sm)))
     layout = metadata.kv_cache_manager.layout if metadata.has_cache else "NHD"
+    kv_dtype = metadata.kv_cache_manager.dtype if metadata.has_cache else layer.dtype
     qo = metadata.qo_indptr
     parts = []
     for r in routes:
         units = "pages" if r.kernel == DECODE else (cudnn_index_units(version) if r.kernel_backend == "cudnn" else "tokens")
-        details = [("requests", (r.start, r.stop)), ("tokens", (qo[r.start], qo[r.stop]))]
+        details = [("requests", (r.start, r.stop)), ("tokens", (qo[r.start], qo[r.stop])),
+                   ("window_left", layer.window_left), ("logits_soft_cap", layer.logits_soft_cap),
+                   ("sm_scale", layer.scale), ("kv_data_type", kv_dtype), ("return_lse", layer.return_lse)]
         if r.kernel == DECODE:
             details.append(("tensor_cores", r.tensor_cores))
-        elif r.kernel == PAGED_PREFILL:
+        elif r.kernel in (PAGED_PREFILL, SINK):
             details.append(("kv_index_units", "pages"))
+        if r.kernel == SINK:
+            details.append(("sinks", layer.sinks))
         if r.kernel_backend == "auto":
             details.append(("predicted_backend", "fa2" if r.kernel == DECODE else predict_auto(sm, layer.head_dim)))
         parts.append(Plan(name, r.kernel, r.kernel_backend, layout, units, metadata.has_cache, device=str(device),
@@ -278,7 +368,9 @@ def _resolved_backend(wrapper) -> str:
 class FlashInferBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({"float16", "bfloat16"}), max_head_dim=MAX_HEAD_DIM,
-        sliding_window=False,  # cuDNN rejects window_left; not offered on the other paths either
+        sliding_window=True, soft_cap=True, sinks=True, head_dim_vo=True, cross_attention=True,
+        chunked_prefill=True, multi_token_generation=True, kv_dtypes=frozenset({"float8_e4m3fn"}),
+        lse_base="2",  # fa2/fa3 write base-2 LSE; cuDNN's is converted to base 2 (lse_base="log2")
         empty_sequences=False)
     #: K/V layout given to the ragged wrapper. cuDNN's ragged graph reads NHD only (TRT-LLM #13190).
     ragged_kv_layout = "NHD"
@@ -350,7 +442,9 @@ class FlashInferBackend(Backend):
             resolved = _resolved_backend(wrapper)
             if resolved == "fa2" and layer.head_dim % FA2_SAFE_HEAD_DIM_MULTIPLE:
                 raise UnsupportedCase(self.name, [f"{part.kernel} resolved to fa2: " + _REASON_4299.format(hd=layer.head_dim)])
-            parts.append(dataclasses.replace(part, details=part.details + (("resolved_backend", resolved),)))
+            kv_layout = self.ragged_kv_layout if part.kernel == RAGGED else part.layout
+            parts.append(dataclasses.replace(part, details=part.details + (("resolved_backend", resolved),
+                                                                           ("kernel_kv_layout", kv_layout))))
             wrappers.append(wrapper)
         if plan.parts:
             resolved = "+".join(p.detail("resolved_backend") for p in parts)
@@ -370,12 +464,11 @@ class FlashInferBackend(Backend):
         tensor_cores = bool(part.detail("tensor_cores", False))
         layout = self.ragged_kv_layout if part.kernel == RAGGED else part.layout
         key = (str(device), part.kernel, part.kernel_backend, layout, tensor_cores, part.index_units,
-               layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.dtype, layer.mask, layer.window_left,
-               layer.scale)
+               layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.head_dim_v, layer.dtype,
+               part.detail("kv_data_type"), layer.mask, layer.window_left, layer.scale, layer.logits_soft_cap)
         wrapper = self._wrappers.get(key)
         if wrapper is None:
-            wrapper = self._wrappers[key] = self._make_wrapper(part.kernel, part.kernel_backend, layout,
-                                                               tensor_cores, device)
+            wrapper = self._wrappers[key] = self._make_wrapper(part, layout, tensor_cores, device)
         batch = (metadata.qo_indptr, metadata.kv_indptr)
         if metadata.has_cache:
             batch += (metadata.paged_kv_indptr, metadata.paged_kv_indices, metadata.paged_kv_last_page_len,
@@ -386,23 +479,35 @@ class FlashInferBackend(Backend):
             self._planned_for[key] = batch
         return wrapper
 
-    def _make_wrapper(self, kernel: str, kernel_backend: str, layout: str, tensor_cores: bool, device):
+    def _make_wrapper(self, part: Plan, layout: str, tensor_cores: bool, device, **graph_buffers):
         import flashinfer
+        import torch
 
         ws = workspace(device)
+        kernel, kernel_backend = part.kernel, part.kernel_backend
         if kernel == RAGGED:
             return flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, kv_layout=layout, backend=kernel_backend)
         if kernel == PAGED_PREFILL:
             return flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, kv_layout=layout, backend=kernel_backend)
+        if kernel == SINK:
+            layer = part.layer
+            return flashinfer.BatchAttentionWithAttentionSinkWrapper(
+                ws, kv_layout=layout, backend=kernel_backend, q_data_type=getattr(torch, layer.dtype),
+                kv_data_type=getattr(torch, part.detail("kv_data_type")), head_dim_qk=layer.head_dim,
+                head_dim_vo=layer.head_dim_v, window_left=layer.window_left)
         return flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, kv_layout=layout, use_tensor_cores=tensor_cores,
-                                                            backend=kernel_backend)
+                                                            backend=kernel_backend, **graph_buffers)
 
     def _plan_wrapper(self, wrapper, part: Plan, md: AttentionMetadata, device) -> None:
         import torch
 
         layer = part.layer
         dtype = getattr(torch, layer.dtype)
+        kv_dtype = getattr(torch, part.detail("kv_data_type"))
         heads, kv_heads, hd = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        features = dict(window_left=layer.window_left, sm_scale=layer.scale, q_data_type=dtype, kv_data_type=kv_dtype)
+        if part.kernel != SINK:
+            features["logits_soft_cap"] = layer.logits_soft_cap or None
 
         def ints(values):
             return torch.tensor(values, dtype=torch.int32, device=device)
@@ -410,12 +515,11 @@ class FlashInferBackend(Backend):
         if part.kernel == DECODE:
             wrapper.plan(md.int_tensor("paged_kv_indptr", device), md.int_tensor("paged_kv_indices", device),
                          md.int_tensor("paged_kv_last_page_len", device), heads, kv_heads, hd, md.page_size,
-                         pos_encoding_mode="NONE", window_left=-1, sm_scale=layer.scale,
-                         q_data_type=dtype, kv_data_type=dtype)
+                         pos_encoding_mode="NONE", **features)
             return
         units = part.index_units
         qo_indptr = ints(kernel_offsets(md.qo_indptr, units, heads, hd))
-        common = dict(causal=layer.causal, sm_scale=layer.scale, q_data_type=dtype, kv_data_type=dtype)
+        common = dict(causal=layer.causal, head_dim_vo=layer.head_dim_v, **features)
         if part.kernel == RAGGED:
             if part.kernel_backend == "cudnn":  # maxima in tokens, whatever the offsets' units
                 common.update(max_token_per_sequence=md.max_seq_len_q, max_sequence_kv=md.max_seq_len_kv)
@@ -428,8 +532,29 @@ class FlashInferBackend(Backend):
             wrapper.plan(qo_indptr, md.int_tensor("paged_kv_indptr", device), md.int_tensor("paged_kv_indices", device),
                          md.int_tensor("paged_kv_last_page_len", device), heads, kv_heads, hd, md.page_size, **common)
 
+    # -- the plan, read back from the live wrappers -------------------------------------------------
+    def readback(self, plan: Plan) -> Optional[list[str]]:
+        """Each way a planned wrapper's own record of what it was specialized with (resolved backend,
+        layout, window, soft-cap, scale, mask, dtypes, tensor cores, sinks wrapper) differs from the
+        plan, as a sentence; [] when they agree; None for a plan made without a GPU (no wrappers)."""
+        if not plan.handle:
+            return None
+        mismatches = []
+        for part, wrapper in zip(plan.parts or (plan,), plan.handle):
+            live = live_specialization(wrapper, part.kernel)
+            for key, want in expected_specialization(part).items():
+                got = live.get(key, _MISSING)
+                if got is _MISSING:
+                    continue  # this wrapper does not record it
+                same = (math.isclose(float(got), float(want), rel_tol=1e-6, abs_tol=0.0)
+                        if key in ("sm_scale", "logits_soft_cap") else got == want)
+                if not same:
+                    mismatches.append(f"{part.kernel}: the plan says {key}={want!r}, the live wrapper was planned with "
+                                      f"{key}={got!r}")
+        return mismatches
+
     # -- forward ------------------------------------------------------------------------------------
-    def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None):
+    def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
         import torch
 
         layer = plan.layer
@@ -443,24 +568,136 @@ class FlashInferBackend(Backend):
             raise AttnInputError(f"the plan was made for another batch (requests, contexts, tokens = {made_for}, "
                                  f"this batch: {metadata.describe()}): plan this batch first")
         if out is None:
-            out = torch.empty_like(q)
+            out = q.new_empty((q.shape[0], layer.num_heads, layer.head_dim_v))
         manager = metadata.kv_cache_manager
+        cache = None
         if manager is not None:
-            manager.write(layer.layer_idx, metadata, k, v)
-            cache = (manager.k_cache(layer.layer_idx), manager.v_cache(layer.layer_idx))
+            manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
+            pool = manager.kv_pool(layer.layer_idx)
+            cache = pool if pool is not None else (manager.k_cache(layer.layer_idx), manager.v_cache(layer.layer_idx))
         for part in plan.parts or (plan,):
             start, stop = part.detail("requests")
             t0, t1 = part.detail("tokens")
             wrapper = self._planned_wrapper(part, self._subset(metadata, start, stop), q.device)
+            extra = {}
+            if lse is not None:
+                extra.update(lse=lse[t0:t1], return_lse=True)
             if part.kernel == RAGGED:
-                self._ragged_run(wrapper, q, k, v, out, layer)
+                self._ragged_run(wrapper, q, k, v, out, layer, **extra)
+                continue
+            extra["window_left"] = layer.window_left
+            if manager.quantized:
+                extra.update(k_scale=layer.k_scale, v_scale=layer.v_scale)
+            if part.kernel == SINK:
+                sinks = torch.tensor(layer.sinks, dtype=torch.float32, device=q.device)
+                wrapper.run(q[t0:t1], cache, sinks, layer.scale, out=out[t0:t1], **extra)
             else:
-                wrapper.run(q[t0:t1], cache, out=out[t0:t1])
+                wrapper.run(q[t0:t1], cache, out=out[t0:t1], **extra)
         return out
 
-    def _ragged_run(self, wrapper, q, k, v, out, layer: LayerSpec) -> None:
+    def _ragged_run(self, wrapper, q, k, v, out, layer: LayerSpec, **extra) -> None:
         """The ragged launch; K/V are [tokens, kv_heads, head_dim] (NHD), as the wrapper was built."""
-        wrapper.run(q, k, v, out=out)
+        wrapper.run(q, k, v, out=out, **extra)
+
+    # -- CUDA-graph decode ----------------------------------------------------------------------------
+    def graph_decoder(self, manager, layer: LayerSpec, max_batch: int, device) -> Optional["GraphDecoder"]:
+        """A decode step that can be captured in a CUDA graph once and replayed with new lengths,
+        page tables and a smaller live batch (padded to ``max_batch``): a BatchDecodeWithPagedKVCache
+        wrapper built with ``use_cuda_graph=True`` over fixed buffers, re-planned in place before each
+        replay. None where this variant's decode route cannot run the layer."""
+        return GraphDecoder(self, manager, layer, max_batch, device)
+
+
+_MISSING = object()
+
+
+def _dtype_text(value) -> Optional[str]:
+    return None if value is None else str(value).replace("torch.", "")
+
+
+def live_specialization(wrapper, kernel: str) -> dict:
+    """What a planned FlashInfer wrapper records of its specialization (attribute names of 0.7.2.post1;
+    an attribute this version does not set is left out, not guessed)."""
+    found = {"kernel": type(wrapper).__name__}
+    for key, attr in (("kv_layout", "_kv_layout"), ("window_left", "_window_left"),
+                      ("logits_soft_cap", "_logits_soft_cap"), ("sm_scale", "_sm_scale"), ("causal", "_causal"),
+                      ("use_tensor_cores", "_use_tensor_cores")):
+        value = getattr(wrapper, attr, _MISSING)
+        if value is not _MISSING and value is not None:
+            found[key] = value
+    for key, attr in (("q_data_type", "_cached_q_data_type"), ("kv_data_type", "_cached_kv_data_type")):
+        value = getattr(wrapper, attr, None)
+        if value is not None:
+            found[key] = _dtype_text(value)
+    if kernel != DECODE or getattr(wrapper, "_use_tensor_cores", False):
+        found["backend"] = _resolved_backend(wrapper)
+    return found
+
+
+class GraphDecoder:
+    """One decode step, captured once and replayed: FlashInfer's ``use_cuda_graph=True`` decode wrapper
+    over buffers sized for ``max_batch`` requests. ``plan(metadata)`` (outside the capture) writes the
+    step's lengths and page table into those buffers, padding the live batch with one-token requests
+    on a page of its own; ``run(q, out)`` is what gets captured."""
+
+    def __init__(self, backend: FlashInferBackend, manager, layer: LayerSpec, max_batch: int, device):
+        import torch
+
+        self.backend, self.manager, self.layer, self.max_batch = backend, manager, layer, max_batch
+        self.device = torch.device(device)
+        group_ok = layer.group_size in CUDA_CORE_DECODE_GROUPS and layer.head_dim in FA3_HEAD_DIMS
+        self.tensor_cores = not group_ok
+        self.kernel_backend = "fa2"
+        reasons = decode_hazards(self.kernel_backend, self.tensor_cores, layer, backend.sm(device),
+                                 fa3_budget_from_env())
+        if layer.sinks or layer.head_dim_v != layer.head_dim or layer.return_lse:
+            reasons.append("the graph decoder covers plain decode (no sinks, one head dim, no LSE)")
+        if reasons:
+            raise UnsupportedCase(backend.name, reasons)
+        self.indptr = torch.zeros(max_batch + 1, dtype=torch.int32, device=self.device)
+        self.indices = torch.zeros(manager.num_pages + max_batch, dtype=torch.int32, device=self.device)
+        self.last_page_len = torch.ones(max_batch, dtype=torch.int32, device=self.device)
+        import flashinfer
+
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace(self.device), kv_layout=manager.layout, use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
+            backend=self.kernel_backend, paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last_page_len)
+        self.pad_page = 0  # padded requests read one token of page 0; their rows are never compared
+        self.planned: Optional[Plan] = None
+
+    def plan(self, metadata: AttentionMetadata) -> Plan:
+        import torch
+
+        live = metadata.num_requests
+        if metadata.num_contexts or metadata.max_generation_q != 1 or live > self.max_batch:
+            raise AttnInputError(f"a graph decode step takes up to {self.max_batch} one-token generation requests, "
+                                 f"not {metadata.describe()}")
+        pad = self.max_batch - live
+        indptr = list(metadata.paged_kv_indptr)
+        indptr += [indptr[-1] + i + 1 for i in range(pad)]
+        indices = list(metadata.paged_kv_indices) + [self.pad_page] * pad
+        last = list(metadata.paged_kv_last_page_len) + [1] * pad
+        layer = self.layer
+        self.wrapper.plan(torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32),
+                          torch.tensor(last, dtype=torch.int32), layer.num_heads, layer.num_kv_heads, layer.head_dim,
+                          metadata.page_size, pos_encoding_mode="NONE", window_left=layer.window_left,
+                          logits_soft_cap=layer.logits_soft_cap or None, sm_scale=layer.scale,
+                          q_data_type=getattr(torch, layer.dtype),
+                          kv_data_type=getattr(torch, metadata.kv_cache_manager.dtype))
+        self.planned = Plan(self.backend.name, DECODE, self.kernel_backend, metadata.kv_cache_manager.layout, "pages",
+                            True, device=str(self.device), layer=layer,
+                            details=(("cuda_graph", True), ("live_requests", live), ("padded_to", self.max_batch),
+                                     ("tensor_cores", self.tensor_cores)))
+        return self.planned
+
+    def run(self, q, out) -> None:
+        layer, manager = self.layer, self.manager
+        pool = manager.kv_pool(layer.layer_idx)
+        extra = {"window_left": layer.window_left}
+        if manager.quantized:
+            extra.update(k_scale=layer.k_scale, v_scale=layer.v_scale)
+        self.wrapper.run(q, pool, out=out, **extra)
 
 
 BACKENDS = [FlashInferBackend(name) for name in VARIANTS]

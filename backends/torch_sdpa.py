@@ -143,10 +143,12 @@ class TorchSDPABackend(Backend):
     def _needs_causal(metadata: AttentionMetadata) -> bool:
         return any(q > 1 for q in metadata.seq_lens)
 
-    def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None):
+    def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
         import torch
 
         layer = plan.layer
+        if lse is not None:
+            raise NotImplementedError("torch's SDPA returns no log-sum-exp; this backend declares lse_base=None")
         metadata.check_inputs(q, k, v, layer, require_contiguous=False)
         if out is None:
             out = q.new_empty((q.shape[0], layer.num_heads, layer.head_dim_v))

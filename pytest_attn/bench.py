@@ -90,7 +90,7 @@ def attention_flops(metadata, layer) -> int:
 
 
 def row_info(backend: Backend, plan, batch: "AttnBatch", timing: "Timing", *, series: str, peak_tflops: float,
-             device: str, label: Optional[str] = None) -> dict:
+             device: str, label: Optional[str] = None, metric: str = "device") -> dict:
     """Everything a benchmark row carries besides the device-time stats (all JSON-able)."""
     md, layer = batch.metadata, batch.layer
     flops = attention_flops(md, layer)
@@ -103,8 +103,9 @@ def row_info(backend: Backend, plan, batch: "AttnBatch", timing: "Timing", *, se
         "num_heads": layer.num_heads, "num_kv_heads": layer.num_kv_heads, "head_dim": layer.head_dim,
         "dtype": layer.dtype, "mask": layer.mask, "device": device,
         "flops": flops, "tflops": tflops,
-        "device_ms": median * 1e3, "host_overhead_ms": timing.host_overhead_s * 1e3,
-        "host_call_ms": timing.host_median_s * 1e3,
+        "device_ms": median * 1e3, "eager_ms": timing.eager_median_s * 1e3,
+        "host_overhead_ms": timing.host_overhead_s * 1e3, "host_call_ms": timing.host_median_s * 1e3,
+        "metric": metric,  # which samples pytest-benchmark's statistics (and so the gate) hold
         "plan_ms": None if timing.plan_s is None else timing.plan_s * 1e3,
         "plan_first_ms": None if timing.plan_first_s is None else timing.plan_first_s * 1e3,
         "us_per_token": median * 1e6 / max(1, md.num_tokens),
@@ -190,9 +191,12 @@ class AttnBenchmark:
         return bool(self.benchmark.disabled)
 
     def __call__(self, backend: Backend, batch: "AttnBatch", *, series: str = "", label: Optional[str] = None,
-                 group: Optional[str] = None) -> Optional["Timing"]:
+                 group: Optional[str] = None, metric: str = "device") -> Optional["Timing"]:
         """Benchmark one forward of ``batch`` through ``backend``; returns the Timing (None when
-        benchmarks are disabled, where the call still runs once, as pytest-benchmark does)."""
+        benchmarks are disabled, where the call still runs once, as pytest-benchmark does).
+        ``metric`` picks what pytest-benchmark records, and so what --benchmark-compare-fail gates:
+        "device" (CUDA-graph replay where the call can be captured) or "eager" (wall time per call
+        of uncaptured calls back to back, host overhead included). The row's extra_info has both."""
         from .timing import GraphCaptureError, matmul_peak_tflops
 
         if self.disabled:
@@ -209,11 +213,13 @@ class AttnBenchmark:
         shape = f"h{layer.num_heads}/{layer.num_kv_heads}xd{layer.head_dim} {layer.dtype} {layer.mask}"
         series = series or "custom"
         tail = f" {label}" if label and label != series else ""
-        self.benchmark.group = group or f"{series} {shape}{tail}"
+        regime = "" if metric == "device" else f" [{metric}]"
+        self.benchmark.group = group or f"{series} {shape}{tail}{regime}"
         self.info = row_info(backend, plan, batch, timing, series=f"{series} {shape}",
-                             peak_tflops=matmul_peak_tflops(batch.device), device=batch.device, label=label)
+                             peak_tflops=matmul_peak_tflops(batch.device), device=batch.device, label=label,
+                             metric=metric)
         self.benchmark.extra_info.update(self.info)
-        record_samples(self.benchmark, timing.device_s, timing.method)
+        record_samples(self.benchmark, timing.samples(metric), timing.method if metric == "device" else "eager-wall")
         return timing
 
 

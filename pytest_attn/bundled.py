@@ -74,3 +74,39 @@ def header_line(config, added: bool) -> Optional[str]:
     if config.getoption("attn_suite", "auto") == "off":
         return "attn suite: off (--attn-suite=off)"
     return None
+
+
+def inapplicable(item, session) -> bool:
+    """A suite test that cannot apply to this run (see suite/conftest.py)."""
+    from .contract import Backend
+    from .items import backend_name_of
+
+    if suite_dir() not in item.path.parents:
+        return False
+    if item.get_closest_marker("attn_gpu") is not None and session.device_type != "cuda":
+        return True
+    name = item.path.name
+    if name == "test_graph_replay.py":
+        backend = session.registry.get(backend_name_of(item))
+        return type(backend).graph_decoder is Backend.graph_decoder
+    if name == "test_differential.py":
+        callspec = getattr(item, "callspec", None)
+        case = callspec.params.get("case_name") if callspec is not None else None
+        runnable = [b for b in session.selected if session.availability(b)]
+        if len(runnable) < 2:
+            return True
+        if session.case_filter and case is not None:
+            from .cases import select
+
+            return case not in {c.name for c in select(session.case_filter)}
+    return False
+
+
+def deselect_inapplicable(config, items) -> None:
+    from .session import attn_session_of
+
+    session = attn_session_of(config)
+    drop = [item for item in items if inapplicable(item, session)]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if item not in drop]

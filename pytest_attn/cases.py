@@ -113,6 +113,12 @@ class BatchCase:
                                or self.draft_tokens):
             raise AttnInputError(f"case {self.name}: decode steps, joining prompts, chunks, shared prefixes and draft "
                                  "tokens need cache=True")
+        if self.cache and 0 in self.seq_lens + self.joining:
+            raise AttnInputError(f"case {self.name}: a prompt on a paged cache needs at least one token (a request "
+                                 "with none would be scheduled as a generation request before it is in the cache)")
+        if self.cache and self.num_steps < 2 and (self.joining or self.shared_prefix or self.draft_tokens):
+            raise AttnInputError(f"case {self.name}: joining prompts, a shared prefix and draft tokens come at step 1, "
+                                 "and this case has one step: give decode_steps >= 1 or a chunk_size")
         if self.kv_seq_lens and (self.cache or len(self.kv_seq_lens) != len(self.seq_lens)):
             raise AttnInputError(f"case {self.name}: kv_seq_lens (cross-attention) need cache=False and one entry "
                                  "per request")
@@ -137,7 +143,10 @@ class BatchCase:
         if not (isinstance(self.logit_shift, (int, float)) and self.logit_shift <= 0):
             raise AttnInputError(f"case {self.name}: logit_shift must be 0 or negative, got {self.logit_shift!r}")
         for i in range(self.num_layers):
-            self.layer(i)  # heads, dims, dtypes, masks, scales are checked there
+            try:
+                self.layer(i)  # heads, dims, dtypes, masks, scales are checked there
+            except AttnInputError as exc:
+                raise AttnInputError(f"case {self.name}: {exc}") from None
 
     # -- layers -----------------------------------------------------------------------------------
     def layer(self, layer_idx: int = 0) -> LayerSpec:

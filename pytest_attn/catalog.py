@@ -141,7 +141,7 @@ _CASES = [
             description="causal with fewer queries than keys: aligned bottom-right"),
     # -- chunked prefill and cached prefixes (D10: #8, #18, #19, #30) -----------------------------------
     _paged("chunked-prefill", 8, 2, 128, (300, 40), chunk_size=128, tags=("chunked", "mixed"),
-           description="a prompt in three chunks while another request decodes"),
+           description="a prompt in three chunks; the other request decodes beside its second chunk, then finishes"),
     _paged("chunked-kv-lt16", 14, 2, 64, (9, 12), chunk_size=8, decode_steps=1, tags=("chunked",),
            description="chunks over fewer than 16 cached keys: fmha_v2 fallback reads paged KV wrong (#8)"),
     _paged("prefix-reuse", 8, 2, 64, (100, 30), shared_prefix=64, tags=("prefix", "chunked"),

@@ -4,6 +4,7 @@
   pytest-attn compare [.benchmarks | FILE.json ...] --plot out.png
   pytest-attn cases                                 the catalog of batch cases
   pytest-attn backends                              every registered backend: origin, availability, support
+  pytest-attn differential CASE                     one case through every backend, compared with each other
 
 torch is imported only by the subcommands that run something.
 """
@@ -18,23 +19,27 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pytest-attn", description="pytest-attn: attention backend tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    seed = sub.add_parser("seed-table", help="the seed's microbenchmark for two backends, as a table",
+    seed = sub.add_parser("seed-table", help="the seed's microbenchmark for several backends, in both regimes",
                           description="Batch 1, 16 heads x 80 (hidden 1280), bf16, full mask, seq_len 128..8192, "
-                                      "then ragged ViT mixes; device time per call (CUDA graph replay or events "
-                                      "on GPU, wall clock on CPU).")
-    seed.add_argument("--a", required=True, metavar="BACKEND", help="backend A (a registered name)")
-    seed.add_argument("--b", required=True, metavar="BACKEND", help="backend B (a registered name)")
+                                      "then ragged ViT mixes; per backend, device time per call under CUDA-graph "
+                                      "replay (graph) and wall time per call of uncaptured calls back to back, host "
+                                      "overhead included (eager). On CPU both are wall clock.")
+    seed.add_argument("--backends", default=None, metavar="NAME[,NAME...]",
+                      help=f"backends to compare (default: {', '.join(DEFAULT_SEED_BACKENDS)}, those available here)")
+    seed.add_argument("--a", default=None, metavar="BACKEND", help="backend A (with --b: exactly two backends)")
+    seed.add_argument("--b", default=None, metavar="BACKEND", help="backend B")
     seed.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     seed.add_argument("--max-seq", type=int, default=None,
                       help="skip sizes above this (default: none on CUDA, 1024 on CPU; 0: no limit)")
     seed.add_argument("--seq-lens", default=None, help="comma list instead of 128,256,...,8192")
     seed.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
-    seed.add_argument("--iters", type=int, default=50, help="timed calls (default 50)")
+    seed.add_argument("--iters", type=int, default=50, help="timed samples per regime (default 50)")
     seed.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
-                      help="time CUDA-graph replays when capture works (auto), always, or never")
+                      help="time CUDA-graph replays when capture works (auto), always, or never (events)")
     seed.add_argument("--cold-l2", action="store_true", help="flush the L2 cache before each timed call")
     seed.add_argument("--no-mix", action="store_true", help="leave out the ragged ViT mixes")
     seed.add_argument("--seed", type=int, default=0, help="input seed")
+    seed.add_argument("--plot", default=None, metavar="PNG", help="µs per token against seq_len, one panel per regime")
 
     compare = sub.add_parser("compare", help="crossovers and a plot from saved pytest-benchmark runs",
                              description="Reads pytest-benchmark JSON files (--benchmark-autosave writes them "
@@ -47,6 +52,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     cases = sub.add_parser("cases", help="list the catalog of batch cases")
     cases.add_argument("filter", nargs="*", help="only cases with these names or tags")
+
+    diff = sub.add_parser("differential", help="one catalog case through every available backend: each against "
+                                               "the reference and against each other")
+    diff.add_argument("case", help="a catalog case name (pytest-attn cases lists them)")
+    diff.add_argument("--backends", default="all", metavar="NAME[,NAME...]", help="default: every available one")
+    diff.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    diff.add_argument("--seed", type=int, default=0, help="input seed")
 
     sub.add_parser("backends", help="every registered backend: where it comes from, whether it runs here, what "
                                     "it supports; and the versions of torch, CUDA, cuDNN and FlashInfer")
@@ -62,12 +74,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return compare_command(args)
         if args.command == "backends":
             return backends_command(args)
+        if args.command == "differential":
+            return differential_command(args)
         return cases_command(args)
     except BrokenPipeError:  # `pytest-attn cases | head`
         return 0
 
 
 # -- seed-table --------------------------------------------------------------------------------------
+DEFAULT_SEED_BACKENDS = ("trtllm", "flashinfer", "torch")  # the seed's pair, and torch where it runs
+REGIMES = {"graph": "device time per call, CUDA-graph replay (events where a call cannot be captured)",
+           "eager": "wall time per call of uncaptured calls back to back, host overhead included"}
+
+
 def seed_rows(max_seq: Optional[int], seq_lens: Optional[Sequence[int]], with_mixes: bool) -> list[tuple[str, tuple]]:
     from .bench import SEED_SEQ_LENS, VIT_MIXES
 
@@ -77,68 +96,103 @@ def seed_rows(max_seq: Optional[int], seq_lens: Optional[Sequence[int]], with_mi
     return rows
 
 
+def _seed_backends(args, registry) -> list:
+    """The backends to compare: --a/--b, --backends, or the defaults that are available here."""
+    from . import guard
+
+    if args.a or args.b:
+        if not (args.a and args.b):
+            raise ValueError("give both --a and --b, or --backends NAME,NAME,...")
+        names, explicit = [args.a, args.b], True
+    elif args.backends:
+        names, explicit = [n.strip() for n in args.backends.split(",") if n.strip()], True
+    else:
+        names, explicit = list(DEFAULT_SEED_BACKENDS), False
+    backends = registry.resolve(names) if explicit else [registry.get(n) for n in names if n in registry.names]
+    chosen = []
+    for backend in backends:
+        availability = guard.availability(backend)
+        if availability:
+            chosen.append(backend)
+        elif explicit:
+            raise ValueError(f"backend {backend.name!r} is unavailable here: {availability.reason}")
+    if not chosen:
+        raise ValueError(f"none of {', '.join(names)} is available here; name others with --backends "
+                         "(pytest-attn backends lists them)")
+    return chosen
+
+
 def seed_table_command(args) -> int:
+    from .batch import build_batch
     from .bench import CPU_SEED_TABLE_MAX_SEQ, BenchSettings, measure_backend
     from .cases import VIT_HEAD_DIM, VIT_HEADS
+    from .compare import REGIME_TITLES, draw_panels, pair_lines
     from .errors import AttnError, UnsupportedCase
-    from .batch import build_batch
     from .registry import Registry
     from .timing import GraphCaptureError
 
     registry = Registry.discover()
     try:
-        backends = [registry.get(args.a), registry.get(args.b)]
-    except AttnError as exc:
+        backends = _seed_backends(args, registry)
+    except (AttnError, ValueError) as exc:
         print(f"pytest-attn seed-table: {exc}", file=sys.stderr)
         return 2
     device = _device(args.device)
     if device is None:
         return 2
-    for backend in backends:
-        availability = backend.available()
-        if not availability:
-            print(f"pytest-attn seed-table: backend {backend.name!r} is unavailable here: {availability.reason}",
-                  file=sys.stderr)
-            return 2
     max_seq = args.max_seq if args.max_seq is not None else (CPU_SEED_TABLE_MAX_SEQ if device == "cpu" else None)
     seq_lens = [int(s) for s in args.seq_lens.split(",")] if args.seq_lens else None
     settings = BenchSettings(args.warmup, args.iters, args.graph, args.cold_l2)
-    a, b = (bk.name for bk in backends)
+    names = [b.name for b in backends]
     print(f"seed microbenchmark: batch 1 (then ragged ViT mixes), {VIT_HEADS} heads x {VIT_HEAD_DIM} (hidden "
-          f"{VIT_HEADS * VIT_HEAD_DIM}), bf16, full mask, {settings.warmup} warm-up + {settings.iters} timed calls, "
-          f"device {device}{', cold L2' if settings.cold_l2 else ''}")
-    print(f"A = {a}, B = {b}; times are medians of device time per call")
-    header = f"{'seq_len':>20} | {'A_ms':>9} | {'B_ms':>9} | {'A_µs/tok':>9} | {'B_µs/tok':>9} | {'ratio A/B':>9}"
+          f"{VIT_HEADS * VIT_HEAD_DIM}), bf16, full mask, {settings.warmup} warm-up + {settings.iters} timed samples "
+          f"per regime, device {device}{', cold L2' if settings.cold_l2 else ''}")
+    for regime, text in REGIMES.items():
+        print(f"  {regime}: {text}")
+    print("milliseconds per call, medians")
+    cells = [f"{n} {r}" for n in names for r in REGIMES]
+    width = max(10, *(len(c) for c in cells))
+    header = f"{'seq_len':>20} | " + " | ".join(f"{c:>{width}}" for c in cells)
     print(header)
     print("-" * len(header))
     notes: dict[str, str] = {}
+    sweep: dict[str, dict[str, dict[int, float]]] = {r: {n: {} for n in names} for r in REGIMES}  # µs/token
     for label, lens in seed_rows(max_seq, seq_lens, not args.no_mix):
         batch = build_batch(list(lens), num_heads=VIT_HEADS, head_dim=VIT_HEAD_DIM, dtype="bfloat16", mask="full",
                             device=device, seed=args.seed)
-        ms = []
+        row = []
         for backend in backends:
             try:
                 plan, timing, _ = measure_backend(backend, batch, settings)
             except UnsupportedCase as exc:
                 notes[backend.name] = "unsupported: " + "; ".join(exc.reasons)
-                ms.append(None)
+                row += [None, None]
                 continue
             except GraphCaptureError as exc:
                 print(f"pytest-attn seed-table: {exc}", file=sys.stderr)
                 return 1
-            ms.append(timing.device_median_s * 1e3)
+            figures = {"graph": timing.device_median_s, "eager": timing.eager_median_s}
+            row += [figures["graph"] * 1e3, figures["eager"] * 1e3]
+            if len(lens) == 1:
+                for regime, seconds in figures.items():
+                    sweep[regime][backend.name][lens[0]] = seconds * 1e6 / lens[0]
             fallback = f" ({timing.graph_fallback})" if timing.graph_fallback and device != "cpu" else ""
-            notes[backend.name] = (f"{plan.describe()}; timed by {timing.method}{fallback}; at {label}: plan "
-                                   f"{timing.plan_s * 1e3:.3f} ms, host overhead {timing.host_overhead_s * 1e3:.3f} ms/call")
-        if len(lens) > 1:
-            label = f"{label} ({sum(lens)})"
-        tokens = sum(lens)
-        cells = [_fmt(m) for m in ms] + [_fmt(m * 1e3 / tokens if m is not None else None) for m in ms]
-        ratio = _fmt(ms[0] / ms[1]) if None not in ms and ms[1] > 0 else "n/a"
-        print(f"{label:>20} | {cells[0]:>9} | {cells[1]:>9} | {cells[2]:>9} | {cells[3]:>9} | {ratio:>9}")
+            notes[backend.name] = (f"{plan.describe()}; graph regime timed by {timing.method}{fallback}; at {label}: "
+                                   f"plan {timing.plan_s * 1e3:.3f} ms, host overhead "
+                                   f"{timing.host_overhead_s * 1e3:.3f} ms per synchronised call")
+        shown = f"{label} ({sum(lens)})" if len(lens) > 1 else label
+        print(f"{shown:>20} | " + " | ".join(f"{_fmt(v):>{width}}" for v in row))
         sys.stdout.flush()
+    for regime in REGIMES:
+        print(f"crossovers, {regime}:")
+        for line in pair_lines({n: pts for n, pts in sweep[regime].items() if pts}):
+            print(f"  {line}")
     for name, note in notes.items():
         print(f"{name}: {note}")
+    if args.plot:
+        panels = [(f"seed h{VIT_HEADS}xd{VIT_HEAD_DIM} bf16 full [{r}: {REGIME_TITLES[r]}]\n{device}",
+                   {n: pts for n, pts in sweep[r].items() if pts}) for r in REGIMES]
+        print(f"plot: {draw_panels([p for p in panels if p[1]], args.plot)}")
     return 0
 
 
@@ -191,6 +245,31 @@ def backends_command(args) -> int:
 
     print("\n".join(report(Registry.discover())))
     return 0
+
+
+# -- differential ---------------------------------------------------------------------------------------
+def differential_command(args) -> int:
+    from . import guard
+    from .catalog import CATALOG
+    from .differential import differential
+    from .errors import AttnError
+    from .registry import Registry
+
+    if args.case not in CATALOG:
+        print(f"pytest-attn differential: unknown case {args.case!r}; pytest-attn cases lists them", file=sys.stderr)
+        return 2
+    try:
+        backends = Registry.discover().resolve([args.backends])
+    except AttnError as exc:
+        print(f"pytest-attn differential: {exc}", file=sys.stderr)
+        return 2
+    backends = [b for b in backends if guard.availability(b)]
+    device = _device(args.device)
+    if device is None:
+        return 2
+    result = differential(backends, CATALOG[args.case], device=device, seed=args.seed)
+    print("\n".join(result.lines()))
+    return 0 if all(r.passed for r in result.ran) else 1
 
 
 # -- cases -----------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Reading saved pytest-benchmark runs (``--benchmark-autosave`` / ``--benchmark-json`` files):
-where one backend overtakes another along a sequence-length sweep, per run (commit), and a plot
-of µs per token against seq_len.
+where one backend overtakes another along a sequence-length sweep, per run (commit), in both
+regimes a model pays (device time under CUDA-graph replay, and eager wall time per call, host
+overhead included: each row's extra_info carries both), and a plot of µs per token against seq_len
+with one panel per regime.
 
 Runs from different GPUs are never mixed: they are reported in separate sections (and separate
 panels of the plot), with a warning, or refused with ``require_same_device``.
@@ -21,18 +23,28 @@ class CompareError(Exception):
     """Nothing usable to compare, or runs from different devices where one device was required."""
 
 
+REGIMES = ("graph", "eager")
+REGIME_TITLES = {"graph": "device time, CUDA-graph replay", "eager": "eager wall time per call (host overhead included)"}
+
+
 @dataclass(frozen=True)
 class Row:
     backend: str
     series: str  # what is swept, with the layer's shape: "seed h16/16xd80 bfloat16 full"
     seq_len: Optional[int]  # the sweep's x; None for rows that are not one sequence
     tokens: int
-    median_s: float
+    median_s: float  # of what pytest-benchmark recorded (the row's metric)
     name: str
+    device_s: Optional[float] = None  # the row's own figures of each regime (extra_info)
+    eager_s: Optional[float] = None
 
     @property
     def us_per_token(self) -> float:
         return self.median_s * 1e6 / max(1, self.tokens)
+
+    def regime_s(self, regime: str) -> Optional[float]:
+        """Median seconds per call in ``regime``: "graph" (device time) or "eager"."""
+        return self.device_s if regime == "graph" else self.eager_s
 
 
 @dataclass
@@ -88,9 +100,15 @@ def load_run(path: Path) -> Optional[Run]:
         if "backend" not in info or "median" not in stats:
             continue
         seq_len = info.get("seq_len")
+        median = float(stats["median"])
+        device = info.get("device_ms")
+        eager = info.get("eager_ms")
         run.rows.append(Row(info["backend"], info.get("series", bench.get("group") or ""),
                             int(seq_len) if seq_len is not None else None, int(info.get("tokens") or 1),
-                            float(stats["median"]), bench.get("fullname", bench.get("name", ""))))
+                            median, bench.get("fullname", bench.get("name", "")),
+                            device / 1e3 if device is not None else (median if info.get("metric", "device") == "device"
+                                                                      else None),
+                            eager / 1e3 if eager is not None else None))
     return run if run.rows else None
 
 
@@ -115,12 +133,14 @@ def by_machine(runs: list[Run]) -> dict[str, list[Run]]:
     return dict(groups)
 
 
-def sweeps(run: Run) -> dict[str, dict[str, dict[int, float]]]:
-    """series -> backend -> seq_len -> µs per token (rows along a one-sequence sweep only)."""
+def sweeps(run: Run, regime: str = "graph") -> dict[str, dict[str, dict[int, float]]]:
+    """series -> backend -> seq_len -> µs per token in ``regime`` (rows along a one-sequence sweep
+    only, and only rows that measured that regime)."""
     out: dict = defaultdict(lambda: defaultdict(dict))
     for row in run.rows:
-        if row.seq_len is not None:
-            out[row.series][row.backend][row.seq_len] = row.us_per_token
+        seconds = row.regime_s(regime)
+        if row.seq_len is not None and seconds is not None:
+            out[row.series][row.backend][row.seq_len] = seconds * 1e6 / max(1, row.tokens)
     return out
 
 
@@ -164,45 +184,59 @@ def report(runs: list[Run]) -> tuple[str, bool]:
         for run in machine_runs:
             versions = ", ".join(f"{k} {run.attn[k]}" for k in ("torch", "cuda", "flashinfer") if run.attn.get(k))
             lines.append(f"run {run.label} ({run.when or 'no date'}; {run.path.name}){': ' + versions if versions else ''}")
-            series = sweeps(run)
-            if not series:
+            if not any(sweeps(run, regime) for regime in REGIMES):
                 lines.append("  (no seq_len sweep in this run)")
-            for name, per_backend in sorted(series.items()):
-                names = sorted(per_backend)
-                lines.append(f"  {name}: " + ", ".join(f"{n} ({len(per_backend[n])} sizes)" for n in names))
-                if len(names) < 2:
-                    lines.append("    one backend only: nothing to compare")
-                for i, a in enumerate(names):
-                    for b in names[i + 1:]:
-                        lines.append("    " + describe_pair(a, per_backend[a], b, per_backend[b]))
+            for regime in REGIMES:
+                for name, per_backend in sorted(sweeps(run, regime).items()):
+                    lines.append(f"  [{regime}: {REGIME_TITLES[regime]}] {name}: "
+                                 + ", ".join(f"{n} ({len(per_backend[n])} sizes)" for n in sorted(per_backend)))
+                    lines.extend("    " + line for line in pair_lines(per_backend))
     return "\n".join(lines), mixed
 
 
+def pair_lines(per_backend: dict[str, dict[int, float]]) -> list[str]:
+    """describe_pair for every pair of backends (or why there is nothing to compare)."""
+    names = sorted(per_backend)
+    if len(names) < 2:
+        return ["one backend only: nothing to compare"]
+    return [describe_pair(a, per_backend[a], b, per_backend[b]) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
 def plot(runs: list[Run], out: Path) -> Path:
-    """µs per token against seq_len, one line per (backend, run), one panel per (device, series)."""
+    """µs per token against seq_len, one line per (backend, run), one panel per (device, series,
+    regime): graph replay on the left, eager on the right."""
+    panels = []
+    for machine, machine_runs in by_machine(runs).items():
+        names = sorted({s for run in machine_runs for regime in REGIMES for s in sweeps(run, regime)})
+        for series in names:
+            for regime in REGIMES:
+                lines = {f"{backend} @ {run.label}": points for run in machine_runs
+                         for backend, points in sorted(sweeps(run, regime).get(series, {}).items())}
+                if lines:
+                    panels.append((f"{series} [{regime}: {REGIME_TITLES[regime]}]\n{machine}", lines))
+    if not panels:
+        raise CompareError("nothing to plot: no run has a seq_len sweep (the seed microbenchmark)")
+    return draw_panels(panels, out)
+
+
+def draw_panels(panels: list[tuple[str, dict[str, dict[int, float]]]], out: Path) -> Path:
+    """One panel per (title, {line label: {seq_len: µs per token}}), two to a row."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on CI runners
     import matplotlib.pyplot as plt
 
-    panels = []
-    for machine, machine_runs in by_machine(runs).items():
-        names = sorted({s for run in machine_runs for s in sweeps(run)})
-        panels.extend((machine, s, machine_runs) for s in names)
-    if not panels:
-        raise CompareError("nothing to plot: no run has a seq_len sweep (the seed microbenchmark)")
     cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.5 * rows), squeeze=False)
-    for ax, (machine, series, machine_runs) in zip(axes.flat, panels):
-        for run in machine_runs:
-            for backend, points in sorted(sweeps(run).get(series, {}).items()):
-                xs = sorted(points)
-                ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{backend} @ {run.label}")
+    for ax, (title, lines) in zip(axes.flat, panels):
+        for label, points in lines.items():
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("seq_len (tokens)")
-        ax.set_ylabel("µs per token (device time, median)")
-        ax.set_title(f"{series}\n{machine}", fontsize=9)
+        ax.set_ylabel("µs per token (median)")
+        ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:

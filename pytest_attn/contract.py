@@ -228,8 +228,8 @@ class Backend(abc.ABC):
         """Decide how to run this layer on this batch. Runs no kernel."""
 
     @abc.abstractmethod
-    def forward(self, q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor",
-                metadata: "AttentionMetadata", plan: Plan, out: Optional["torch.Tensor"] = None) -> "torch.Tensor":
+    def forward(self, q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", metadata: "AttentionMetadata",
+                plan: Plan, out: Optional["torch.Tensor"] = None, lse: Optional["torch.Tensor"] = None) -> "torch.Tensor":
         """Attention of q over this batch's keys; writes into ``out`` when given and returns it.
 
         q: [num_tokens, num_heads, head_dim]; k, v: [num_kv_tokens, num_kv_heads, head_dim (v:
@@ -240,6 +240,24 @@ class Backend(abc.ABC):
         num_heads, head_dim_v]. When the layer has ``return_lse``, forward is also given
         ``lse=`` a float32 [num_tokens, num_heads] buffer to fill, in the base
         ``capabilities.lse_base`` says. The layer is ``plan.layer``."""
+
+    # -- optional --------------------------------------------------------------------------------
+    def readback(self, plan: Plan) -> Optional[list[str]]:
+        """After a forward with ``plan``: how the live kernel's own record of what it was specialized
+        with (a planned wrapper's backend, layout, window, soft-cap, scale, dtypes; a JIT module's
+        name) differs from the plan, one sentence each; [] when they agree. None (the default):
+        nothing to read back. The suite checks it beside the output, so a feature passed at run time
+        but not at plan time fails (sglang #33915, PR #31501)."""
+        return None
+
+    def graph_decoder(self, manager, layer: LayerSpec, max_batch: int, device) -> Optional[Any]:
+        """A decode step that can be captured in a CUDA graph once and replayed: an object with
+        ``plan(metadata) -> Plan`` (outside the capture: writes the step's lengths and page table
+        into fixed buffers, padding the live batch to ``max_batch`` one-token requests) and
+        ``run(q, out)`` (what is captured: attention of q [max_batch, heads, head_dim] over
+        ``manager``'s cache for the planned step). None (the default): not offered. Raises
+        UnsupportedCase for a layer its graph path cannot run."""
+        return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -107,6 +107,13 @@ def forward(backend: Backend, q, k, v, metadata, plan_: Plan, out, lse: Optional
     return result
 
 
+def readback(backend: Backend, plan_: Plan) -> Optional[list[str]]:
+    result = call(backend, "readback", plan_)
+    if result is not None and (not isinstance(result, (list, tuple)) or not all(isinstance(r, str) for r in result)):
+        raise BackendError(f"{who(backend)}: readback() returned {result!r}; it must return None or a list of sentences")
+    return None if result is None else list(result)
+
+
 def check_inputs_unchanged(backend: Backend, before: dict, after: dict) -> None:
     """q, k and v must be as they were: a kernel that writes into its inputs corrupts the model."""
     import torch

@@ -140,6 +140,11 @@ def run_forward(backend: Backend, q, k, v, metadata: AttentionMetadata, layer: L
     before = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
     guard.forward(backend, q, k, v, metadata, plan, out, lse)
     guard.check_inputs_unchanged(backend, before, {"q": q, "k": k, "v": v})
+    mismatches = guard.readback(backend, plan)
+    if mismatches:
+        raise AttnCheckFailure(f"backend {backend.name!r}: its plan and the live kernel disagree on "
+                               f"{metadata.describe()}:\n- " + "\n- ".join(mismatches),
+                               summary=f"plan and live kernel disagree: {mismatches[0]}")
     return Forward(plan, out, lse)
 
 

@@ -49,8 +49,14 @@ class PagedKVCacheManager:
         except (RuntimeError, TypeError):
             raise AttnInputError(f"PagedKVCacheManager: device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
         self.dtype = kv_dtype_name(dtype)
-        self._k = [self._poisoned(self._shape(head_dim), K_POISON) for _ in range(num_layers)]
-        self._v = [self._poisoned(self._shape(head_dim_v), V_POISON) for _ in range(num_layers)]
+        if head_dim == head_dim_v:  # one [pages, 2, ...] pool per layer: K and V of a page side by side
+            self._pools = [self._stacked_pool() for _ in range(num_layers)]
+            self._k = [pool[:, 0] for pool in self._pools]
+            self._v = [pool[:, 1] for pool in self._pools]
+        else:  # K and V of different head dims cannot share one tensor
+            self._pools = None
+            self._k = [self._poisoned(self._shape(head_dim), K_POISON) for _ in range(num_layers)]
+            self._v = [self._poisoned(self._shape(head_dim_v), V_POISON) for _ in range(num_layers)]
         free = list(range(num_pages))
         if scramble_seed is not None:
             random.Random(scramble_seed).shuffle(free)
@@ -58,6 +64,13 @@ class PagedKVCacheManager:
         self._pages: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
         self._users: dict[int, int] = {}  # page -> how many requests hold it (shared prefixes: > 1)
+
+    def _stacked_pool(self) -> "torch.Tensor":
+        k_poison, v_poison = self.poison
+        shape = self._shape(self.head_dim)
+        pool = self._poisoned((shape[0], 2, *shape[1:]), k_poison)
+        pool[:, 1] = v_poison
+        return pool
 
     def _shape(self, dim: int) -> tuple[int, ...]:
         return ((self.num_pages, self.page_size, self.num_kv_heads, dim) if self.layout == "NHD"
@@ -185,6 +198,13 @@ class PagedKVCacheManager:
         return pages_for(tokens, self.page_size)
 
     # -- data -----------------------------------------------------------------------------------
+    def kv_pool(self, layer_idx: int = 0) -> Optional["torch.Tensor"]:
+        """The layer's cache as one contiguous tensor [pages, 2, page_size, kv_heads, head_dim] (NHD;
+        HND: [pages, 2, kv_heads, page_size, head_dim]), K then V of each page side by side, as
+        FlashInfer, vLLM and TensorRT-LLM keep it; k_cache and v_cache are views of it. None when
+        V's head dim differs from K's."""
+        return None if self._pools is None else self._pools[self._layer(layer_idx)]
+
     def k_cache(self, layer_idx: int = 0) -> "torch.Tensor":
         return self._k[self._layer(layer_idx)]
 
@@ -226,7 +246,7 @@ class PagedKVCacheManager:
             if tuple(t.shape) != expected:
                 raise AttnInputError(f"cache write: {name} is {tuple(t.shape)}, expected {expected}")
         for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
                 raise AttnInputError(f"cache write: {name} must be a positive number, got {scale!r}")
         pages, offsets = self.slot_mapping(metadata)
         self._token_view(self.k_cache(layer_idx))[pages, offsets] = self._stored(k, k_scale)

@@ -1,8 +1,9 @@
 """High-precision reference attention and the tolerance rule.
 
 The reference is computed per sequence in float32, as FlashAttention's own tests do: for bf16 and
-fp16 inputs its error (~1e-7) is four orders of magnitude below theirs. float32 inputs get float64
-on CPU (float32 on a GPU, where float64 is slow). It runs in query chunks, so an 8192-token
+fp16 inputs its error (~1e-7) is four orders of magnitude below theirs. float32 inputs get float64,
+on a GPU too (in float32 the reference and its low-precision twin would be the same computation,
+allowing no error at all: seen failing every fused kernel's float32 cases on an H100). It runs in query chunks, so an 8192-token
 sequence never materialises a whole score matrix. The same math done in the input precision gives
 the error this precision costs anyway; a backend passes when its error stays within a small
 multiple of that, plus a rounding floor (FlashAttention's rule; see
@@ -102,9 +103,8 @@ def _attend_one(q, k, v, layer: LayerSpec, compute_dtype, softmax_dtype, want_ls
 def _precision_dtypes(q, precision: str):
     import torch
 
-    if precision == "high":
-        wide_input = q.dtype in (torch.float32, torch.float64)
-        compute = torch.float64 if wide_input and q.device.type == "cpu" else torch.float32
+    if precision == "high":  # float32 inputs need float64, or the low-precision twin would be the reference
+        compute = torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32
         return compute, compute
     if precision == "low":
         return q.dtype, q.dtype
@@ -123,8 +123,8 @@ def reference_attention(q: "torch.Tensor", keys: Sequence["torch.Tensor"], value
     input dtype throughout, the way an unfused low-precision implementation does it.
 
     Returns the output [sum(q_lens), H, Dv], or (output, lse) with ``return_lse``: the natural
-    log-sum-exp of each query's logits [sum(q_lens), H] (the sink included; -inf where a query
-    sees no key).
+    log-sum-exp of each query's logits [sum(q_lens), H] (the sink included). A query that sees no
+    key has output 0 and LSE -inf (the sink's logit, with sinks).
     """
     import torch
 
@@ -170,7 +170,8 @@ class LseComparison:
 
     def message(self) -> str:
         verdict = "within" if self.max_abs_err <= self.allowed else "EXCEEDS"
-        bad = f"; {self.nonfinite} LSE values NaN or infinite where the reference's are finite" if self.nonfinite else ""
+        bad = (f"; {self.nonfinite} LSE values NaN, or infinite where the reference's are finite, or finite where it "
+               "is -inf (a query with no visible key)" if self.nonfinite else "")
         return (f"LSE (base {self.base}): max |lse - ref| = {self.max_abs_err:.3e} {verdict} the allowed "
                 f"{self.allowed:.3e} (low-precision reference error {self.low_precision_err:.3e}){bad}")
 

@@ -1,8 +1,11 @@
-"""Timers for attention calls: device time, host overhead and plan time, kept apart.
+"""Timers for attention calls: device time, eager time, host overhead and plan time, kept apart.
 
-On CUDA, device time comes from CUDA events around each call, preferably around the replay of a
-CUDA graph of the call (no launch gaps, and the same call the serving engine replays); a backend
-that cannot be captured is timed eagerly with events instead, and the reason is recorded. Each
+Two regimes, because a model pays one or the other: a layer captured in a CUDA graph costs its
+**device time** (CUDA events around the replay of a graph of the call: no launch gaps, the same
+call the serving engine replays; a backend that cannot be captured is timed eagerly with events
+instead, and the reason is recorded), and a layer that is not captured costs its **eager time**
+(wall time per call of back-to-back uncaptured calls: the host's launch work and the device's work
+overlap as they do in an eager model, so it is the larger of the two, plus what they cannot hide). Each
 sample is the mean of a few back-to-back calls (one with a cold L2), so the launch of a graph or an
 event pair per sample stays out of the figure. On CPU the same code path runs with a wall-clock
 timer, so CI exercises it.
@@ -52,6 +55,7 @@ class Timing:
     cold_l2: bool = False
     warmup: int = 0
     details: dict = field(default_factory=dict)
+    eager_s: list[float] = field(default_factory=list)  # back-to-back eager calls: wall time per call
 
     @property
     def iters(self) -> int:
@@ -64,6 +68,19 @@ class Timing:
     @property
     def host_median_s(self) -> float:
         return statistics.median(self.host_s) if self.host_s else self.device_median_s
+
+    @property
+    def eager_median_s(self) -> float:
+        """Wall time per call of uncaptured calls back to back (the device median where not measured)."""
+        return statistics.median(self.eager_s) if self.eager_s else self.device_median_s
+
+    def samples(self, metric: str) -> list[float]:
+        """The samples of one regime: "device" (graph replay or events) or "eager" (wall per call)."""
+        if metric == "device":
+            return self.device_s
+        if metric == "eager":
+            return self.eager_s or self.device_s
+        raise ValueError(f"metric {metric!r}: 'device' or 'eager'")
 
     @property
     def host_overhead_s(self) -> float:
@@ -229,6 +246,7 @@ def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10
             host.append(time.perf_counter() - start)
         flush = l2_flush_buffer(device) if cold_l2 else None
         calls = calls_per_sample(min(_event_samples(fn, 3, None, 0.0)), cold_l2)
+        eager = _eager_samples(fn, iters, calls, flush)
         captured, fallback = (None, "--attn-bench-graph=off") if graph == "off" else capture_graph(fn, device, calls)
         if captured is None and graph == "on":
             raise GraphCaptureError(f"--attn-bench-graph=on but the call cannot be timed as a CUDA graph: {fallback}. "
@@ -243,8 +261,26 @@ def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10
         for _ in range(2):  # untimed: a graph's first replay uploads it
             call()
         device_s = _event_samples(call, iters, flush, prime, calls)
-    return Timing(device_s, host, "cuda-graph" if captured is not None else "cuda-events",
+    return Timing(device_s, host, "cuda-graph" if captured is not None else "cuda-events", eager_s=eager,
                   graph_fallback=fallback, cold_l2=cold_l2, warmup=warmup, details={"calls_per_sample": calls})
+
+
+def _eager_samples(fn: Callable[[], Any], iters: int, calls: int, flush) -> list[float]:
+    """Wall time per call of ``calls`` uncaptured calls back to back (synchronised at both ends
+    only): what a layer outside a CUDA graph costs in a model that runs layers one after another."""
+    import torch
+
+    samples = []
+    for _ in range(iters):
+        if flush is not None:
+            flush.zero_()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) / calls)
+    return samples
 
 
 def _measure_cpu(fn, warmup: int, iters: int, cold_l2: bool) -> Timing:
@@ -257,8 +293,8 @@ def _measure_cpu(fn, warmup: int, iters: int, cold_l2: bool) -> Timing:
         samples.append(time.perf_counter() - start)
     # On the CPU the "device" is the host: wall time is device time and there is no separate overhead.
     details = {"calls_per_sample": 1, **({"cold_l2_ignored": True} if cold_l2 else {})}
-    return Timing(samples, list(samples), "wall-clock", graph_fallback="cpu: no CUDA graphs", cold_l2=False,
-                  warmup=warmup, details=details)
+    return Timing(samples, list(samples), "wall-clock", eager_s=list(samples), graph_fallback="cpu: no CUDA graphs",
+                  cold_l2=False, warmup=warmup, details=details)
 
 
 # -- the matrix-product peak -------------------------------------------------------------------------

@@ -95,16 +95,28 @@ def test_runs_of_one_commit_are_labelled_apart(tmp_path):
     assert [r.label for r in load_runs([tmp_path])] == ["cccccccc", "cccccccc#2"]
 
 
-def test_seed_table_prints_the_seeds_columns(capsys):
-    code = cli.main(["seed-table", "--a", "torch", "--b", "torch", "--seq-lens", "64,128", "--iters", "2",
-                     "--warmup", "1", "--no-mix", "--device", "cpu"])
+def test_seed_table_prints_both_regimes_for_every_backend_and_their_crossovers(capsys, tmp_path):
+    plot = tmp_path / "seed.png"
+    code = cli.main(["seed-table", "--backends", "torch,flex", "--seq-lens", "64,128", "--iters", "2",
+                     "--warmup", "1", "--no-mix", "--device", "cpu", "--plot", str(plot)])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    header = next(line for line in lines if "ratio A/B" in line)
-    assert [c.strip() for c in header.split("|")] == ["seq_len", "A_ms", "B_ms", "A_µs/tok", "B_µs/tok", "ratio A/B"]
+    header = next(line for line in lines if line.strip().startswith("seq_len"))
+    assert [c.strip() for c in header.split("|")] == ["seq_len", "torch graph", "torch eager", "flex graph",
+                                                      "flex eager"]
     rows = [line for line in lines if line.strip().startswith(("64 |", "128 |"))]
-    assert len(rows) == 2 and all(len(r.split("|")) == 6 for r in rows)
+    assert len(rows) == 2 and all(len(r.split("|")) == 5 for r in rows)
+    assert "crossovers, graph:" in lines and "crossovers, eager:" in lines
+    assert any(line.startswith("  flex vs torch: ") for line in lines)
     assert any(line.startswith("torch: scaled_dot_product_attention") for line in lines)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seed_table_defaults_to_the_seeds_pair_and_torch_where_available(capsys):
+    code = cli.main(["seed-table", "--seq-lens", "64", "--iters", "1", "--warmup", "0", "--no-mix", "--device", "cpu"])
+    assert code == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("seq_len"))
+    assert "torch graph" in header and "trtllm" not in header  # trtllm and flashinfer need a GPU
 
 
 def test_seed_table_on_cpu_stops_at_1024_and_adds_the_small_mix():
@@ -134,7 +146,7 @@ def test_fidelity_script_prints_its_table_on_cpu(capsys):
     assert "spread%" in out and "wall-clock loop" in out and "0 check(s) failed" in out
 
 
-@pytest.mark.parametrize("argv", [[], ["seed-table"], ["compare", "--bogus"]])
+@pytest.mark.parametrize("argv", [[], ["seed-table", "--bogus"], ["compare", "--bogus"]])
 def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)

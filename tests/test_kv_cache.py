@@ -119,3 +119,170 @@ def test_reading_an_unwritten_slot_fails_but_masked_padding_does_not():
     assert compare(right.float(), high, right, Tolerance()).passed
     result = compare(over.float(), high, right, Tolerance())
     assert not result.passed and result.max_abs_err > 100
+
+
+# -- shared prefixes: pages counted by reference -----------------------------------------------------
+def test_share_prefix_gives_the_new_request_the_owners_first_whole_pages():
+    cache = make(num_pages=8)
+    md = cache.prepare([10], [0])  # 3 pages of 4
+    cache.write(0, md, tokens(10), tokens(10, 100))
+    free_before = cache.num_free_pages
+    cache.share_prefix(0, 7, 8)
+    assert cache.num_free_pages == free_before, "sharing takes no page"
+    assert cache.block_table(7) == cache.block_table(0)[:2] and cache.seq_len(7) == 8
+    md = cache.prepare([3], [7], num_contexts=1)  # its own tokens go on a page of its own
+    assert md.cached_lens == (8,) and md.kv_lens == (11,) and md.num_contexts == 1
+    assert md.block_tables[0][:2] == cache.block_table(0)[:2]
+    assert md.block_tables[0][2] not in cache.block_table(0)
+    cache.write(0, md, tokens(3, 50), tokens(3, 150))
+    k, v = cache.gather(0, cache.block_table(7), 11)
+    assert k[:, 0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 50, 51, 52]
+    assert v[:, 1, 7].tolist() == [100, 101, 102, 103, 104, 105, 106, 107, 150, 151, 152]
+    k0, _ = cache.gather(0, cache.block_table(0), 10)
+    assert k0[:, 0, 0].tolist() == list(range(10)), "the owner's tokens are untouched"
+
+
+def test_shared_pages_survive_the_owners_free_and_are_poisoned_when_the_last_user_frees():
+    cache = make(num_pages=8)
+    md = cache.prepare([12], [0])  # 3 full pages
+    cache.write(0, md, tokens(12), tokens(12, 100))
+    cache.write(1, md, tokens(12), tokens(12, 100))
+    owner_pages = cache.block_table(0)
+    cache.share_prefix(0, 1, 8)
+    cache.share_prefix(1, 2, 4)  # a prefix of a prefix: page 0 now has three users
+    cache.free(0)
+    assert cache.num_free_pages == 6, "only the owner's unshared third page goes back"
+    assert cache.v_cache()[owner_pages[2]].eq(V_POISON).all()
+    k, v = cache.gather(0, cache.block_table(1), 8)
+    assert k[:, 0, 0].tolist() == list(range(8)) and v[:, 0, 0].tolist() == list(range(100, 108))
+    cache.free(1)
+    assert cache.num_free_pages == 7
+    assert cache.v_cache()[owner_pages[1]].eq(V_POISON).all()
+    assert cache.v_cache()[owner_pages[0]].ne(V_POISON).all(), "request 2 still holds page 0"
+    cache.free(2)
+    assert cache.num_free_pages == 8 and cache.active_requests == ()
+    for layer in (0, 1):
+        assert cache.k_cache(layer).eq(K_POISON).all() and cache.v_cache(layer).eq(V_POISON).all()
+    # every page is free exactly once: all 8 can be taken again
+    md = cache.prepare([32], [3])
+    assert sorted(md.block_tables[0]) == list(range(8))
+
+
+@pytest.mark.parametrize("num_tokens", [3, 6, 0, -4, 16, True, 4.0])
+def test_share_prefix_takes_whole_pages_the_source_holds(num_tokens):
+    cache = make()
+    cache.prepare([12], [0])
+    with pytest.raises(AttnInputError, match="must be a positive multiple of the page size 4 and at most the 12 "
+                                             "tokens request 0 holds"):
+        cache.share_prefix(0, 1, num_tokens)
+    assert cache.active_requests == (0,) and cache.num_free_pages == 13
+
+
+def test_share_prefix_needs_a_known_source_and_a_new_request():
+    cache = make()
+    cache.prepare([8, 4], [0, 1])
+    with pytest.raises(AttnInputError, match=r"request 5 is not in the cache \(active: \[0, 1\]\)"):
+        cache.share_prefix(5, 2, 4)
+    with pytest.raises(AttnInputError, match="share_prefix: request 1 is already in the cache"):
+        cache.share_prefix(0, 1, 4)
+    cache.share_prefix(0, 2, 8)  # the whole of request 0 is fine
+    assert cache.seq_len(2) == 8
+
+
+# -- an FP8 (e4m3) cache -------------------------------------------------------------------------------
+def fp8_cache(**kw):
+    return PagedKVCacheManager(num_kv_heads=2, head_dim=8, page_size=4, num_pages=4, dtype="fp8", **kw)
+
+
+def test_fp8_write_stores_k_over_k_scale_rounded_as_torch_rounds_it():
+    cache = fp8_cache()
+    assert cache.dtype == "float8_e4m3fn" and cache.quantized and cache.k_cache().dtype == torch.float8_e4m3fn
+    md = cache.prepare([6], [0])
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(6, 2, 8, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+    v = (torch.randn(6, 2, 8, generator=gen) * 10).to(torch.bfloat16)
+    cache.write(0, md, k, v, k_scale=0.05, v_scale=0.2)
+    got_k, got_v = cache.gather(0, md.block_tables[0], 6)
+    assert got_k.dtype == got_v.dtype == torch.float8_e4m3fn
+    assert torch.equal(got_k.float(), (k.float() / 0.05).to(torch.float8_e4m3fn).float())
+    assert torch.equal(got_v.float(), (v.float() / 0.2).to(torch.float8_e4m3fn).float())
+    assert not torch.equal(got_k.float(), (k.float() / 0.05)), "the values were rounded"
+
+
+def test_fp8_write_saturates_at_448():
+    cache = fp8_cache()
+    md = cache.prepare([3], [0])
+    k = torch.tensor([1000.0, -1e9, 300.0])[:, None, None].expand(3, 2, 8).contiguous()
+    cache.write(0, md, k, k, k_scale=1.0, v_scale=0.5)
+    got_k, got_v = cache.gather(0, md.block_tables[0], 3)
+    assert got_k[:, 0, 0].float().tolist() == [448.0, -448.0, 288.0]  # 300 rounds to 288 (spacing 32)
+    assert got_v[:, 1, 7].float().tolist() == [448.0, -448.0, 448.0]  # 300 / 0.5 = 600 saturates
+    assert torch.isfinite(got_k.float()).all() and torch.isfinite(got_v.float()).all()
+
+
+def test_fp8_cache_poison_is_what_e4m3_can_hold():
+    cache = fp8_cache()
+    assert cache.poison == (K_POISON, -448.0)
+    assert cache.k_cache().float().eq(0).all() and cache.v_cache().float().eq(-448).all()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, float("nan"), "1.0", None])
+def test_write_rejects_bad_scales(bad):
+    cache = fp8_cache()
+    md = cache.prepare([2], [0])
+    t = torch.ones(2, 2, 8)
+    for name in ("k_scale", "v_scale"):
+        with pytest.raises(AttnInputError, match=f"cache write: {name} must be a positive number"):
+            cache.write(0, md, t, t, **{name: bad})
+    assert cache.v_cache().float().eq(-448).all(), "nothing was written"
+
+
+def test_write_rejects_an_infinite_scale():
+    cache = fp8_cache()
+    md = cache.prepare([2], [0])
+    t = torch.ones(2, 2, 8)
+    with pytest.raises(AttnInputError, match="k_scale must be a positive number"):
+        cache.write(0, md, t, t, k_scale=float("inf"))
+
+
+# -- NaN poison ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "fp8"])
+def test_nan_poison_fills_unwritten_and_freed_slots_with_nan(dtype):
+    cache = PagedKVCacheManager(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4, num_pages=4, dtype=dtype,
+                                nan_poison=True)
+    k_poison, v_poison = cache.poison
+    assert k_poison != k_poison and v_poison != v_poison  # both NaN
+    assert all(c.float().isnan().all() for c in (cache.k_cache(0), cache.v_cache(0), cache.k_cache(1)))
+    md = cache.prepare([6], [0])
+    cache.write(0, md, tokens(6), tokens(6, 1))
+    k, v = cache.gather(0, md.block_tables[0], 8)  # 6 written, 2 unwritten slots of the last page
+    assert not k[:6].float().isnan().any() and not v[:6].float().isnan().any()
+    assert k[6:].float().isnan().all() and v[6:].float().isnan().all()
+    cache.free(0)
+    assert cache.k_cache(0).float().isnan().all() and cache.v_cache(0).float().isnan().all()
+
+
+# -- a V head dim of its own -----------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_head_dim_v_sizes_the_v_storage_and_gather(layout):
+    cache = PagedKVCacheManager(num_kv_heads=2, head_dim=12, head_dim_v=5, page_size=4, num_pages=6,
+                                dtype="float32", layout=layout)
+    assert cache.head_dim_v == 5 and "12/5" in repr(cache)
+    expected = {"NHD": ((6, 4, 2, 12), (6, 4, 2, 5)), "HND": ((6, 2, 4, 12), (6, 2, 4, 5))}[layout]
+    assert (tuple(cache.k_cache().shape), tuple(cache.v_cache().shape)) == expected
+    md = cache.prepare([5, 2], [0, 1])
+    k = torch.arange(7.0)[:, None, None].expand(7, 2, 12).contiguous()
+    v = torch.arange(7.0)[:, None, None].expand(7, 2, 5).contiguous() + 10
+    cache.write(0, md, k, v)
+    got_k, got_v = cache.gather(0, cache.block_table(0), 5)
+    assert got_k.shape == (5, 2, 12) and got_v.shape == (5, 2, 5)
+    assert got_v[:, 1, 4].tolist() == [10, 11, 12, 13, 14]
+    _, got_v1 = cache.gather(0, cache.block_table(1), 2)
+    assert got_v1[:, 0, 0].tolist() == [15, 16]
+    with pytest.raises(AttnInputError, match=r"cache write: v is \(7, 2, 12\), expected \(7, 2, 5\)"):
+        cache.write(0, md, k, k)
+
+
+def test_head_dim_v_must_be_positive():
+    with pytest.raises(AttnInputError, match="head_dim_v must be a positive int, got 0"):
+        PagedKVCacheManager(num_kv_heads=2, head_dim=8, head_dim_v=0, num_pages=2)

@@ -1,5 +1,7 @@
-"""The suite's modules that test one backend family are collected only when such a backend is
-selected (--attn-backend), so that a run against another backend neither collects nor skips them."""
+"""The suite's tests that cannot apply to this run are not run: modules that test one backend
+family are collected only when such a backend is selected, and GPU-only tests, graph-replay tests of
+backends without a graph decoder, and differential tests with fewer than two backends (or a case
+outside --attn-cases) are deselected. So --attn-strict on a CPU-only backend can be clean."""
 from pytest_attn.bundled import BACKEND_MODULES
 
 
@@ -10,3 +12,9 @@ def pytest_ignore_collect(collection_path, config):
     from pytest_attn.session import attn_session_of
 
     return True if not attn_session_of(config).selects(family) else None
+
+
+def pytest_collection_modifyitems(config, items):
+    from pytest_attn.bundled import deselect_inapplicable
+
+    deselect_inapplicable(config, items)

@@ -118,3 +118,27 @@ def test_auto_resolves_as_predicted(attn_session, make_attn_batch):
     plan = backend.plan(batch.metadata, batch.layer, device=batch.device)
     assert plan.detail("resolved_backend") == plan.detail("predicted_backend")
     batch.assert_matches_reference(backend, plan)
+
+
+@pytest.mark.parametrize("feature", ["window_left", "logits_soft_cap"])
+def test_a_feature_passed_at_run_time_but_not_at_plan_time_fails(attn_session, make_attn_batch, feature):
+    """sglang #33915 and PR #31501: the soft-cap or window is specialised at plan(); a backend that
+    plans without it fails, whether FlashInfer's own run() check, the read-back of the live wrapper
+    against the plan, or the output check catches it first."""
+    from pytest_attn.errors import AttnCheckFailure
+
+    backend = _flashinfer(attn_session)
+
+    def plan_wrapper_without_the_feature(self, wrapper, part, md, device):
+        import dataclasses as dc
+
+        layer = dc.replace(part.layer, **({feature: -1} if feature == "window_left" else {feature: 0.0}))
+        type(backend)._plan_wrapper(self, wrapper, dc.replace(part, layer=layer), md, device)
+
+    bad = _variant(backend, f"flashinfer-bug-{feature}-at-run", _plan_wrapper=plan_wrapper_without_the_feature)
+    options = {"window_left": 31} if feature == "window_left" else {"logits_soft_cap": 20.0}
+    batch = make_attn_batch([1, 1], cached_lens=[90, 40], num_heads=16, num_kv_heads=2, head_dim=64, mask="causal",
+                            **options)
+    batch.assert_matches_reference(backend)  # the correct backend passes
+    with pytest.raises((AttnCheckFailure, AssertionError)):
+        batch.assert_matches_reference(bad)

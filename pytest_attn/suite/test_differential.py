@@ -1,0 +1,29 @@
+"""Do the backends agree? One case through every backend of the run, each compared with the reference
+and with each other; the table is attached to the test's report (pytest -rA shows it) and to its
+junit properties. It fails when any backend fails the reference."""
+import pytest
+
+from pytest_attn.catalog import CATALOG
+from pytest_attn.differential import differential
+
+#: One case per family of kernels: the ViT seed, a mixed paged step, a window, sinks, an FP8 cache,
+#: the LSE and a 192/128 head-dim pair (where cutlass and fa2 disagreed, flashinfer #1663).
+DIFFERENTIAL_CASES = ("vit-ragged-mix", "llm-mixed-nhd", "swa-causal-ragged", "sinks-decode", "fp8-kv-scales",
+                      "lse-ragged", "hd192-vo128-ragged-full", "softcap-50-decode")
+
+
+@pytest.mark.parametrize("case_name", DIFFERENTIAL_CASES)
+def test_backends_agree(case_name, attn_session, attn_device, attn_seed, request, record_property):
+    backends = [b for b in attn_session.selected if attn_session.availability(b)]
+    case = CATALOG[case_name]
+    if attn_session.max_tokens and case.max_tokens > attn_session.max_tokens:
+        pytest.skip(f"case {case_name} is over --attn-max-tokens={attn_session.max_tokens}")
+    result = differential(backends, case, device=attn_device, seed=attn_seed)
+    table = "\n".join(result.lines())
+    request.node.add_report_section("call", "differential", table)
+    record_property("differential", table)
+    if len(result.ran) < 2:
+        pytest.skip(f"fewer than two of this run's backends run {case_name}: "
+                    + "; ".join(f"{r.name}: {r.skipped}" for r in result.runs if r.skipped))
+    failing = [r.name for r in result.ran if not r.passed]
+    assert not failing, f"{', '.join(failing)} disagree with the reference on {case_name}:\n{table}"
