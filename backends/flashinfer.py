@@ -90,9 +90,20 @@ def fa3_budget_from_env(environ: Mapping[str, str] = os.environ) -> Optional[fro
     return DEFAULT_FA3_FAMILIES
 
 
-def predict_auto(sm: tuple[int, int], head_dim: int) -> str:
-    """What ``backend="auto"`` resolves to for 16-bit prefill (determine_attention_backend)."""
-    return "fa3" if sm[0] == 9 and head_dim in FA3_HEAD_DIMS else "fa2"
+FA3_HEAD_DIM_PAIRS = ((64, 64), (128, 128), (256, 256), (192, 128))
+
+
+def predict_auto(sm: tuple[int, int], head_dim: int, head_dim_vo: Optional[int] = None, fp8_kv: bool = False) -> str:
+    """What ``backend="auto"`` resolves to for 16-bit queries (determine_attention_backend): fa3 on
+    Hopper for its head-dim pairs, unless the cache is FP8 (fa3 wants FP8 queries then); else fa2.
+    (A first version ignored the pair and the FP8 cache; the read-back of the live wrappers on an
+    H100 showed auto resolving otherwise at 192/128 and with an FP8 cache.)"""
+    pair = (head_dim, head_dim if head_dim_vo is None else head_dim_vo)
+    return "fa3" if sm[0] == 9 and pair in FA3_HEAD_DIM_PAIRS and not fp8_kv else "fa2"
+
+
+def _predict(sm, layer: LayerSpec) -> str:
+    return predict_auto(sm, layer.head_dim, layer.head_dim_v, layer.quantized_kv)
 
 
 def _sm_text(sm) -> str:
@@ -104,14 +115,19 @@ def kernel_hazards(kernel_backend: str, layer: LayerSpec, sm: tuple[int, int],
     """Why ``kernel_backend`` must not launch for this layer here (empty: it may)."""
     hd = layer.head_dim
     if kernel_backend == "auto":
-        resolved = predict_auto(sm, hd)
+        resolved = _predict(sm, layer)
         why = ("fa3 covers head_dim 64/128/256 on Hopper" if resolved == "fa3"
-               else f"fa3 needs head_dim 64/128/256 on Hopper, this is head_dim {hd} on {_sm_text(sm)}")
+               else f"fa3 needs head_dim 64/128/256 on Hopper, this is head_dim {hd} on {_sm_text(sm)}"
+               + (" with an FP8 cache" if layer.quantized_kv else ""))
         return [f"backend='auto' resolves to {resolved} here ({why}): {r}"
                 for r in kernel_hazards(resolved, layer, sm, fa3_budget)]
     if kernel_backend == "fa2":
         if hd % FA2_SAFE_HEAD_DIM_MULTIPLE:
             return [_REASON_4299.format(hd=hd)]
+        if hd == 192 and layer.head_dim_v == 192:
+            # measured on an H100 (0.7.2.post1): run() raises "Invalid configuration: NUM_MMA_D_QK=12 NUM_MMA_D_VO=12"
+            return ["fa2 has no valid tile configuration at head_dim 192 with head_dim_vo 192 (FlashInfer raises "
+                    "'Invalid configuration: NUM_MMA_D_QK=12 NUM_MMA_D_VO=12'; measured on an H100)"]
         return [] if hd <= MAX_HEAD_DIM else [f"fa2 supports head_dim up to {MAX_HEAD_DIM}, not {hd}"]
     if kernel_backend == "fa3":
         if sm[0] != 9:
@@ -122,6 +138,9 @@ def kernel_hazards(kernel_backend: str, layer: LayerSpec, sm: tuple[int, int],
             allowed = ", ".join(f"{d} head_dim {h}" for d, h in sorted(fa3_budget)) or "none"
             return [f"JIT budget: fa3 kernels for {layer.dtype} head_dim {hd} are not built in this run (each "
                     f"fa3 family takes ~100 s to build; this run builds {allowed}); set {JIT_ENV}=all to build it"]
+        if fa3_budget is not None and (layer.window_left >= 0 or layer.logits_soft_cap > 0):
+            return [f"JIT budget: fa3 with a sliding window or a soft-cap is a build of its own (~100 s each, measured "
+                    f"on an H100); set {JIT_ENV}=all to build it"]
         return []
     if kernel_backend == "cudnn":
         reasons = []
@@ -169,6 +188,16 @@ def feature_hazards(kernel_backend: str, kernel: str, layer: LayerSpec, metadata
         if layer.head_dim_v != layer.head_dim and (layer.head_dim, layer.head_dim_v) != (192, 128):
             reasons.append(f"fa3 has (head_dim, head_dim_vo) (64,64), (128,128), (256,256) and (192,128) only, not "
                            f"({layer.head_dim},{layer.head_dim_v})")
+        if kernel in (PAGED_PREFILL, SINK) and layer.head_dim_v != layer.head_dim:
+            # measured on an H100: "K and V must have same page stride for sparse attention (24576 vs. 16384)"
+            reasons.append("fa3's paged kernel needs K and V pages of one stride, and a cache with V narrower than K "
+                           "has two (FlashInfer raises 'K and V must have same page stride'; measured on an H100)")
+    if kernel_backend == "fa2" and kernel == PAGED_PREFILL and layer.window_left >= 0 and not layer.causal \
+            and metadata.has_cached_context:
+        # measured on an H100 with swa-noncausal-chunked: relative L2 error 0.11 (FlashInfer #4972)
+        reasons.append("fa2's paged prefill gets a non-causal sliding window wrong on the first query tile when a "
+                       "request has more keys than queries (FlashInfer #4972; measured on an H100: relative L2 error "
+                       "0.11 on swa-noncausal-chunked)")
     if kernel == DECODE and layer.head_dim_v != layer.head_dim:
         reasons.append("the decode wrapper has one head dim for K and V")
     return reasons
@@ -186,8 +215,8 @@ class Route:
 
 
 def _hazards(kernel_backend: str, kernel: str, layer, metadata, sm, fa3_budget) -> list[str]:
-    return kernel_hazards(kernel_backend, layer, sm, fa3_budget) + feature_hazards(kernel_backend, kernel, layer,
-                                                                                    metadata)
+    resolved = _predict(sm, layer) if kernel_backend == "auto" else kernel_backend
+    return kernel_hazards(kernel_backend, layer, sm, fa3_budget) + feature_hazards(resolved, kernel, layer, metadata)
 
 
 def _first_clean(candidates, kernel: str, layer, metadata, sm, fa3_budget) -> tuple[str, list[str]]:
@@ -316,7 +345,7 @@ def decide(metadata: AttentionMetadata, layer: LayerSpec, variant: str = "policy
         if r.kernel == SINK:
             details.append(("sinks", layer.sinks))
         if r.kernel_backend == "auto":
-            details.append(("predicted_backend", "fa2" if r.kernel == DECODE else predict_auto(sm, layer.head_dim)))
+            details.append(("predicted_backend", "fa2" if r.kernel == DECODE else _predict(sm, layer)))
         parts.append(Plan(name, r.kernel, r.kernel_backend, layout, units, metadata.has_cache, device=str(device),
                           layer=layer, details=tuple(details) + common))
     batch = (("num_requests", metadata.num_requests), ("num_contexts", metadata.num_contexts),

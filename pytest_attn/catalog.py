@@ -126,6 +126,9 @@ _CASES = [
             description="Grok's cap; logits of ~16 so the cap bends them"),
     _paged("softcap-50-decode", 8, 2, 64, (64, 20), logits_soft_cap=50.0, input_scale=5.0, decode_steps=3,
            tags=("soft-cap", "decode"), description="Gemma 2's cap through prefill and decode"),
+    _ragged("softcap-30-low-logits", 8, 8, 64, (150, 40), logits_soft_cap=30.0, logit_shift=-60.0,
+            tags=("soft-cap",), description="visible logits near -cap: a cap applied after masking turns the masked "
+                                            "-inf into -30, which then weighs as much as they do (flashinfer PR #350)"),
     # -- attention sinks (D8: #23, #24) -----------------------------------------------------------------
     _ragged("sinks-prefill", 16, 2, 64, (128, 45), sinks=True, tags=("sinks", "gqa")),
     _paged("sinks-decode", 16, 2, 64, (50, 20), sinks=True, decode_steps=3, tags=("sinks", "decode")),

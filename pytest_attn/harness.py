@@ -51,8 +51,11 @@ def make_qkv(num_tokens: int, layer: LayerSpec, device, seed: int, *, num_kv_tok
              input_scale: float = 1.0, logit_shift: float = 0.0, strided: bool = False):
     """q [num_tokens, H, D], k [num_kv_tokens, Hkv, D], v [num_kv_tokens, Hkv, Dv].
 
-    input_scale multiplies q and k (logits grow by its square). logit_shift < 0 gives q and k a
-    shared first component (+a and -a) that moves every logit down by about |logit_shift|.
+    input_scale multiplies q and k (logits grow by its square). logit_shift < 0 sets the first
+    component of every q to a whole number a and of every k to -a, and rounds the others to halves:
+    every logit is then shifted by -a^2 * scale (about logit_shift) and, for a power-of-two scale,
+    computed exactly in float32 in any order, so the case tests what a kernel does with logits that
+    low (a finite -inf sentinel above them) and not how float32 rounds products of 700.
     strided: q, k and v are views of one fused [tokens, (H + 2 Hkv) x D] projection, as engines
     produce them (non-contiguous; needs num_kv_tokens == num_tokens)."""
     import torch
@@ -76,10 +79,10 @@ def make_qkv(num_tokens: int, layer: LayerSpec, device, seed: int, *, num_kv_tok
     if input_scale != 1.0:
         q, k = q * input_scale, k * input_scale
     if logit_shift:
-        shift = math.sqrt(-logit_shift / layer.scale)
-        q, k = q.clone(), k.clone()
-        q[..., 0] += shift
-        k[..., 0] -= shift
+        a = float(round(math.sqrt(-logit_shift / layer.scale)))
+        q, k = torch.round(q * 2) / 2, torch.round(k * 2) / 2
+        q[..., 0] = a
+        k[..., 0] = -a
     if strided:  # rebuild the fused buffer on the device and view into it
         fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1).to(device=device,
                                                                              dtype=torch_dtype(layer.dtype))

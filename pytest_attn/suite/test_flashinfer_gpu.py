@@ -70,12 +70,14 @@ def test_hnd_layout_given_to_the_cudnn_ragged_wrapper_is_caught(flashinfer_backe
     run(): NotImplementedError "cuDNN ragged prefill backend requires kv_layout='NHD'", before any
     launch. A version without that guard reads the wrong memory and the output check raises
     AssertionError. Either way the bug cannot pass."""
+    from pytest_attn.guard import BackendError
+
     bad = _variant(flashinfer_backend, "flashinfer-bug-hnd-layout", ragged_kv_layout="HND")
     batch = make_attn_batch(SEED_LENS, **SEED)
-    with pytest.raises((NotImplementedError, AssertionError)) as caught:
+    with pytest.raises((BackendError, AssertionError)) as caught:
         batch.assert_matches_reference(bad)
-    if isinstance(caught.value, NotImplementedError):
-        assert "NHD" in str(caught.value)
+    if isinstance(caught.value, BackendError):  # FlashInfer's own refusal, reported as the backend's failure
+        assert isinstance(caught.value.__cause__, NotImplementedError) and "NHD" in str(caught.value)
 
 
 def test_offsets_in_the_wrong_units_are_caught(flashinfer_backend, make_attn_batch):
@@ -87,11 +89,17 @@ def test_offsets_in_the_wrong_units_are_caught(flashinfer_backend, make_attn_bat
 
     real = flashinfer_backend.version()
     wrong = "0.6.18" if fi.cudnn_index_units(real) == "tokens" else fi.PINNED_VERSION
+    from pytest_attn.guard import BackendError
+
     bad = _variant(flashinfer_backend, "flashinfer-bug-units", version=lambda self: wrong)
     batch = make_attn_batch(SEED_LENS, **SEED)
-    expected = ValueError if fi.cudnn_index_units(real) == "tokens" else AssertionError
-    with pytest.raises(expected):
-        batch.assert_matches_reference(bad)
+    if fi.cudnn_index_units(real) == "tokens":  # FlashInfer's ValueError, reported as the backend's failure
+        with pytest.raises(BackendError) as caught:
+            batch.assert_matches_reference(bad)
+        assert isinstance(caught.value.__cause__, ValueError)
+    else:
+        with pytest.raises(AssertionError):
+            batch.assert_matches_reference(bad)
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
