@@ -12,8 +12,9 @@ Every decision is made by :func:`decide`, pure Python, so CPU tests cover it. Kn
 refused (``unsupported``) before anything launches: fa2 at head dims that are not multiples of 64
 hits an illegal memory access or gives wrong results (FlashInfer issue #4299) and poisons the
 CUDA context; fa3 has kernels for head dims 64/128/256 only. JIT builds are budgeted: fa3
-kernels take ~100 s per (dtype, head_dim) family to build, so by default only one family is
-built (see :data:`JIT_ENV`).
+kernels take ~100 s per (dtype, head_dim) family to build (220 s while other builds share the CPU,
+measured on an H100), so by default none is built and the policy runs fa2 where it would have run
+fa3; ``PYTEST_ATTN_FLASHINFER_JIT=all`` builds them (see :data:`JIT_ENV`).
 
 Neither torch nor flashinfer is imported at module import; only inside methods.
 """
@@ -50,8 +51,9 @@ WORKSPACE_BYTES = 256 << 20
 
 #: Environment variable lifting the JIT budget: "all" builds fa3 for every dtype and head dim.
 JIT_ENV = "PYTEST_ATTN_FLASHINFER_JIT"
-#: fa3 kernel families (dtype, head_dim) built by default: one build of ~100 s.
-DEFAULT_FA3_FAMILIES = frozenset({("bfloat16", 128)})
+#: fa3 kernel families (dtype, head_dim) built by default: none. One family took 103 s alone and
+#: 220 s beside the other first-run builds on an H100, the longest wait of a first run.
+DEFAULT_FA3_FAMILIES = frozenset()
 
 _REASON_4299 = ("fa2 at head_dim {hd} is a known crash: head dims that are not multiples of 64 hit an "
                 "illegal memory access (multiples of 16) or give wrong results (others), which poisons the "
@@ -618,8 +620,7 @@ class FlashInferBackend(Backend):
             if manager.quantized:
                 extra.update(k_scale=layer.k_scale, v_scale=layer.v_scale)
             if part.kernel == SINK:
-                sinks = torch.tensor(layer.sinks, dtype=torch.float32, device=q.device)
-                wrapper.run(q[t0:t1], cache, sinks, layer.scale, out=out[t0:t1], **extra)
+                wrapper.run(q[t0:t1], cache, _sinks_tensor(layer, q.device), layer.scale, out=out[t0:t1], **extra)
             else:
                 wrapper.run(q[t0:t1], cache, out=out[t0:t1], **extra)
         return out
@@ -638,6 +639,17 @@ class FlashInferBackend(Backend):
 
 
 _MISSING = object()
+_SINKS: dict = {}
+
+
+def _sinks_tensor(layer: LayerSpec, device):
+    """The layer's sinks on the device, made once (a copy from the host cannot be captured in a graph)."""
+    import torch
+
+    key = (layer.sinks, str(device))
+    if key not in _SINKS:
+        _SINKS[key] = torch.tensor(layer.sinks, dtype=torch.float32, device=device)
+    return _SINKS[key]
 
 
 def _dtype_text(value) -> Optional[str]:

@@ -386,8 +386,25 @@ class TrtllmBackend(Backend):
         reasons = Backend.unsupported(self, layer, metadata, device)
         if reasons:
             raise UnsupportedCase(self.name, reasons)
-        return decide(metadata, layer, self.variant, name=self.name, sm=self.sm(device), budget=budget_from_env(),
+        plan = decide(metadata, layer, self.variant, name=self.name, sm=self.sm(device), budget=budget_from_env(),
                       device=str(device))
+        if not str(device).startswith("cuda") or not torch_build.cuda_available():
+            return plan
+        # the index tensors each launch reads, made now: copies from host memory cannot be captured
+        # in a CUDA graph, so forward must not make them
+        handles = []
+        for part in plan.parts or (plan,):
+            start, stop = part.detail("requests")
+            sub = metadata if (start, stop) == (0, metadata.num_requests) else metadata.subset(start, stop)
+            handles.append(self._index_tensors(sub, device))
+        return plan.with_handle(tuple(handles))
+
+    def _index_tensors(self, md: AttentionMetadata, device) -> dict:
+        tensors = {"seq_lens": self._ints(md.kv_lens, device), "cum_seq_lens_q": self._ints(md.qo_indptr, device),
+                   "cum_seq_lens_kv": self._ints(md.kv_indptr, device)}
+        if md.has_cache:
+            tensors["block_tables"] = self._block_tables(md, device)
+        return tensors
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
@@ -409,14 +426,16 @@ class TrtllmBackend(Backend):
         manager = metadata.kv_cache_manager
         if manager is not None:
             manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
-        for part in plan.parts or (plan,):
+        handles = plan.handle or (None,) * len(plan.parts or (plan,))
+        for part, index in zip(plan.parts or (plan,), handles):
             start, stop = part.detail("requests")
             t0, t1 = part.detail("tokens")
             sub = metadata if (start, stop) == (0, metadata.num_requests) else metadata.subset(start, stop)
+            index = index or self._index_tensors(sub, q.device)
             if part.kernel == FMHA:
-                self._fmha(part, sub, q[t0:t1], k, v, out[t0:t1], None if lse is None else lse[t0:t1])
+                self._fmha(part, sub, index, q[t0:t1], k, v, out[t0:t1], None if lse is None else lse[t0:t1])
             else:
-                self._xqa(part, sub, q[t0:t1], out[t0:t1])
+                self._xqa(part, sub, index, q[t0:t1], out[t0:t1])
         return out
 
     # -- the plan, against what the kernels were given ------------------------------------------------
@@ -482,7 +501,7 @@ class TrtllmBackend(Backend):
         rows = [list(p) + [p[-1] if p else 0] * (width - len(p)) for p in pages]
         return torch.tensor(rows, dtype=torch.int32, device=device)
 
-    def _fmha(self, part: Plan, md: AttentionMetadata, q, k, v, out, lse) -> None:
+    def _fmha(self, part: Plan, md: AttentionMetadata, index: dict, q, k, v, out, lse) -> None:
         import torch
         from flashinfer.prefill import trtllm_fmha_v2_prefill
 
@@ -490,9 +509,9 @@ class TrtllmBackend(Backend):
         layout = part.detail("input_layout")
         device = q.device
         kwargs = dict(input_layout=layout, workspace_buffer=_buffer("fmha", device, FMHA_WORKSPACE_BYTES),
-                      seq_lens=self._ints(md.kv_lens, device), max_q_len=max(1, md.max_seq_len_q),
+                      seq_lens=index["seq_lens"], max_q_len=max(1, md.max_seq_len_q),
                       max_kv_len=max(1, md.max_seq_len_kv), batch_size=md.num_requests,
-                      cum_seq_lens_q=self._ints(md.qo_indptr, device), cum_seq_lens_kv=self._ints(md.kv_indptr, device),
+                      cum_seq_lens_q=index["cum_seq_lens_q"], cum_seq_lens_kv=index["cum_seq_lens_kv"],
                       mask_mode=part.detail("mask_mode"), window_left=layer.window_left,
                       logits_soft_cap_scale=layer.logits_soft_cap or None, save_softmax_stats=layer.return_lse)
         q_scale = 1.0
@@ -503,14 +522,14 @@ class TrtllmBackend(Backend):
                 q = (q.float() / q_scale).to(torch.float8_e4m3fn)
                 kwargs["out_dtype"] = out.dtype
             qkv = (q, pool)
-            kwargs["block_tables"] = self._block_tables(md, device)
+            kwargs["block_tables"] = index["block_tables"]
         elif layout == "CONTIGUOUS_Q_KV":
             qkv = (q, torch.stack([k, v], dim=1))
         else:
             qkv = (q, k, v)
         kwargs["bmm1_scale"], kwargs["bmm2_scale"] = fmha_scales(layer, q_scale)
         if layer.sinks:
-            kwargs["sinks"] = torch.tensor(layer.sinks, dtype=torch.float32, device=device)
+            kwargs["sinks"] = self._sinks(layer, device)
         self.launches.append({"kernel": FMHA, **{k: v for k, v in kwargs.items() if not torch.is_tensor(v)},
                               "sinks": bool(layer.sinks)})
         result = trtllm_fmha_v2_prefill(qkv, out=out, **kwargs)
@@ -524,7 +543,18 @@ class TrtllmBackend(Backend):
                 row_max = stats[..., 0] * math.sqrt(layer.head_dim) * kwargs["bmm1_scale"]
             lse.copy_(row_max + torch.log(stats[..., 1]))
 
-    def _xqa(self, part: Plan, md: AttentionMetadata, q, out) -> None:
+    _SINKS: dict = {}
+
+    def _sinks(self, layer: LayerSpec, device):
+        """The layer's sinks as a float32 device tensor, made once (not inside a graph capture)."""
+        import torch
+
+        key = (layer.sinks, str(device))
+        if key not in self._SINKS:
+            self._SINKS[key] = torch.tensor(layer.sinks, dtype=torch.float32, device=device)
+        return self._SINKS[key]
+
+    def _xqa(self, part: Plan, md: AttentionMetadata, index: dict, q, out) -> None:
         import torch
         from flashinfer.decode import trtllm_batch_decode_with_kv_cache
 
@@ -535,19 +565,21 @@ class TrtllmBackend(Backend):
                       bmm2_scale=part.detail("bmm2_scale"), window_left=layer.window_left,
                       kv_layout=md.kv_cache_manager.layout, backend="xqa")
         if layer.sinks:
-            kwargs["sinks"] = torch.tensor(layer.sinks, dtype=torch.float32, device=device)
+            kwargs["sinks"] = self._sinks(layer, device)
         self.launches.append({"kernel": XQA, **{k: v for k, v in kwargs.items() if not torch.is_tensor(v)},
                               "page_size": md.page_size, "sinks": bool(layer.sinks)})
-        trtllm_batch_decode_with_kv_cache(q, pool, _buffer("xqa", device, WORKSPACE_BYTES), self._block_tables(md, device),
-                                          self._ints(md.kv_lens, device), out=out, **kwargs)
+        trtllm_batch_decode_with_kv_cache(q, pool, _buffer("xqa", device, WORKSPACE_BYTES), index["block_tables"],
+                                          index["seq_lens"], out=out, **kwargs)
 
 
 def _built_modules() -> Optional[set]:
-    """The JIT modules FlashInfer has generated in this process (None where this version does not say)."""
-    try:
-        from flashinfer.jit.core import jit_spec_registry
-    except ImportError:
+    """The JIT modules FlashInfer has generated in this process (None where this version does not say,
+    or where no kernel of it has run in this process)."""
+    import sys
+
+    if "flashinfer.jit.core" not in sys.modules:
         return None
+    from flashinfer.jit.core import jit_spec_registry
     return set(jit_spec_registry.get_all_specs())
 
 

@@ -177,9 +177,10 @@ def test_policy_prefers_fa2_to_building_an_fa3_family_outside_the_budget():
 def test_mixed_batch_is_paged_prefill_then_decode_on_the_cache_layout(layout):
     md = paged_batch([33, 5, 1, 1], [0, 0, 40, 7], layout=layout)
     layer = LayerSpec(16, 4, 128)
-    plan = fi.decide(md, layer, "policy")
+    plan = fi.decide(md, layer, "policy", fa3_budget=None)  # fa3 built: the Hopper policy
     prefill, decode = plan.parts
     assert plan.reads_cache and plan.layout == layout and plan.layer == layer
+    assert fi.decide(md, layer, "policy").parts[0].kernel_backend == "fa2"  # the default budget builds no fa3
     assert plan.kernels == (fi.PAGED_PREFILL, fi.DECODE)
     assert (prefill.kernel_backend, prefill.layout, prefill.index_units, prefill.detail("requests")) == (
         "fa3", layout, "tokens", (0, 2))
@@ -196,7 +197,7 @@ def test_decode_only_batch_is_one_decode_launch():
 
 def test_group_size_without_a_cuda_core_kernel_decodes_on_tensor_cores():
     layer = LayerSpec(20, 4, 128)  # group 5
-    plan = fi.decide(paged_batch([1, 1], [40, 7]), layer, "policy")
+    plan = fi.decide(paged_batch([1, 1], [40, 7]), layer, "policy", fa3_budget=None)
     assert plan.kernel == fi.DECODE and plan.detail("tensor_cores") is True and plan.kernel_backend == "fa3"
     (reason,) = fi.decode_hazards("fa2", False, layer, (9, 0))
     assert "groups" in reason
