@@ -86,14 +86,24 @@ class Budget:
         return self.xqa is None or key in self.xqa
 
 
+FMHA_LAYOUTS = ("PACKED_QKV", "CONTIGUOUS_Q_KV", "SEPARATE_Q_K_V", "Q_PAGED_KV_NHD", "Q_PAGED_KV_HND")
+
+
 def budget_from_env(environ: Mapping[str, str] = os.environ) -> Budget:
+    """The builds this run may make: the default, "all", or a comma list adding bfloat16 FMHAv2
+    layouts (e.g. q_paged_kv_nhd) and "xqa" (every XQA configuration) to the default."""
     value = environ.get(JIT_ENV, "").strip().lower()
     if value == "all":
         return Budget(None, None)
-    if value not in ("", "default"):
-        raise AttnInputError(f"{JIT_ENV}={value!r}: use 'all' (build every FMHAv2 module and XQA configuration) or "
-                             "leave it unset")
-    return Budget(DEFAULT_FMHA_MODULES, DEFAULT_XQA)
+    if value in ("", "default"):
+        return Budget(DEFAULT_FMHA_MODULES, DEFAULT_XQA)
+    words = [w.strip() for w in value.split(",") if w.strip()]
+    bad = [w for w in words if w != "xqa" and w.upper() not in FMHA_LAYOUTS]
+    if bad:
+        raise AttnInputError(f"{JIT_ENV}={value!r}: use 'all', or a comma list of xqa and FMHAv2 layouts "
+                             f"({', '.join(l.lower() for l in FMHA_LAYOUTS)}), or leave it unset")
+    fmha = DEFAULT_FMHA_MODULES | {(w.upper(), "bfloat16") for w in words if w != "xqa"}
+    return Budget(fmha, None if "xqa" in words else DEFAULT_XQA)
 
 
 def _sm_text(sm) -> str:

@@ -131,6 +131,9 @@ def test_the_default_budget_builds_the_vit_path_only():
     assert t.budget_from_env({t.JIT_ENV: "all"}) == ALL
     with pytest.raises(Exception, match="all"):
         t.budget_from_env({t.JIT_ENV: "some"})
+    listed = t.budget_from_env({t.JIT_ENV: "q_paged_kv_nhd,xqa"})
+    assert listed.allows_fmha("Q_PAGED_KV_NHD", "bfloat16") and listed.allows_fmha("SEPARATE_Q_K_V", "bfloat16")
+    assert not listed.allows_fmha("Q_PAGED_KV_HND", "bfloat16") and listed.xqa is None
     (reason,) = t.route(paged([33], [0]), LayerSpec(8, 8, 128), "op")[1]
     assert "JIT budget" in reason and f"{t.JIT_ENV}=all" in reason
     assert t.route(AttentionMetadata.ragged([10]), LayerSpec(16, 16, 80), "op")[1] == []

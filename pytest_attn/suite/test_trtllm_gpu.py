@@ -47,13 +47,14 @@ def test_a_window_planned_but_not_given_to_the_kernel_fails(trtllm, make_attn_ba
     from pytest_attn_backends import trtllm as t
 
     class DropsTheWindow(t.TrtllmBackend):
-        def _fmha(self, part, md, q, k, v, out, lse):
+        def _fmha(self, part, md, index, q, k, v, out, lse):
             import dataclasses
 
             layer = dataclasses.replace(part.layer, window_left=-1)
             details = dict(part.details)
             details["mask_mode"] = "causal"
-            super()._fmha(dataclasses.replace(part, layer=layer, details=tuple(details.items())), md, q, k, v, out, lse)
+            super()._fmha(dataclasses.replace(part, layer=layer, details=tuple(details.items())), md, index, q, k, v,
+                          out, lse)
 
     bad = DropsTheWindow("trtllm")
     bad.name = "trtllm-bug-window"
