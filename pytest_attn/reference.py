@@ -58,8 +58,9 @@ def _softmax_base2(scores, want_lse: bool):
     """softmax(scores) the way fused kernels compute it: the logits are converted to base 2 (times
     log2 e) in the working precision, then exp2 of their difference from the row maximum. In float32
     that conversion costs absolute precision at large logits (the ulp of 8.7e4 is 2^-7), which every
-    flash-style float32 kernel pays (measured: 4.9e-3 on extreme-negative-logits-fp32 for SDPA's
-    efficient kernel and for flex on an H200); the low-precision twin pays it too. -> (probs, natural LSE)."""
+    flash-style float32 kernel pays: measured on an H200, SDPA's efficient kernel and flex both erred
+    4.85e-3 on extreme-negative-logits-fp32, against an allowed 1.3e-6 from a natural-base twin (2.6e-3
+    is this twin's own error there, on CPU). -> (probs, natural LSE)."""
     import torch
 
     s2 = scores * _LOG2E
@@ -144,8 +145,9 @@ def reference_attention(q: "torch.Tensor", keys: Sequence["torch.Tensor"], value
     history of request i (cached tokens first), as attention must use it (for an FP8 cache: the
     dequantized values, see :func:`as_stored_in_cache`). The queries of request i are its last
     q_lens[i] tokens. precision "high": float32, or float64 for float32 inputs; "low": the input
-    dtype throughout, the way an unfused low-precision implementation does it, with the softmax in
-    base 2 as fused kernels take it.
+    dtype throughout, the way an unfused low-precision implementation does it; for float32 inputs
+    with the softmax in base 2 as fused kernels take it (in 16 bits the rounding of the logits to the
+    input dtype dominates that conversion, and the 16-bit twin stays FlashAttention's).
 
     Returns the output [sum(q_lens), H, Dv], or (output, lse) with ``return_lse``: the natural
     log-sum-exp of each query's logits [sum(q_lens), H] (the sink included). A query that sees no
@@ -170,7 +172,7 @@ def reference_attention(q: "torch.Tensor", keys: Sequence["torch.Tensor"], value
                                  f"[kv_len, {layer.num_kv_heads}, {layer.head_dim}] and "
                                  f"[kv_len, {layer.num_kv_heads}, {layer.head_dim_v}]")
         out, lse = _attend_one(q[start:start + n], k, v, layer, compute, softmax_dtype, return_lse,
-                               base2=precision == "low")
+                               base2=precision == "low" and q.dtype == torch.float32)
         outs.append(out)
         lses.append(lse)
         start += n
