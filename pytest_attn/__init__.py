@@ -15,7 +15,7 @@ _EXPORTS = {
     "AttentionMetadata": "metadata", "PagedKVCacheManager": "kv_cache",
     "AttnError": "errors", "AttnInputError": "errors", "UnsupportedCase": "errors", "CacheFullError": "errors",
     "UnknownBackendError": "errors",
-    "BatchCase": "cases", "CATALOG": "catalog",
+    "BatchCase": "cases", "CATALOG": "catalog", "select": "catalog",
     "reference_attention": "reference", "compare": "reference", "POISON": "reference",
     "run_case": "harness", "assert_case_passes": "harness", "Registry": "registry",
 }

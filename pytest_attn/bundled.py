@@ -96,7 +96,7 @@ def inapplicable(item, session) -> bool:
         if len(runnable) < 2:
             return True
         if session.case_filter and case is not None:
-            from .cases import select
+            from .catalog import select
 
             return case not in {c.name for c in select(session.case_filter)}
     return False

@@ -15,7 +15,7 @@ With a paged cache it is a schedule, as TensorRT-LLM and vLLM run one:
 
 Each step runs ``num_layers`` layers over the same batch; ``layer_overrides`` make layers differ
 (GPT-OSS alternates sliding-window and full layers; a reuse case changes one parameter between
-layers of the same shape, the stale-plan class of bug). The catalog itself is in
+layers of the same shape, the stale-plan class of bug). The catalog itself, and ``select``, are in
 :mod:`pytest_attn.catalog`; every case there is named for the class of bug it catches.
 """
 from __future__ import annotations
@@ -277,26 +277,3 @@ class BatchCase:
         cache = (f"paged {self.kv_layout} page {self.page_size}, {self.num_steps} steps" if self.cache else
                  ("no cache, kv_seq_lens=" + str(list(self.kv_seq_lens)) if self.kv_seq_lens else "no cache"))
         return f"{heads} {self.dtype} {self.mask} seq_lens={list(self.seq_lens)} {cache}"
-
-
-def select(names_or_tags: Optional[list[str]] = None, catalog: Optional[dict] = None) -> list[BatchCase]:
-    """Cases whose name or one of whose tags is listed; all when the list is empty."""
-    if catalog is None:
-        from .catalog import CATALOG as catalog
-    if not names_or_tags:
-        return list(catalog.values())
-    chosen = [c for c in catalog.values() if c.name in names_or_tags or set(c.tags) & set(names_or_tags)]
-    known = set(catalog) | {t for c in catalog.values() for t in c.tags}
-    unknown = [n for n in names_or_tags if n not in known]
-    if unknown:
-        raise AttnInputError(f"unknown case name or tag {', '.join(unknown)}; known: {', '.join(sorted(known))} "
-                             "(see `pytest-attn cases`)")
-    return chosen
-
-
-def __getattr__(name):  # CATALOG moved to pytest_attn.catalog; keep `from pytest_attn.cases import CATALOG`
-    if name == "CATALOG":
-        from .catalog import CATALOG
-
-        return CATALOG
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,10 @@ section 5. Tags select a dimension: ``--attn-cases=swa`` runs the sliding-window
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from .cases import VIT_HEAD_DIM, VIT_HEADS, VIT_TOKENS_224, BatchCase
+from .errors import AttnInputError
 
 
 def _vit(name, seq_lens, mask="full", tags=(), **kw):
@@ -184,3 +187,17 @@ _CASES = [
 CATALOG: dict[str, BatchCase] = {c.name: c for c in _CASES}
 if len(CATALOG) != len(_CASES):  # a name used twice would silently drop a case
     raise RuntimeError("two catalog cases share a name")
+
+
+def select(names_or_tags: Optional[list[str]] = None, catalog: Optional[dict] = None) -> list[BatchCase]:
+    """Cases whose name or one of whose tags is listed; all when the list is empty."""
+    catalog = CATALOG if catalog is None else catalog
+    if not names_or_tags:
+        return list(catalog.values())
+    chosen = [c for c in catalog.values() if c.name in names_or_tags or set(c.tags) & set(names_or_tags)]
+    known = set(catalog) | {t for c in catalog.values() for t in c.tags}
+    unknown = [n for n in names_or_tags if n not in known]
+    if unknown:
+        raise AttnInputError(f"unknown case name or tag {', '.join(unknown)}; known: {', '.join(sorted(known))} "
+                             "(see `pytest-attn cases`)")
+    return chosen

@@ -274,7 +274,7 @@ def differential_command(args) -> int:
 
 # -- cases -----------------------------------------------------------------------------------------------
 def cases_command(args) -> int:
-    from .cases import select
+    from .catalog import select
     from .errors import AttnInputError
 
     try:

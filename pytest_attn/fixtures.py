@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from .batch import AttnBatch, build_batch  # noqa: F401  (AttnBatch: re-exported)
-from .cases import select
+from .catalog import select
 from .contract import Backend
 from .items import case_of
 from .metadata import AttentionMetadata

@@ -95,9 +95,10 @@ def _usage(message: str):
     return pytest.UsageError(f"pytest-attn: {message}")
 
 
-def seed(config) -> int:
-    from .session import DEFAULT_SEED
+DEFAULT_SEED = 20261125
 
+
+def seed(config) -> int:
     value = config.getoption("attn_seed", None)
     if value is not None:
         return value

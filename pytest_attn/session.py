@@ -19,7 +19,6 @@ from .errors import AttnInputError
 from .layer import dtype_name
 from .registry import Registry
 
-DEFAULT_SEED = 20261125
 CPU_MAX_TOKENS = 2048  # default --attn-max-tokens on CPU: keeps the reference quick
 
 SESSION_KEY = pytest.StashKey["AttnSession"]()
@@ -50,7 +49,7 @@ class AttnSession:
 
     @classmethod
     def from_config(cls, config) -> "AttnSession":
-        from .cases import select
+        from .catalog import select
         from .options import seed
 
         opt = config.getoption

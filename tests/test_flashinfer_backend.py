@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pytest_attn.cases import CATALOG
+from pytest_attn.catalog import CATALOG
 from pytest_attn.contract import LayerSpec
 from pytest_attn.errors import AttnInputError, UnsupportedCase
 from pytest_attn.harness import assert_case_passes, first_step, run_case, step_metadata

@@ -143,7 +143,7 @@ def test_attn_cases_marker_narrows_the_catalog(pytester):
         def test_decode_only(attn_case):
             assert attn_case.decode_steps > 0
     """)
-    from pytest_attn.cases import select
+    from pytest_attn.catalog import select
 
     result = pytester.runpytest("-q", "--attn-backend=torch")
     result.assert_outcomes(passed=len(select(["decode"])))

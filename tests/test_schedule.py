@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_attn import schedule
-from pytest_attn.cases import CATALOG
+from pytest_attn.catalog import CATALOG
 
 
 class FakeItem:

@@ -5,7 +5,8 @@ import re
 import pytest
 import torch
 
-from pytest_attn.cases import BatchCase, select
+from pytest_attn.cases import BatchCase
+from pytest_attn.catalog import select
 from pytest_attn.contract import Capabilities, LayerSpec, dtype_name
 from pytest_attn.errors import AttnInputError, CacheFullError, UnknownBackendError, UnsupportedCase
 from pytest_attn.harness import run_forward
