@@ -594,10 +594,7 @@ class FlashInferBackend(Backend):
         metadata.check_inputs(q, k, v, layer, require_contiguous=True)
         if q.device.type != "cuda":
             raise AttnInputError(f"FlashInfer runs on CUDA tensors; q is on {q.device}: move q, k, v to a GPU")
-        made_for = (plan.detail("num_requests"), plan.detail("num_contexts"), plan.detail("num_tokens"))
-        if made_for != (metadata.num_requests, metadata.num_contexts, metadata.num_tokens):
-            raise AttnInputError(f"the plan was made for another batch (requests, contexts, tokens = {made_for}, "
-                                 f"this batch: {metadata.describe()}): plan this batch first")
+        plan.check_batch(metadata)
         if out is None:
             out = q.new_empty((q.shape[0], layer.num_heads, layer.head_dim_v))
         manager = metadata.kv_cache_manager

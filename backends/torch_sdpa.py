@@ -178,10 +178,8 @@ class TorchSDPABackend(Backend):
                 if manager is None:
                     ki, vi = k[kv_off[i]:kv_off[i + 1]], v[kv_off[i]:kv_off[i + 1]]
                 else:
-                    ki, vi = manager.gather(layer.layer_idx, metadata.block_tables[i], metadata.kv_lens[i])
-                    if manager.quantized:
-                        ki = (ki.to(torch.float32) * layer.k_scale).to(q.dtype)
-                        vi = (vi.to(torch.float32) * layer.v_scale).to(q.dtype)
+                    ki, vi = manager.gather(layer.layer_idx, metadata.block_tables[i], metadata.kv_lens[i],
+                                            scales=(layer.k_scale, layer.v_scale), dtype=q.dtype)
                 out[q_off[i]:q_off[i + 1]] = self._attend(q[q_off[i]:q_off[i + 1]], ki, vi, layer, plan)
         return out
 

@@ -76,6 +76,14 @@ class Plan:
     def with_handle(self, handle: Any) -> "Plan":
         return dataclasses.replace(self, handle=handle)
 
+    def check_batch(self, metadata: "AttentionMetadata") -> None:
+        """Raise unless this plan was made for this batch (for plans that record num_requests,
+        num_contexts and num_tokens in their details, as the GPU backends' do)."""
+        made_for = (self.detail("num_requests"), self.detail("num_contexts"), self.detail("num_tokens"))
+        if made_for != (metadata.num_requests, metadata.num_contexts, metadata.num_tokens):
+            raise AttnInputError(f"the plan was made for another batch (requests, contexts, tokens = {made_for}, "
+                                 f"this batch: {metadata.describe()}): plan this batch first")
+
 
 def _jsonable(value):
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)

@@ -261,8 +261,11 @@ class PagedKVCacheManager:
             return t.to(self.device, storage)
         return (t.to(self.device, torch.float32) / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(storage)
 
-    def gather(self, layer_idx: int, block_table: Sequence[int], length: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """The first ``length`` tokens stored under a block table, as contiguous [length, heads, dim]."""
+    def gather(self, layer_idx: int, block_table: Sequence[int], length: int, *, scales: Optional[tuple] = None,
+               dtype=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """The first ``length`` tokens stored under a block table, as contiguous [length, heads, dim]:
+        as stored, or with ``scales=(k_scale, v_scale)`` and ``dtype`` the values they stand for
+        (a float8 cache dequantized: stored x scale, in ``dtype``)."""
         import torch
 
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
@@ -278,6 +281,10 @@ class PagedKVCacheManager:
         for cache, dim in ((self.k_cache(layer_idx), self.head_dim), (self.v_cache(layer_idx), self.head_dim_v)):
             tokens = self._token_view(cache)[idx].reshape(n_pages * self.page_size, self.num_kv_heads, dim)
             out.append(tokens[:length].contiguous())
+        if scales is not None and self.quantized:
+            out = [(t.to(torch.float32) * scale).to(dtype or torch.float32) for t, scale in zip(out, scales)]
+        elif dtype is not None:
+            out = [t.to(dtype) for t in out]
         return out[0], out[1]
 
     def __repr__(self) -> str:
