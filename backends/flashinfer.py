@@ -586,17 +586,7 @@ class FlashInferBackend(Backend):
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
-        import torch
-
-        layer = plan.layer
-        if layer is None:
-            raise AttnInputError("the plan carries no layer: make it with this backend's plan()")
-        metadata.check_inputs(q, k, v, layer, require_contiguous=True)
-        if q.device.type != "cuda":
-            raise AttnInputError(f"FlashInfer runs on CUDA tensors; q is on {q.device}: move q, k, v to a GPU")
-        plan.check_batch(metadata)
-        if out is None:
-            out = q.new_empty((q.shape[0], layer.num_heads, layer.head_dim_v))
+        layer, out = plan.start_forward(q, k, v, metadata, out, require_contiguous=True, cuda_only="FlashInfer runs")
         manager = metadata.kv_cache_manager
         cache = None
         if manager is not None:

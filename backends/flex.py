@@ -242,25 +242,16 @@ class FlexAttentionBackend(Backend):
                     device=str(device), layer=layer, details=tuple(details))
 
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
-        import torch
-
-        layer = plan.layer
-        metadata.check_inputs(q, k, v, layer, require_contiguous=False)
-        if out is None:
-            out = q.new_empty((q.shape[0], layer.num_heads, layer.head_dim_v))
+        layer, out = plan.start_forward(q, k, v, metadata, out)
         manager = metadata.kv_cache_manager
         if manager is not None:
             manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
         params = self._layer_tensors(layer, q.device)
-        q_off, kv_off = metadata.qo_indptr, metadata.kv_indptr
+        q_off = metadata.qo_indptr
         for i, n in enumerate(metadata.seq_lens):
             if n == 0:
                 continue
-            if manager is None:
-                ki, vi = k[kv_off[i]:kv_off[i + 1]], v[kv_off[i]:kv_off[i + 1]]
-            else:
-                ki, vi = manager.gather(layer.layer_idx, metadata.block_tables[i], metadata.kv_lens[i],
-                                        scales=(layer.k_scale, layer.v_scale), dtype=q.dtype)
+            ki, vi = metadata.request_kv(i, k, v, layer, dtype=q.dtype)
             rows = slice(q_off[i], q_off[i + 1])
             o, row_lse = self._attend(q[rows], ki, vi, layer, plan, params, want_lse=lse is not None)
             out[rows] = o

@@ -153,14 +153,9 @@ class TorchSDPABackend(Backend):
         return any(q > 1 for q in metadata.seq_lens)
 
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
-        import torch
-
-        layer = plan.layer
         if lse is not None:
             raise NotImplementedError("torch's SDPA returns no log-sum-exp; this backend declares lse_base=None")
-        metadata.check_inputs(q, k, v, layer, require_contiguous=False)
-        if out is None:
-            out = q.new_empty((q.shape[0], layer.num_heads, layer.head_dim_v))
+        layer, out = plan.start_forward(q, k, v, metadata, out)
         if plan.kernel == "varlen_attn":
             return self._varlen(q, k, v, metadata, layer, out)
         manager = metadata.kv_cache_manager
@@ -170,16 +165,12 @@ class TorchSDPABackend(Backend):
 
         sdpa_backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                         "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[plan.kernel_backend]
-        q_off, kv_off = metadata.qo_indptr, metadata.kv_indptr
+        q_off = metadata.qo_indptr
         with sdpa_kernel([sdpa_backend]):
             for i, n in enumerate(metadata.seq_lens):
                 if n == 0:
                     continue
-                if manager is None:
-                    ki, vi = k[kv_off[i]:kv_off[i + 1]], v[kv_off[i]:kv_off[i + 1]]
-                else:
-                    ki, vi = manager.gather(layer.layer_idx, metadata.block_tables[i], metadata.kv_lens[i],
-                                            scales=(layer.k_scale, layer.v_scale), dtype=q.dtype)
+                ki, vi = metadata.request_kv(i, k, v, layer, dtype=q.dtype)
                 out[q_off[i]:q_off[i + 1]] = self._attend(q[q_off[i]:q_off[i + 1]], ki, vi, layer, plan)
         return out
 

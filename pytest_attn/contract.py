@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import AttnInputError
 # LayerSpec and the dtype helpers live in .layer (below the metadata and the cache); they are
@@ -76,10 +76,28 @@ class Plan:
     def with_handle(self, handle: Any) -> "Plan":
         return dataclasses.replace(self, handle=handle)
 
+    def start_forward(self, q, k, v, metadata: "AttentionMetadata", out=None, *, require_contiguous: bool = False,
+                      cuda_only: Optional[str] = None) -> tuple[LayerSpec, "torch.Tensor"]:
+        """What every forward starts with: its layer, the inputs checked against it and the batch
+        (and, for ``cuda_only`` = the kernels' name, their device), and the output buffer, ``out``
+        or a new one. Returns ``(layer, out)``."""
+        layer = self.layer
+        if layer is None:
+            raise AttnInputError("the plan carries no layer: make it with this backend's plan()")
+        metadata.check_inputs(q, k, v, layer, require_contiguous=require_contiguous)
+        if cuda_only and q.device.type != "cuda":
+            raise AttnInputError(f"{cuda_only} on CUDA tensors; q is on {q.device}: move q, k, v to a GPU")
+        self.check_batch(metadata)
+        if out is None:
+            out = q.new_empty((q.shape[0], layer.num_heads, layer.head_dim_v))
+        return layer, out
+
     def check_batch(self, metadata: "AttentionMetadata") -> None:
-        """Raise unless this plan was made for this batch (for plans that record num_requests,
-        num_contexts and num_tokens in their details, as the GPU backends' do)."""
+        """Raise unless this plan was made for this batch. Only plans that record num_requests,
+        num_contexts and num_tokens in their details (as the GPU backends' do) can be checked."""
         made_for = (self.detail("num_requests"), self.detail("num_contexts"), self.detail("num_tokens"))
+        if made_for == (None, None, None):
+            return
         if made_for != (metadata.num_requests, metadata.num_contexts, metadata.num_tokens):
             raise AttnInputError(f"the plan was made for another batch (requests, contexts, tokens = {made_for}, "
                                  f"this batch: {metadata.describe()}): plan this batch first")

@@ -256,6 +256,16 @@ class AttentionMetadata:
             self._tensors[key] = torch.tensor(getattr(self, name), dtype=torch.int32, device=device)
         return self._tensors[key]
 
+    def request_kv(self, i: int, k, v, layer: "LayerSpec", dtype=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Request ``i``'s keys and values: its rows of ``k`` and ``v`` without a cache; with one,
+        its whole history gathered from its pages (a quantized cache dequantized into ``dtype``).
+        Call it after this step's K/V were written into the cache."""
+        if self.kv_cache_manager is None:
+            rows = slice(self.kv_indptr[i], self.kv_indptr[i + 1])
+            return k[rows], v[rows]
+        return self.kv_cache_manager.gather(layer.layer_idx, self.block_tables[i], self.kv_lens[i],
+                                            scales=(layer.k_scale, layer.v_scale), dtype=dtype)
+
     def check_inputs(self, q, k, v, layer: "LayerSpec", *, require_contiguous: bool = True) -> None:
         """Raise AttnInputError, naming the problem, unless q/k/v fit this batch and layer."""
         check_qkv(q, k, v, layer, num_tokens=self.num_tokens, num_kv_tokens=self.num_kv_tokens,

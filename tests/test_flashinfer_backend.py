@@ -1,16 +1,17 @@
 """The FlashInfer backend's decisions, checked on CPU, and proof that the output check catches the
 class of bug TensorRT-LLM #13190 fixed (ragged K/V read in the wrong layout, offsets in the wrong
 units), which a test asserting only ``wrapper._backend == "cudnn"`` (PR #12911's) let through."""
+import functools
 import subprocess
 import sys
 
 import pytest
+import steps
 
 from pytest_attn.catalog import CATALOG
 from pytest_attn.contract import LayerSpec
 from pytest_attn.errors import AttnInputError, UnsupportedCase
 from pytest_attn.harness import assert_case_passes, first_step, run_case, step_metadata
-from pytest_attn.kv_cache import PagedKVCacheManager
 from pytest_attn.metadata import AttentionMetadata
 from pytest_attn_backends import flashinfer as fi
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend
@@ -20,15 +21,7 @@ VIT_BATCH = AttentionMetadata.ragged([256, 1024, 576])
 BY_NAME = {b.name: b for b in fi.BACKENDS}
 
 
-def paged_batch(seq_lens, cached_lens, *, layout="NHD", kv_heads=4, page_size=16):
-    """Metadata of a step whose requests with cached tokens are generation requests."""
-    manager = PagedKVCacheManager(num_kv_heads=kv_heads, head_dim=128, page_size=page_size, num_pages=64,
-                                  device="meta", layout=layout)
-    gen = [i for i, c in enumerate(cached_lens) if c]
-    if gen:
-        manager.prepare([cached_lens[i] for i in gen], gen, num_contexts=len(gen))
-    order = [i for i, c in enumerate(cached_lens) if not c] + gen
-    return manager.prepare([seq_lens[i] for i in order], order, num_contexts=len(order) - len(gen))
+paged_batch = functools.partial(steps.paged_step, kv_heads=4)  # requests with cached tokens decode
 
 
 # -- module and environment -------------------------------------------------------------------------

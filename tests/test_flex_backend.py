@@ -2,17 +2,18 @@
 CPU run selects (all of them, within 2048 tokens), that its log-sum-exp is the reference's (sink
 included), and that the output check catches the bugs its score_mod and mask_mod could hide: a
 soft-cap dropped, a sink dropped, a causal mask aligned top-left."""
+import functools
 import subprocess
 import sys
 import warnings
 from types import SimpleNamespace
 
 import pytest
+import steps
 
 from pytest_attn.catalog import CATALOG
 from pytest_attn.contract import LayerSpec
 from pytest_attn.harness import assert_case_passes, first_step, make_qkv, run_case
-from pytest_attn.kv_cache import PagedKVCacheManager
 from pytest_attn.metadata import AttentionMetadata
 from pytest_attn.session import CPU_MAX_TOKENS
 from pytest_attn_backends import flex
@@ -31,16 +32,7 @@ def torch():
     return pytest.importorskip("torch")
 
 
-def paged_step(seq_lens, cached_lens, *, layout="NHD", kv_heads=8, dtype="bfloat16"):
-    """Metadata (on a storage-less cache) of a step whose requests with cached tokens are
-    generation requests."""
-    manager = PagedKVCacheManager(num_kv_heads=kv_heads, head_dim=64, page_size=16, num_pages=64, dtype=dtype,
-                                  device="meta", layout=layout)
-    gen = [i for i, c in enumerate(cached_lens) if c]
-    if gen:
-        manager.prepare([cached_lens[i] for i in gen], gen, num_contexts=len(gen))
-    order = [i for i, c in enumerate(cached_lens) if not c] + gen
-    return manager.prepare([seq_lens[i] for i in order], order, num_contexts=len(order) - len(gen))
+paged_step = functools.partial(steps.paged_step, head_dim=64)  # requests with cached tokens decode
 
 
 # -- module and environment -------------------------------------------------------------------------

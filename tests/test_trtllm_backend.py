@@ -5,27 +5,17 @@ import subprocess
 import sys
 
 import pytest
+from steps import paged_step as paged  # requests with cached tokens decode
 
 from pytest_attn.catalog import CATALOG
 from pytest_attn.contract import LayerSpec
 from pytest_attn.errors import UnsupportedCase
 from pytest_attn.harness import first_step, step_metadata
-from pytest_attn.kv_cache import PagedKVCacheManager
 from pytest_attn.metadata import AttentionMetadata
 from pytest_attn_backends import trtllm as t
 
 ALL = t.Budget(None, None)
 BY_NAME = {b.name: b for b in t.BACKENDS}
-
-
-def paged(seq_lens, cached_lens, *, layout="NHD", kv_heads=8, head_dim=128, page_size=16, dtype="bfloat16"):
-    manager = PagedKVCacheManager(num_kv_heads=kv_heads, head_dim=head_dim, page_size=page_size, num_pages=64,
-                                  device="meta", layout=layout, dtype=dtype)
-    gen = [i for i, c in enumerate(cached_lens) if c]
-    if gen:
-        manager.prepare([cached_lens[i] for i in gen], gen, num_contexts=len(gen))
-    order = sorted(range(len(seq_lens)), key=lambda i: cached_lens[i] > 0)
-    return manager.prepare([seq_lens[i] for i in order], order, num_contexts=sum(1 for c in cached_lens if not c))
 
 
 def test_module_imports_neither_torch_nor_flashinfer():

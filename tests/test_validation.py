@@ -1,5 +1,6 @@
 """Bad input to pytest-attn's public functions: each raises the documented error type, and the
 message names the problem. The table here is the README's "bad input -> error" table."""
+import dataclasses
 import re
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from pytest_attn.cases import BatchCase
 from pytest_attn.catalog import select
-from pytest_attn.contract import Capabilities, LayerSpec, dtype_name
+from pytest_attn.contract import Capabilities, LayerSpec, Plan, dtype_name
 from pytest_attn.errors import AttnInputError, CacheFullError, UnknownBackendError, UnsupportedCase
 from pytest_attn.harness import run_forward
 from pytest_attn.kv_cache import PagedKVCacheManager
@@ -250,3 +251,52 @@ def test_cache_accessors_refuse_bad_arguments(call, message):
 def test_cache_refuses_an_unknown_device():
     with pytest.raises(AttnInputError, match="is not a torch device"):
         PagedKVCacheManager(num_kv_heads=2, head_dim=16, num_pages=2, device="tpu9")
+
+
+# -- what every forward starts with (Plan.start_forward) and a request's K/V (request_kv) ----------
+def _small_plan(**details):
+    layer = LayerSpec(4, 2, 16, "float32", "causal")
+    return Plan("b", "k", "kb", "NHD", "tokens", False, layer=layer, details=tuple(details.items())), layer
+
+
+def test_start_forward_checks_the_batch_a_plan_recorded_and_allocates_out():
+    md = AttentionMetadata.ragged([3, 2])
+    plan, layer = _small_plan(num_requests=2, num_contexts=2, num_tokens=5)
+    q, k, v = torch.randn(5, 4, 16), torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    got_layer, out = plan.start_forward(q, k, v, md)
+    assert got_layer == layer and out.shape == (5, 4, 16)
+    given = torch.empty(5, 4, 16)
+    assert plan.start_forward(q, k, v, md, given)[1] is given
+    other = AttentionMetadata.ragged([4, 1, 0])
+    q3 = torch.randn(5, 4, 16)
+    with pytest.raises(AttnInputError, match="the plan was made for another batch.*plan this batch first"):
+        plan.start_forward(q3, k, v, other)
+    unrecorded, _ = _small_plan()
+    assert unrecorded.start_forward(q3, k, v, other)[1].shape == (5, 4, 16)  # nothing recorded, nothing to check
+
+
+def test_start_forward_names_a_plan_without_layer_and_a_cuda_only_kernel_on_cpu():
+    md = AttentionMetadata.ragged([2])
+    plan, _ = _small_plan()
+    q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    with pytest.raises(AttnInputError, match="FlashInfer runs on CUDA tensors; q is on cpu: move q, k, v to a GPU"):
+        plan.start_forward(q, k, v, md, cuda_only="FlashInfer runs")
+    with pytest.raises(AttnInputError, match="the plan carries no layer"):
+        dataclasses.replace(plan, layer=None).start_forward(q, k, v, md)
+    with pytest.raises(AttnInputError, match="not contiguous"):
+        plan.start_forward(q, k.transpose(0, 1).contiguous().transpose(0, 1), v, md, require_contiguous=True)
+
+
+def test_request_kv_is_the_rows_without_a_cache_and_the_dequantized_history_with_one():
+    layer = LayerSpec(2, 2, 8, "bfloat16", "causal", kv_dtype="float8_e4m3fn", k_scale=0.5, v_scale=2.0)
+    k, v = torch.randn(5, 2, 8).bfloat16(), torch.randn(5, 2, 8).bfloat16()
+    ragged = AttentionMetadata.ragged([3, 2])
+    got_k, got_v = ragged.request_kv(1, k, v, layer)
+    assert torch.equal(got_k, k[3:]) and torch.equal(got_v, v[3:])
+    cache = PagedKVCacheManager(num_kv_heads=2, head_dim=8, page_size=4, num_pages=8, dtype="float8_e4m3fn")
+    md = cache.prepare([3, 2], [0, 1], num_contexts=2)
+    cache.write(0, md, k, v, k_scale=0.5, v_scale=2.0)
+    got_k, got_v = md.request_kv(1, k, v, layer, dtype=torch.bfloat16)
+    stored_k, stored_v = cache.gather(0, md.block_tables[1], 2)
+    assert got_k.dtype == torch.bfloat16 and got_k.shape == (2, 2, 8)
+    assert torch.equal(got_k, (stored_k.float() * 0.5).bfloat16()) and torch.equal(got_v, (stored_v.float() * 2.0).bfloat16())
