@@ -1,13 +1,5 @@
 import pytest
 
-# pytester's in-process runs drop the modules a run imported when it ends. torch's flex attention
-# pulls in torch._inductor, whose C++ operator registrations cannot be made twice in one process:
-# imported here, before any inner run, it stays imported for all of them.
-try:
-    import torch.nn.attention.flex_attention  # noqa: F401
-except ImportError:  # no torch, or a torch without flex attention: nothing to keep
-    pass
-
 from backend_packages import DEMO_BACKENDS, DEMO_ENTRY_POINTS, write_backend_package
 
 
@@ -25,8 +17,22 @@ def demo_backends(pytester):
 INNER_RUN_OPTIONS = "-p no:hypothesispytest -W ignore::pytest.PytestAssertRewriteWarning --attn-suite=off"
 
 
+@pytest.fixture(scope="session")
+def flex_compilation_imported():
+    """pytester's in-process runs drop the modules a run imported when it ends. A flex attention call
+    imports torch._inductor on first use, whose registrations (C++ operators, cache artifact types)
+    cannot be made twice in one process: imported once here, before any pytester exists (a session
+    fixture is set up before the function-scoped pytester takes its snapshot of sys.modules), they
+    stay imported for every inner run."""
+    try:
+        import torch._dynamo.backends.debugging  # noqa: F401  (what flex_attention() imports on first call)
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:  # no torch, or a torch without flex attention: nothing to keep
+        pass
+
+
 @pytest.fixture
-def pytester(pytester, monkeypatch):
+def pytester(flex_compilation_imported, pytester, monkeypatch):
     """pytester with INNER_RUN_OPTIONS, set after it starts, since it clears PYTEST_ADDOPTS."""
     monkeypatch.setenv("PYTEST_ADDOPTS", INNER_RUN_OPTIONS)
     return pytester
