@@ -12,18 +12,24 @@ SEED_ENV = "PYTEST_ATTN_SEED"
 SUITE_MODES = ("auto", "on", "off")
 BENCH_METRICS = ("device", "eager")
 
-#: dest -> default, for every option; a run that changes none of them has not asked for pytest-attn.
-DEFAULTS = {
-    "attn_backend": [], "attn_device": None, "attn_dtype": [], "attn_seed": None, "attn_strict": False,
-    "attn_cases": [], "attn_max_tokens": None, "attn_isolate": [], "attn_gpus": None, "attn_schedule": "longest-first",
-    "attn_gc_freeze": "on", "attn_suite": "auto",
-    "attn_bench_warmup": 10, "attn_bench_iters": 50, "attn_bench_cold_l2": False, "attn_bench_graph": "auto",
-    "attn_bench_metric": [],
-}
+#: dest -> default of every option add_options() defines; a run that changes none of them has not
+#: asked for pytest-attn.
+DEFAULTS: dict = {}
+
+
+class _Group:
+    """An option group that records each option's default in DEFAULTS as it adds it."""
+
+    def __init__(self, group):
+        self._group = group
+
+    def addoption(self, flag: str, **kwargs) -> None:
+        self._group.addoption(flag, **kwargs)
+        DEFAULTS[flag[2:].replace("-", "_")] = kwargs.get("default")
 
 
 def add_options(parser) -> None:
-    group = parser.getgroup("attn", "attention backends (pytest-attn)")
+    group = _Group(parser.getgroup("attn", "attention backends (pytest-attn)"))
     group.addoption("--attn-backend", action="append", default=[], metavar="NAME[,NAME...]",
                     help="backends to test (repeatable; 'all' = every registered backend); also adds the bundled "
                          "validation suite to this run (see --attn-suite). Default: every backend available here.")
@@ -56,7 +62,7 @@ def add_options(parser) -> None:
     group.addoption("--attn-gc-freeze", choices=("on", "off"), default="on",
                     help="keep the garbage collector off the objects alive after collection and after "
                          "the last test (gc.freeze; default on).")
-    bench = parser.getgroup("attn-bench", "attention benchmarks (pytest-attn, with pytest-benchmark)")
+    bench = _Group(parser.getgroup("attn-bench", "attention benchmarks (pytest-attn, with pytest-benchmark)"))
     bench.addoption("--attn-bench-warmup", type=int, default=10, metavar="N",
                     help="warm-up calls before timing (default 10); first-call costs stay out.")
     bench.addoption("--attn-bench-iters", type=int, default=50, metavar="N",
