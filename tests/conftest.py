@@ -19,16 +19,23 @@ INNER_RUN_OPTIONS = "-p no:hypothesispytest -W ignore::pytest.PytestAssertRewrit
 
 @pytest.fixture(scope="session")
 def flex_compilation_imported():
-    """pytester's in-process runs drop the modules a run imported when it ends. A flex attention call
-    imports torch._inductor on first use, whose registrations (C++ operators, cache artifact types)
-    cannot be made twice in one process: imported once here, before any pytester exists (a session
-    fixture is set up before the function-scoped pytester takes its snapshot of sys.modules), they
-    stay imported for every inner run."""
-    try:
-        import torch._dynamo.backends.debugging  # noqa: F401  (what flex_attention() imports on first call)
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:  # no torch, or a torch without flex attention: nothing to keep
-        pass
+    """pytester's in-process runs drop the modules a run imported when it ends. The first flex
+    attention call imports torch._inductor and dozens of modules more, whose registrations (C++
+    operators, cache artifact types) cannot be made twice in one process: a flex backend that made
+    that first call inside an inner run broke every later flex call of its worker. So one call is
+    made here, before any pytester exists (a session fixture is set up before the function-scoped
+    pytester takes its snapshot of sys.modules), and what it imports stays for every inner run."""
+    import warnings
+
+    from pytest_attn.catalog import CATALOG
+    from pytest_attn.harness import run_case
+    from pytest_attn_backends.flex import BACKENDS
+
+    flex = BACKENDS[0]
+    if flex.available():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flex's "called without torch.compile()" advice
+            run_case(flex, CATALOG["softcap-30-ragged"], seed=0)
 
 
 @pytest.fixture
