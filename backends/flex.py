@@ -36,7 +36,8 @@ import warnings
 from pathlib import Path
 
 from pytest_attn import torch_build
-from pytest_attn.contract import Availability, Backend, Capabilities, LayerSpec, Plan
+from pytest_attn.contract import (FUSED_FLOAT32_TOLERANCE, Availability, Backend, Capabilities, LayerSpec, Plan,
+                                  Tolerance)
 from pytest_attn.metadata import AttentionMetadata
 
 #: The torch release that first shipped torch.nn.attention.flex_attention.
@@ -208,6 +209,9 @@ class FlexAttentionBackend(Backend):
             return Availability(False, f"flex_attention needs TorchDynamo, which torch {torch.__version__} does not "
                                        f"support on Python {sys.version.split()[0]}")
         return Availability(True)
+
+    def tolerance(self, dtype: str) -> Tolerance:
+        return FUSED_FLOAT32_TOLERANCE if dtype == "float32" else Tolerance()
 
     def unsupported(self, layer, metadata, device="cpu"):
         reasons = super().unsupported(layer, metadata, device)

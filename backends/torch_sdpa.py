@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Optional
 
 from pytest_attn import torch_build
-from pytest_attn.contract import Availability, Backend, Capabilities, LayerSpec, Plan
+from pytest_attn.contract import (FUSED_FLOAT32_TOLERANCE, Availability, Backend, Capabilities, LayerSpec, Plan,
+                                  Tolerance)
 from pytest_attn.metadata import AttentionMetadata
 
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
@@ -119,6 +120,9 @@ class TorchSDPABackend(Backend):
         if self._forced_kernel is not None and not torch_build.cuda_available():
             return Availability(False, f"SDPA's {self._forced_kernel} kernel runs on CUDA only; torch sees no GPU")
         return Availability(True)
+
+    def tolerance(self, dtype: str) -> Tolerance:
+        return FUSED_FLOAT32_TOLERANCE if dtype == "float32" else Tolerance()
 
     def unsupported(self, layer, metadata, device="cpu"):
         reasons = super().unsupported(layer, metadata, device)

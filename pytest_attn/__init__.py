@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Backend": "contract", "Plan": "contract", "Capabilities": "contract", "LayerSpec": "contract",
-    "Tolerance": "contract", "Availability": "contract",
+    "Tolerance": "contract", "FUSED_FLOAT32_TOLERANCE": "contract", "Availability": "contract",
     "AttentionMetadata": "metadata", "PagedKVCacheManager": "kv_cache",
     "AttnError": "errors", "AttnInputError": "errors", "UnsupportedCase": "errors", "CacheFullError": "errors",
     "UnknownBackendError": "errors",

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from pytest_attn.contract import LayerSpec, Tolerance
+from pytest_attn.contract import FUSED_FLOAT32_TOLERANCE, LayerSpec, Tolerance
 from pytest_attn.harness import make_qkv
 from pytest_attn.reference import POISON, as_stored_in_cache, compare, reference_attention
 
@@ -71,6 +71,25 @@ def test_wrong_outputs_fail_with_the_reason(corrupt, expected):
     result = compare(out, high, low, Tolerance(), qo_indptr=(0, 64))
     assert not result.passed
     assert expected in result.message()
+
+
+def test_the_fused_float32_tolerance_admits_another_summation_order_and_refuses_a_scale():
+    # A fused float32 kernel errs a few times more than the one-pass twin (H100: 3.6x and 4.5x on
+    # fp32-decode), which the default rule refuses; an output scaled by 1.0001 must still fail.
+    high, low = _outputs("float32")
+    reordered = high + (low - high) * 4.5
+    assert not compare(reordered.float(), high, low, Tolerance()).passed
+    assert compare(reordered.float(), high, low, FUSED_FLOAT32_TOLERANCE).passed
+    assert not compare(low * 1.0001, high, low, FUSED_FLOAT32_TOLERANCE).passed
+
+
+def test_fused_kernels_declare_the_float32_tolerance_and_the_default_for_16_bit():
+    from pytest_attn_backends.flex import FlexAttentionBackend
+    from pytest_attn_backends.torch_sdpa import TorchSDPABackend
+
+    for backend in (FlexAttentionBackend(), TorchSDPABackend("torch-efficient", kernel="efficient")):
+        assert backend.tolerance("float32") == FUSED_FLOAT32_TOLERANCE
+        assert backend.tolerance("bfloat16") == Tolerance()
 
 
 def test_infinite_values_never_pass_even_when_everything_else_is_wrong():
