@@ -1,5 +1,5 @@
-"""xdist workers: one GPU each, a fair share of CPU threads, and a fresh worker after a poisoned
-CUDA context.
+"""xdist workers: one GPU each, a fair share of CPU threads and of JIT build jobs, and a fresh
+worker after a poisoned CUDA context.
 
 The controller decides which GPU each worker gets (round robin over --attn-gpus,
 CUDA_VISIBLE_DEVICES, or the GPUs nvidia-smi / torch count) and hands it over in
@@ -29,6 +29,7 @@ import pytest
 
 WORKERINPUT_GPU = "attn_gpu"  # the GPU id (as CUDA_VISIBLE_DEVICES names it) of one worker
 WORKERINPUT_THREADS = "attn_torch_threads"
+WORKERINPUT_JIT_JOBS = "attn_jit_jobs"
 GPU_PROPERTY = "attn_gpu"  # user_properties entry on every test a pinned worker runs (junit shows it)
 WORKER_PROPERTY = "attn_worker"
 RESTART_PROPERTY = "attn_worker_restart"  # on the report of a test that poisoned its worker's context
@@ -139,13 +140,27 @@ def planned_assignment(ids: list[str], workers: int) -> dict[str, str]:
     return {f"gw{i}": ids[i % len(ids)] for i in range(workers)} if ids else {}
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def threads_per_worker(workers: int) -> int:
     """torch intra-op threads per worker so that workers do not oversubscribe the CPUs."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, workers))
+    return max(1, _cpus() // max(1, workers))
+
+
+def jit_jobs_per_build() -> int:
+    """MAX_JOBS for each JIT build (FlashInfer's ninja, torch's cpp_extension) in an xdist worker.
+    Left unset, every build starts cores + 2 compilers, and a first run has several builds going at
+    once, one per worker that reached a new kernel family: 8 workers could hold 144 compilers of
+    1 to 2 GB each. Half the cores each keeps the machine busy with a bounded number. Measured on
+    H100 machines (16 cores, -n 8), the first run of trtllm,flashinfer,torch,torch-cudnn took 270 s
+    with 8, 264 and 295 s with 16 and 318 s with ninja's 18, each on a machine of its own: machines
+    differ as much as these settings do."""
+    return max(2, _cpus() // 2)
 
 
 # -- in a worker (and a serial run) -------------------------------------------------------------
@@ -167,6 +182,9 @@ def pin_worker(config) -> None:
             ids, _ = gpu_pool(config)
             _set_visible_devices(",".join(ids), "--attn-gpus")
         return
+    jobs = config.workerinput.get(WORKERINPUT_JIT_JOBS)
+    if jobs and "MAX_JOBS" not in os.environ:  # an explicit MAX_JOBS wins
+        os.environ["MAX_JOBS"] = str(jobs)
     threads = config.workerinput.get(WORKERINPUT_THREADS)
     if threads and "OMP_NUM_THREADS" not in os.environ:  # an explicit OMP_NUM_THREADS wins
         os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch when it is imported
@@ -189,11 +207,13 @@ def header_lines(config) -> list[str]:
     if workers:
         ids, source = gpu_pool(config)
         threads = os.environ.get("OMP_NUM_THREADS") or threads_per_worker(workers)
+        jobs = os.environ.get("MAX_JOBS") or jit_jobs_per_build()
         if not ids:
             return [f"attn workers: {workers} xdist workers, no GPU to pin (none found: {source}); "
                     f"{threads} torch thread(s) each"]
         plan = ", ".join(f"{w} -> GPU {g}" for w, g in planned_assignment(ids, workers).items())
-        return [f"attn gpus: {plan} (round robin over {source}; each worker sees only its GPU as cuda:0)"]
+        return [f"attn gpus: {plan} (round robin over {source}; each worker sees only its GPU as cuda:0; "
+                f"MAX_JOBS={jobs} per JIT build)"]
     if not is_worker(config) and config.getoption("attn_gpus", None) is not None:
         return [f"attn gpus: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')} (--attn-gpus)"]
     return []
@@ -218,6 +238,7 @@ class XdistHooks:
     def pytest_configure_node(self, node):
         workers = worker_count(self.config) or 1
         node.workerinput[WORKERINPUT_THREADS] = threads_per_worker(workers)
+        node.workerinput[WORKERINPUT_JIT_JOBS] = jit_jobs_per_build()
         ids, _ = gpu_pool(self.config)
         if not ids:
             return

@@ -90,6 +90,21 @@ def test_no_gpus_pins_nothing(monkeypatch):
     assert node.workerinput[gpu_workers.WORKERINPUT_THREADS] >= 1
 
 
+def test_jit_builds_get_half_the_cores_each_unless_max_jobs_is_set(monkeypatch):
+    monkeypatch.setattr(gpu_workers.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert gpu_workers.jit_jobs_per_build() == 8
+    node = fake_node("gw0")
+    XdistHooks(FakeConfig(dist="load", tx=["popen"] * 8)).pytest_configure_node(node)
+    assert node.workerinput[gpu_workers.WORKERINPUT_JIT_JOBS] == 8
+    monkeypatch.setenv("MAX_JOBS", "")  # recorded, so that what pin_worker sets is undone after the test
+    monkeypatch.delenv("MAX_JOBS")
+    gpu_workers.pin_worker(FakeConfig(workerinput={"workerid": "gw0", gpu_workers.WORKERINPUT_JIT_JOBS: 8}))
+    assert gpu_workers.os.environ["MAX_JOBS"] == "8"
+    monkeypatch.setenv("MAX_JOBS", "3")  # the user's choice wins
+    gpu_workers.pin_worker(FakeConfig(workerinput={"workerid": "gw0", gpu_workers.WORKERINPUT_JIT_JOBS: 8}))
+    assert gpu_workers.os.environ["MAX_JOBS"] == "3"
+
+
 def test_pin_worker_narrows_visible_devices_to_its_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -105,10 +120,12 @@ def test_serial_run_with_attn_gpus_sees_only_those(monkeypatch):
     assert gpu_workers.header_lines(config) == ["attn gpus: CUDA_VISIBLE_DEVICES=2,1 (--attn-gpus)"]
 
 
-def test_header_shows_each_workers_gpu():
+def test_header_shows_each_workers_gpu(monkeypatch):
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    jobs = gpu_workers.jit_jobs_per_build()
     lines = gpu_workers.header_lines(FakeConfig(attn_gpus="0,1", dist="load", tx=["popen"] * 2))
     assert lines == ["attn gpus: gw0 -> GPU 0, gw1 -> GPU 1 (round robin over --attn-gpus; "
-                     "each worker sees only its GPU as cuda:0)"]
+                     f"each worker sees only its GPU as cuda:0; MAX_JOBS={jobs} per JIT build)"]
 
 
 # -- a real run -----------------------------------------------------------------------------------
