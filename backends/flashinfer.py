@@ -31,6 +31,7 @@ from pytest_attn import torch_build
 from pytest_attn.contract import Availability, Backend, Capabilities, LayerSpec, Plan
 from pytest_attn.errors import AttnInputError, UnsupportedCase
 from pytest_attn.metadata import AttentionMetadata
+from pytest_attn.packages import flashinfer_version
 
 RAGGED = "BatchPrefillWithRaggedKVCacheWrapper"
 PAGED_PREFILL = "BatchPrefillWithPagedKVCacheWrapper"
@@ -361,22 +362,6 @@ def decide(metadata: AttentionMetadata, layer: LayerSpec, variant: str = "policy
                 details=common + batch + extra)
 
 
-def installed_version() -> Optional[str]:
-    """flashinfer's version from package metadata (no import), or None when it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("flashinfer-python", "flashinfer"):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    if importlib.util.find_spec("flashinfer") is None:
-        return None
-    import flashinfer
-
-    return getattr(flashinfer, "__version__", None)
-
-
 # -- the backend ------------------------------------------------------------------------------------
 _WORKSPACES: dict = {}  # one float workspace per device, shared by every wrapper and layer
 
@@ -430,7 +415,7 @@ class FlashInferBackend(Backend):
         return Availability(True)
 
     def version(self) -> Optional[str]:
-        return installed_version()
+        return flashinfer_version()
 
     def sm(self, device) -> tuple[int, int]:
         if str(device).startswith("cuda") and torch_build.cuda_available():

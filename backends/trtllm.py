@@ -46,6 +46,7 @@ from pytest_attn import torch_build
 from pytest_attn.contract import Availability, Backend, Capabilities, LayerSpec, Plan
 from pytest_attn.errors import AttnInputError, UnsupportedCase
 from pytest_attn.metadata import AttentionMetadata
+from pytest_attn.packages import flashinfer_version
 
 FMHA = "trtllm_fmha_v2_prefill"
 XQA = "xqa"
@@ -323,23 +324,6 @@ def _buffer(kind: str, device, nbytes: int):
     return _BUFFERS[key]
 
 
-def installed_version() -> Optional[str]:
-    """flashinfer's version from package metadata, or from the module where it was unpacked without
-    any (as on a GPU image that brings it as an archive); None when it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("flashinfer-python", "flashinfer"):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    if importlib.util.find_spec("flashinfer") is None:
-        return None
-    import flashinfer
-
-    return getattr(flashinfer, "__version__", None)
-
-
 class TrtllmBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({"float16", "bfloat16"}), sliding_window=True, soft_cap=True,
@@ -358,7 +342,7 @@ class TrtllmBackend(Backend):
 
     # -- environment --------------------------------------------------------------------------------
     def available(self) -> Availability:
-        version = installed_version() if importlib.util.find_spec("flashinfer") is not None else None
+        version = flashinfer_version() if importlib.util.find_spec("flashinfer") is not None else None
         if version is None:
             return Availability(False, "flashinfer is not installed: its TensorRT-LLM kernels come with "
                                        "pip install flashinfer-python>=0.7.2")

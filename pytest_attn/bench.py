@@ -26,6 +26,7 @@ import pytest
 
 from .contract import Backend
 from .errors import UnsupportedCase
+from .packages import dist_version
 
 if TYPE_CHECKING:
     from .batch import AttnBatch
@@ -280,17 +281,6 @@ def deselect_unasked_benchmarks(config, items) -> None:
 
 
 # -- machine_info --------------------------------------------------------------------------------------
-def _package_version(*names: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for name in names:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            continue
-    return None
-
-
 def _nvidia_driver() -> Optional[str]:
     try:
         import pynvml
@@ -323,7 +313,7 @@ def attn_machine_info(device: str) -> dict:
 
     info = {"device": device, "gpu": None, "gpu_capability": None, "driver": None,
             "cuda": torch.version.cuda, "cudnn": None, "torch": torch.__version__,
-            "flashinfer": _package_version("flashinfer-python", "flashinfer"), "triton": _package_version("triton")}
+            "flashinfer": dist_version("flashinfer-python", "flashinfer"), "triton": dist_version("triton")}
     if str(device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))

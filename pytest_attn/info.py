@@ -3,24 +3,13 @@ and why not, and what it supports, with the versions of the libraries underneath
 ``python -m xformers.info`` does for its operators)."""
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-from typing import Optional
-
 from .contract import Backend, Capabilities
-
-
-def _version(*dists: str) -> Optional[str]:
-    for dist in dists:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return None
+from .packages import dist_version
 
 
 def environment_lines() -> list[str]:
     """torch (and its CUDA and cuDNN), the GPU, FlashInfer, cuDNN's frontend, pytest-attn."""
-    lines = [f"pytest-attn {_version('pytest-attn') or '(not installed: from a checkout)'}"]
+    lines = [f"pytest-attn {dist_version('pytest-attn') or '(not installed: from a checkout)'}"]
     try:
         import torch
     except ImportError:
@@ -34,8 +23,8 @@ def environment_lines() -> list[str]:
             lines.append(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm {cap})")
     else:
         lines.append("GPU: none that torch can see")
-    lines.append(f"flashinfer-python {_version('flashinfer-python', 'flashinfer') or 'not installed'} | "
-                 f"nvidia-cudnn-frontend {_version('nvidia-cudnn-frontend') or 'not installed'}")
+    lines.append(f"flashinfer-python {dist_version('flashinfer-python', 'flashinfer') or 'not installed'} | "
+                 f"nvidia-cudnn-frontend {dist_version('nvidia-cudnn-frontend') or 'not installed'}")
     return lines
 
 
