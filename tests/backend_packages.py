@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import textwrap
 
+#: A test file for pytester runs: every selected backend on every selected catalog case.
+CASE_TEST = """
+from pytest_attn.harness import assert_case_passes, run_case
+
+def test_case(attn_backend, attn_case, attn_device, attn_seed):
+    assert_case_passes(run_case(attn_backend, attn_case, device=attn_device, seed=attn_seed), attn_backend, attn_case)
+"""
+
 
 def write_backend_package(pytester, module: str, source: str, entry_points: dict[str, str]):
     """Write ``module.py`` and a ``<module>-0.1.dist-info`` declaring the entry points into a

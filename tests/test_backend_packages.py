@@ -3,15 +3,9 @@ package that fails in any way is reported for that backend alone (unavailable, o
 with the package, the entry point and the fix, while every other backend and test runs."""
 import pytest
 
-from backend_packages import write_backend_package
+from backend_packages import CASE_TEST, write_backend_package
 
 ONE_CASE = "--attn-cases=hd64-ragged"
-CASE_TEST = """
-from pytest_attn.harness import assert_case_passes, run_case
-
-def test_case(attn_backend, attn_case, attn_device, attn_seed):
-    assert_case_passes(run_case(attn_backend, attn_case, device=attn_device, seed=attn_seed), attn_backend, attn_case)
-"""
 # A correct backend, written out in torch (the README's kind), that the forms below expose.
 GOOD = '''
 import torch

@@ -7,16 +7,11 @@ import re
 import hypothesis  # noqa: F401  (imported here once: each in-process run would import it again otherwise)
 import pytest
 import torch
+from backend_packages import CASE_TEST
 
 from pytest_attn import harness
 from pytest_attn.contract import LayerSpec
 
-CASE_TEST = """
-from pytest_attn.harness import assert_case_passes, run_case
-
-def test_case(attn_backend, attn_case, attn_device, attn_seed):
-    assert_case_passes(run_case(attn_backend, attn_case, device=attn_device, seed=attn_seed), attn_backend, attn_case)
-"""
 RECORD_INPUTS = """
 import hashlib, json, os
 import pytest

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from backend_packages import CASE_TEST
 
 OWN_TEST = """
 def test_my_kernel_on_a_ragged_batch(make_attn_batch, attn_backend):
@@ -149,13 +150,7 @@ def test_a_bad_seed_in_the_environment_is_a_usage_error(pytester, monkeypatch):
 
 # -- what a user sees ----------------------------------------------------------------------------------------
 def test_the_closing_section_counts_groups_skip_reasons_and_names_failures(pytester, demo_backends):
-    pytester.makepyfile("""
-        from pytest_attn.harness import assert_case_passes, run_case
-
-        def test_case(attn_backend, attn_case, attn_device, attn_seed):
-            assert_case_passes(run_case(attn_backend, attn_case, device=attn_device, seed=attn_seed), attn_backend,
-                               attn_case)
-    """)
+    pytester.makepyfile(CASE_TEST)
     result = pytester.runpytest("--attn-backend=narrow,forgets", "--attn-cases=hd64-ragged,hd80-ragged,hd96-ragged")
     result.stdout.fnmatch_lines([
         "*= pytest-attn =*",
@@ -168,13 +163,7 @@ def test_the_closing_section_counts_groups_skip_reasons_and_names_failures(pytes
 
 
 def test_a_failure_leads_with_the_comparison_not_the_harness(pytester, demo_backends):
-    pytester.makepyfile("""
-        from pytest_attn.harness import assert_case_passes, run_case
-
-        def test_case(attn_backend, attn_case, attn_device, attn_seed):
-            assert_case_passes(run_case(attn_backend, attn_case, device=attn_device, seed=attn_seed), attn_backend,
-                               attn_case)
-    """)
+    pytester.makepyfile(CASE_TEST)
     result = pytester.runpytest("--attn-backend=forgets", "--attn-cases=vit-ragged-mix")
     result.assert_outcomes(failed=1)
     text = result.stdout.str()

@@ -3,13 +3,8 @@ import subprocess
 import sys
 
 import pytest
+from backend_packages import CASE_TEST
 
-CASE_TEST = """
-from pytest_attn.harness import assert_case_passes, run_case
-
-def test_case(attn_backend, attn_case, attn_device, attn_seed):
-    assert_case_passes(run_case(attn_backend, attn_case, device=attn_device, seed=attn_seed), attn_backend, attn_case)
-"""
 SMALL = "--attn-cases=hd64-ragged,hd80-ragged"
 
 
