@@ -30,10 +30,8 @@ kernel (see :func:`triton_kernel_options`); on CUDA it also needs head dims of a
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 import warnings
-from pathlib import Path
 
 from pytest_attn import torch_build
 from pytest_attn.contract import (FUSED_FLOAT32_TOLERANCE, Availability, Backend, Capabilities, LayerSpec, Plan,
@@ -112,14 +110,8 @@ def make_score_mod(capped: bool, sink: bool, cap, sinks, sink_idx):
 
 def _flex_file_present() -> bool:
     """Whether the installed torch has torch/nn/attention/flex_attention.py, read off disk."""
-    try:
-        spec = importlib.util.find_spec("torch")
-    except (ImportError, ValueError):
-        return False
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    return any((Path(loc) / "nn" / "attention" / "flex_attention.py").is_file()
-               for loc in spec.submodule_search_locations)
+    return any((location / "nn" / "attention" / "flex_attention.py").is_file()
+               for location in torch_build.package_dirs())
 
 
 def _compiled_flex():

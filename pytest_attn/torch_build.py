@@ -55,17 +55,22 @@ def installed_build() -> Optional[TorchBuild]:
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "version"):
         return TorchBuild(torch.__version__, torch.version.cuda, getattr(torch.version, "hip", None))
-    try:
-        spec = importlib.util.find_spec("torch")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        build = _read_version_file(Path(location) / "version.py")
+    for location in package_dirs():
+        build = _read_version_file(location / "version.py")
         if build is not None:
             return build
     return None
+
+
+def package_dirs() -> list[Path]:
+    """The folders of the installed torch package, found without importing it; [] if none."""
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [Path(location) for location in spec.submodule_search_locations]
 
 
 def is_installed() -> bool:
