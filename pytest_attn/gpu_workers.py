@@ -207,10 +207,10 @@ def header_lines(config) -> list[str]:
     if workers:
         ids, source = gpu_pool(config)
         threads = os.environ.get("OMP_NUM_THREADS") or threads_per_worker(workers)
-        jobs = os.environ.get("MAX_JOBS") or jit_jobs_per_build()
         if not ids:
             return [f"attn workers: {workers} xdist workers, no GPU to pin (none found: {source}); "
                     f"{threads} torch thread(s) each"]
+        jobs = os.environ.get("MAX_JOBS") or jit_jobs_per_build()
         plan = ", ".join(f"{w} -> GPU {g}" for w, g in planned_assignment(ids, workers).items())
         return [f"attn gpus: {plan} (round robin over {source}; each worker sees only its GPU as cuda:0; "
                 f"MAX_JOBS={jobs} per JIT build)"]
