@@ -26,7 +26,7 @@ import pytest
 
 from .contract import Backend
 from .errors import UnsupportedCase
-from .packages import dist_version
+from .packages import dist_version, flashinfer_version
 
 if TYPE_CHECKING:
     from .batch import AttnBatch
@@ -313,7 +313,7 @@ def attn_machine_info(device: str) -> dict:
 
     info = {"device": device, "gpu": None, "gpu_capability": None, "driver": None,
             "cuda": torch.version.cuda, "cudnn": None, "torch": torch.__version__,
-            "flashinfer": dist_version("flashinfer-python", "flashinfer"), "triton": dist_version("triton")}
+            "flashinfer": flashinfer_version(), "triton": dist_version("triton")}
     if str(device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))

@@ -4,7 +4,7 @@ and why not, and what it supports, with the versions of the libraries underneath
 from __future__ import annotations
 
 from .contract import Backend, Capabilities
-from .packages import dist_version
+from .packages import dist_version, flashinfer_version
 
 
 def environment_lines() -> list[str]:
@@ -23,7 +23,7 @@ def environment_lines() -> list[str]:
             lines.append(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm {cap})")
     else:
         lines.append("GPU: none that torch can see")
-    lines.append(f"flashinfer-python {dist_version('flashinfer-python', 'flashinfer') or 'not installed'} | "
+    lines.append(f"flashinfer-python {flashinfer_version() or 'not installed'} | "
                  f"nvidia-cudnn-frontend {dist_version('nvidia-cudnn-frontend') or 'not installed'}")
     return lines
 

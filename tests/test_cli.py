@@ -151,3 +151,27 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
+
+
+def test_flashinfer_unpacked_without_metadata_is_reported_by_its_module_version(monkeypatch):
+    # A GPU image that brings FlashInfer as an archive has no dist-info: its backends run, so the
+    # report and the benchmarks' machine_info must not say it is missing.
+    from types import SimpleNamespace
+
+    from pytest_attn import info, packages
+
+    real_version = packages.version
+
+    def version(name):
+        if name.startswith("flashinfer"):
+            raise packages.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(packages, "version", version)
+    find_spec = packages.importlib.util.find_spec
+    monkeypatch.setattr(packages.importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "flashinfer" else find_spec(name, *args))
+    monkeypatch.setitem(sys.modules, "flashinfer", SimpleNamespace(__version__="0.7.2.post1"))
+    assert packages.flashinfer_version() == "0.7.2.post1"
+    lines = info.environment_lines()
+    assert any(line.startswith("flashinfer-python 0.7.2.post1 |") for line in lines), lines
