@@ -16,19 +16,39 @@ from .metadata import AttentionMetadata
 def parametrize(metafunc, session) -> None:
     if "attn_backend" in metafunc.fixturenames:
         backends = session.selected
-        metafunc.parametrize("attn_backend", backends, ids=[b.name for b in backends], indirect=True)
+        if backends:
+            metafunc.parametrize("attn_backend", backends, ids=[b.name for b in backends], indirect=True)
+        else:
+            _parametrize_none(metafunc, "attn_backend", "no attention backend is available here: "
+                              + "; ".join(f"{n} ({why})" for n, why in session.unavailable))
     if "attn_case" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("attn_cases")
         cases = select(session.case_filter)
         if marker is not None:  # a test narrows the catalog: @pytest.mark.attn_cases("cache", ...)
             wanted = set(select(list(marker.args)))
             cases = [c for c in cases if c in wanted]
+        if not cases:
+            _parametrize_none(metafunc, "attn_case", _no_case_reason(marker, session))
+            return
         if session.dtypes:
             params = [c.with_dtype(d) for c in cases for d in session.dtypes]
             ids = [f"{c.name}-{c.dtype}" for c in params]
         else:
             params, ids = cases, [c.name for c in cases]
         metafunc.parametrize("attn_case", params, ids=ids, indirect=True)
+
+
+def _parametrize_none(metafunc, name: str, reason: str) -> None:
+    """One skipped test saying why there is nothing to run, instead of pytest's empty parameter set."""
+    metafunc.parametrize(name, [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["none"],
+                         indirect=True)
+
+
+def _no_case_reason(marker, session) -> str:
+    narrowed = f"@pytest.mark.attn_cases({', '.join(map(repr, marker.args))})" if marker is not None else ""
+    given = f"--attn-cases={','.join(session.case_filter)}" if session.case_filter else ""
+    return f"no catalog case is in both {narrowed} and {given}" if narrowed and given else \
+        f"no catalog case matches {narrowed or given}"
 
 
 def deselect_oversized(config, items, session) -> None:

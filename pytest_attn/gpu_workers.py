@@ -152,6 +152,28 @@ def threads_per_worker(workers: int) -> int:
     return max(1, _cpus() // max(1, workers))
 
 
+def serial_threads() -> int:
+    """torch intra-op threads for a serial run: half the cores. On a 2-core machine torch's default
+    (every core) made README command 1's suite take 116 to 213 s while the machine had other work,
+    against 21 s with one thread: OpenMP's threads spin at every barrier of the many small ops a
+    run makes, and spin against whatever else the machine runs. Half leaves room for it."""
+    return max(1, _cpus() // 2)
+
+
+def _set_torch_threads(threads: int) -> None:
+    if "OMP_NUM_THREADS" in os.environ:  # an explicit OMP_NUM_THREADS wins
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch when it is imported
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def limit_serial_threads(config) -> None:
+    """In a serial run (no xdist workers, not a worker), torch threads as serial_threads() says."""
+    if not is_worker(config) and not worker_count(config):
+        _set_torch_threads(serial_threads())
+
+
 def jit_jobs_per_build() -> int:
     """MAX_JOBS for each JIT build (FlashInfer's ninja, torch's cpp_extension) in an xdist worker.
     Left unset, every build starts cores + 2 compilers, and a first run has several builds going at
@@ -186,10 +208,8 @@ def pin_worker(config) -> None:
     if jobs and "MAX_JOBS" not in os.environ:  # an explicit MAX_JOBS wins
         os.environ["MAX_JOBS"] = str(jobs)
     threads = config.workerinput.get(WORKERINPUT_THREADS)
-    if threads and "OMP_NUM_THREADS" not in os.environ:  # an explicit OMP_NUM_THREADS wins
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch when it is imported
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(threads)
+    if threads:
+        _set_torch_threads(threads)
     gpu = config.workerinput.get(WORKERINPUT_GPU)
     if gpu is not None:
         _set_visible_devices(gpu, f"xdist worker {worker_id(config)}")

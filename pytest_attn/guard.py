@@ -49,19 +49,26 @@ def call(backend: Backend, method: str, *args, **kwargs) -> Any:
                            f"the backend, not in pytest-attn: fix its {method}() (the traceback above shows where)") from exc
 
 
+class BrokenAvailability(Availability):
+    """available() broke its contract (raised, returned the wrong kind, or gave no reason): the
+    backend is unusable, which a run that names it must not take for "not on this machine"."""
+
+
 def availability(backend: Backend) -> Availability:
-    """available(), never raising: an exception or a wrong return is reported as unavailable."""
+    """available(), never raising: an exception or a wrong return is reported as unavailable, as a
+    BrokenAvailability."""
     try:
         result = backend.available()
     except Exception as exc:  # a broken backend must not take the run down
-        return Availability(False, f"available() raised {type(exc).__name__}: {exc} ({origin_of(backend)}); "
-                                   "available() must return an Availability and never raise")
+        return BrokenAvailability(False, f"available() raised {type(exc).__name__}: {exc} ({origin_of(backend)}); "
+                                         "available() must return an Availability and never raise")
     if not isinstance(result, Availability):
-        return Availability(False, f"available() returned {result!r}, not an Availability ({origin_of(backend)}); "
-                                   "return pytest_attn.Availability(True), or Availability(False, 'why not')")
+        return BrokenAvailability(False, f"available() returned {result!r}, not an Availability "
+                                         f"({origin_of(backend)}); return pytest_attn.Availability(True), or "
+                                         "Availability(False, 'why not')")
     if not result.ok and not (isinstance(result.reason, str) and result.reason.strip()):
-        return Availability(False, f"unavailable, without a reason ({origin_of(backend)}); give "
-                                   "Availability(False, 'why not') a reason a user can act on")
+        return BrokenAvailability(False, f"unavailable, without a reason ({origin_of(backend)}); give "
+                                         "Availability(False, 'why not') a reason a user can act on")
     return result
 
 

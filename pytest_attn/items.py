@@ -20,12 +20,17 @@ def param(item, name: str):
 
 def case_of(item):
     """The catalog case a test runs (its attn_case parameter), or None."""
-    return param(item, "attn_case")
+    from .cases import BatchCase
+
+    case = param(item, "attn_case")
+    return case if isinstance(case, BatchCase) else None
 
 
 def backend_name_of(item) -> Optional[str]:
+    from .contract import Backend
+
     backend = param(item, "attn_backend")
-    return getattr(backend, "name", None) if backend is not None else None
+    return backend.name if isinstance(backend, Backend) else None
 
 
 def is_attention_test(item) -> bool:

@@ -45,6 +45,9 @@ def add_options(parser) -> None:
                     help=f"seed of all generated inputs (default: ${SEED_ENV} or 20261125).")
     group.addoption("--attn-strict", action="store_true", default=False,
                     help="fail, instead of skip, when a backend is unavailable or does not support a case.")
+    group.addoption("--attn-allow-unavailable", action="store_true", default=False,
+                    help="let a run pass in which a backend named with --attn-backend is unavailable here and so ran "
+                         "no test (for CPU-only CI that names GPU backends); by default such a run fails.")
     group.addoption("--attn-cases", action="append", default=[], metavar="NAME|TAG[,...]",
                     help="only catalog cases with these names or tags (see `pytest-attn cases`).")
     group.addoption("--attn-max-tokens", type=int, default=None, metavar="N",
@@ -102,32 +105,78 @@ def _usage(message: str):
 
 
 DEFAULT_SEED = 20261125
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+#: Options that take comma lists: given but empty (an unset $VARIABLE) is a usage error, never "nothing".
+LIST_OPTIONS = ("attn_backend", "attn_cases", "attn_dtype", "attn_isolate", "attn_bench_metric")
+
+
+def split_list(config, dest: str) -> list[str]:
+    """The comma-separated, repeatable values of a list option, in order, blanks dropped."""
+    return [part.strip() for item in config.getoption(dest, None) or [] for part in str(item).split(",")
+            if part.strip()]
+
+
+def _parse_seed(text: str, source: str) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise _usage(f"{source}={text!r} is not an integer; give a seed from 0 to {MAX_SEED}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise _usage(f"{source}={value} is out of range; give a seed from 0 to {MAX_SEED}")
+    return value
+
+
+def env_seed() -> Optional[int]:
+    """$PYTEST_ATTN_SEED, checked; None when unset or blank."""
+    env = os.environ.get(SEED_ENV)
+    if env is None or not env.strip():
+        return None
+    return _parse_seed(env, f"${SEED_ENV}")
 
 
 def seed(config) -> int:
     value = config.getoption("attn_seed", None)
     if value is not None:
-        return value
-    env = os.environ.get(SEED_ENV)
-    if env is None or not env.strip():
-        return DEFAULT_SEED
-    try:
-        return int(env)
-    except ValueError:
-        raise _usage(f"${SEED_ENV}={env!r} is not an integer; set it to a number or unset it") from None
+        return _parse_seed(str(value), "--attn-seed")
+    from_env = env_seed()
+    return DEFAULT_SEED if from_env is None else from_env
 
 
 def bench_metrics(config) -> tuple[str, ...]:
-    values = [m.strip() for item in config.getoption("attn_bench_metric", None) or [] for m in item.split(",")
-              if m.strip()] or ["device"]
+    values = split_list(config, "attn_bench_metric") or ["device"]
     bad = [m for m in values if m not in BENCH_METRICS]
     if bad:
         raise _usage(f"--attn-bench-metric={','.join(bad)}: use device, eager, or both (device,eager)")
     return tuple(dict.fromkeys(values))
 
 
+def allow_unavailable(config) -> bool:
+    return bool(config.getoption("attn_allow_unavailable", False))
+
+
+def _check_not_empty(config) -> None:
+    for dest in LIST_OPTIONS:
+        given = config.getoption(dest, None) or []
+        if given and not split_list(config, dest):
+            flag = "--" + dest.replace("_", "-")
+            raise _usage(f"{flag} is empty (an unset variable?): name at least one value, or leave the option out")
+
+
+def _check_gpus(config) -> None:
+    gpus: Optional[str] = config.getoption("attn_gpus", None)
+    if gpus is None:
+        return
+    from .gpu_workers import count_gpus, parse_gpu_ids
+
+    parse_gpu_ids(gpus)
+    count, how = count_gpus()  # nvidia-smi first: nothing here may initialise CUDA before workers are pinned
+    if not count:
+        raise _usage(f"--attn-gpus={gpus} but this machine has no GPU ({how}); leave --attn-gpus out here")
+
+
 def check(config) -> None:
     """Every value this run gave, checked now. Raises pytest.UsageError (exit 4) naming the fix."""
+    _check_not_empty(config)
     limit = config.getoption("attn_max_tokens", None)
     if limit is not None and limit < 0:
         raise _usage(f"--attn-max-tokens={limit}: give a number of tokens >= 1, or 0 for no limit")
@@ -136,8 +185,4 @@ def check(config) -> None:
         raise _usage(f"--attn-bench-iters must be >= 1 and --attn-bench-warmup >= 0 (got {iters} and {warmup})")
     bench_metrics(config)
     seed(config)
-    gpus: Optional[str] = config.getoption("attn_gpus", None)
-    if gpus is not None:
-        from .gpu_workers import parse_gpu_ids
-
-        parse_gpu_ids(gpus)
+    _check_gpus(config)

@@ -50,6 +50,7 @@ def pytest_configure(config):
         config.addinivalue_line("markers", marker)
     gc_freeze.start(config)
     config.stash[_CONFIGURED] = config.stash[_ACTIVE] = bool(options.given(config))
+    options.env_seed()  # a bad $PYTEST_ATTN_SEED is a usage error now, not a traceback at collection
     if configured(config):
         options.check(config)
         _start(config)
@@ -63,12 +64,14 @@ def _start(config) -> None:
     from .session import attn_session_of
 
     gpu_workers.pin_worker(config)  # before anything can initialise CUDA in an xdist worker
+    gpu_workers.limit_serial_threads(config)
     if config.pluginmanager.hasplugin("xdist"):  # xdist's hooks exist only when xdist is loaded
         config.pluginmanager.register(gpu_workers.XdistHooks(config), "attn-xdist-gpus")
     schedule.configure(config)
     try:
         session = attn_session_of(config)
         session.selected  # resolve names now: an unknown one is a usage error
+        session.check_named()  # and so is a named backend that is broken
         session.device  # and so is a device this machine does not have
     except (UnknownBackendError, AttnInputError) as exc:
         raise pytest.UsageError(f"pytest-attn: {exc}") from None
@@ -78,10 +81,15 @@ def _start(config) -> None:
 
 
 def _register_summary(config) -> None:
+    """The closing section, and the verdict on whether the run tested what it named (which reads it)."""
+    from .run_verdict import RunVerdict
+    from .session import attn_session_of
     from .summary import Summary
 
     if not config.pluginmanager.has_plugin(Summary.name):
-        config.pluginmanager.register(Summary(), Summary.name)
+        summary = Summary()
+        config.pluginmanager.register(summary, Summary.name)
+        config.pluginmanager.register(RunVerdict(config, attn_session_of(config), summary), RunVerdict.name)
 
 
 def pytest_report_header(config):
@@ -123,6 +131,9 @@ def pytest_collection_modifyitems(config, items):
         return
     config.stash[_ACTIVE] = True
     _register_summary(config)
+    from .gpu_workers import limit_serial_threads
+
+    limit_serial_threads(config)
     from .bench import deselect_unasked_benchmarks
     from .fixtures import deselect_oversized
     from .items import label

@@ -17,7 +17,7 @@ from . import guard
 from .contract import Availability, Backend
 from .errors import AttnInputError
 from .layer import dtype_name
-from .registry import Registry
+from .registry import Registry, UnusableBackend
 
 CPU_MAX_TOKENS = 2048  # default --attn-max-tokens on CPU: keeps the reference quick
 
@@ -31,10 +31,6 @@ def attn_session_of(config) -> "AttnSession":
     return config.stash[SESSION_KEY]
 
 
-def session_started(config) -> bool:
-    return SESSION_KEY in config.stash
-
-
 @dataclass
 class AttnSession:
     registry: Registry
@@ -45,19 +41,20 @@ class AttnSession:
     strict: bool
     case_filter: list[str]
     max_tokens_option: Optional[int]
+    allow_unavailable: bool = False
     _availability: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config) -> "AttnSession":
         from .catalog import select
-        from .options import seed
+        from .options import allow_unavailable, seed, split_list
 
         opt = config.getoption
-        dtypes = [dtype_name(d) for item in opt("attn_dtype") or [] for d in item.split(",") if d.strip()]
-        cases = [c.strip() for item in opt("attn_cases") or [] for c in item.split(",") if c.strip()]
+        dtypes = [dtype_name(d) for d in split_list(config, "attn_dtype")]
+        cases = split_list(config, "attn_cases")
         select(cases)  # an unknown case name or tag is a usage error now, not at collection
-        return cls(Registry.discover(), list(opt("attn_backend") or []), opt("attn_device"), dtypes, seed(config),
-                   bool(opt("attn_strict")), cases, opt("attn_max_tokens"))
+        return cls(Registry.discover(), split_list(config, "attn_backend"), opt("attn_device"), dtypes, seed(config),
+                   bool(opt("attn_strict")), cases, opt("attn_max_tokens"), allow_unavailable(config))
 
     # -- backends -------------------------------------------------------------------------------
     def availability(self, backend: Backend) -> Availability:
@@ -82,6 +79,19 @@ class AttnSession:
         if self.requested:
             return self.registry.resolve(self.requested)
         return [b for b in self.registry.resolve(["all"]) if self.availability(b)]
+
+    @functools.cached_property
+    def named(self) -> list[Backend]:
+        """Backends named one by one with --attn-backend (not through 'all'): a run must test them."""
+        return self.registry.resolve([n for n in self.requested if n != "all"])
+
+    def check_named(self) -> None:
+        """A named backend that is broken (its package fails to import, names no Backend, or its
+        available() raises) is a usage error, not a skip: the run would test nothing of it."""
+        for backend in self.named:
+            availability = self.availability(backend)
+            if isinstance(availability, guard.BrokenAvailability) or isinstance(backend, UnusableBackend):
+                raise AttnInputError(f"--attn-backend={backend.name} cannot be used: {availability.reason}")
 
     def selects(self, prefix: str) -> bool:
         """Whether a selected backend is named ``prefix`` or ``prefix-...`` (a variant)."""

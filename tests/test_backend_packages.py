@@ -97,6 +97,14 @@ BROKEN = {
 }
 
 
+def assert_usage_error(result, pattern: str) -> None:
+    """Exit 4 with one line on stderr, no traceback (issue 17: naming a broken backend tests nothing)."""
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    lines = [line for line in result.stderr.lines if line.strip()]
+    assert len(lines) == 1, lines
+    result.stderr.fnmatch_lines([pattern])
+
+
 @pytest.mark.parametrize("problem", list(BROKEN))
 def test_a_broken_package_is_an_unavailable_backend_and_everything_else_runs(pytester, problem):
     source, target, reason = BROKEN[problem]
@@ -104,31 +112,32 @@ def test_a_broken_package_is_an_unavailable_backend_and_everything_else_runs(pyt
     result = pytester.runpytest(ONE_CASE, "--attn-backend=torch")
     result.assert_outcomes(passed=1)  # the other backend runs
     result.stdout.fnmatch_lines([f"attn unavailable: *{reason}*"])
-    named = pytester.runpytest(ONE_CASE, "--attn-backend=mine", "-rs")
-    named.assert_outcomes(skipped=1)
-    named.stdout.fnmatch_lines(["*backend 'mine' is unavailable here: *package pkg_attn 0.1*"])
-    strict = pytester.runpytest(ONE_CASE, "--attn-backend=mine", "--attn-strict")
-    strict.assert_outcomes(errors=1)
-    assert "INTERNALERROR" not in result.stdout.str() + named.stdout.str() + strict.stdout.str()
+    everything = pytester.runpytest(ONE_CASE, "--attn-backend=all", "-rs")  # 'all': unusable ones skip
+    everything.stdout.fnmatch_lines(["*backend 'mine' is unavailable here: *package pkg_attn 0.1*"])
+    assert everything.ret == pytest.ExitCode.OK
+    for named in (pytester.runpytest(ONE_CASE, "--attn-backend=mine"),
+                  pytester.runpytest(ONE_CASE, "--attn-backend=torch,mine", "--attn-strict")):
+        assert_usage_error(named, "ERROR: pytest-attn: --attn-backend=mine cannot be used: *package pkg_attn 0.1*")
+    assert "INTERNALERROR" not in result.stdout.str() + everything.stdout.str()
 
 
 def test_a_bad_package_beside_a_good_one_leaves_the_good_one_usable(pytester):
     write_backend_package(pytester, "pkg_attn", GOOD + "\nBACKENDS = [Good('good')]\n", {"good": "pkg_attn:BACKENDS"})
     write_backend_package(pytester, "bad_attn", "import no_such_library_xyz\n", {"bad": "bad_attn:X"})
     pytester.makepyfile(CASE_TEST)
-    result = pytester.runpytest(ONE_CASE, "--attn-backend=good,bad", "-rs")
-    result.assert_outcomes(passed=1, skipped=1)
-    result.stdout.fnmatch_lines(["*backend 'bad' is unavailable here: *package bad_attn 0.1*No module named*"])
+    result = pytester.runpytest(ONE_CASE, "--attn-backend=good", "-rs")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["attn unavailable: *bad (package bad_attn 0.1*No module named*"])
 
 
 # -- backends that break the contract at run time -------------------------------------------------------
 # (the subclass's body, how the report reads)
 MISBEHAVING = {
     "available() returns None (the README's skeleton left as ...)":
-        ("    def available(self):\n        ...\n", "skipped",
+        ("    def available(self):\n        ...\n", "usage error",
          "*available() returned None, not an Availability (package pkg_attn 0.1, entry point 'mine = pkg_attn:BAD');"
          " return pytest_attn.Availability(True), or Availability(False, 'why not')*"),
-    "available() raises": ("    def available(self):\n        raise OSError('no driver')\n", "skipped",
+    "available() raises": ("    def available(self):\n        raise OSError('no driver')\n", "usage error",
                            "*available() raised OSError: no driver (package pkg_attn 0.1*"),
     "unsupported() returns None": ("    def unsupported(self, layer, metadata, device='cpu'):\n        pass\n", "failed",
                                    "*unsupported() returned None; it must return a list of reasons*"),
@@ -158,6 +167,11 @@ def test_a_backend_breaking_the_contract_fails_or_skips_only_itself(pytester, pr
     body, outcome, message = MISBEHAVING[problem]
     source = f"\nclass Bad(Good):\n{body}\nBAD = Bad('mine')\n"
     result = run_with(pytester, source, {"mine": "pkg_attn:BAD"}, "--attn-backend=mine,torch", "-rs")
+    if outcome == "usage error":  # named and unusable: the run would test nothing of it
+        assert_usage_error(result, "ERROR: pytest-attn: --attn-backend=mine cannot be used: " + message)
+        unnamed = pytester.runpytest(ONE_CASE, "--attn-backend=all", "-rs")
+        unnamed.stdout.fnmatch_lines(["SKIPPED*backend 'mine' is unavailable here: " + message])
+        return
     result.assert_outcomes(passed=1, **{outcome: 1})  # torch still passes
     result.stdout.fnmatch_lines([message])
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
