@@ -25,7 +25,7 @@ def parametrize(metafunc, session) -> None:
         marker = metafunc.definition.get_closest_marker("attn_cases")
         cases = select(session.case_filter)
         if marker is not None:  # a test narrows the catalog: @pytest.mark.attn_cases("cache", ...)
-            wanted = set(select(list(marker.args)))
+            wanted = set(_marked_cases(marker))
             cases = [c for c in cases if c in wanted]
         if not cases:
             _parametrize_none(metafunc, "attn_case", _no_case_reason(marker, session))
@@ -36,6 +36,17 @@ def parametrize(metafunc, session) -> None:
         else:
             params, ids = cases, [c.name for c in cases]
         metafunc.parametrize("attn_case", params, ids=ids, indirect=True)
+
+
+def _marked_cases(marker) -> list:
+    """The cases an attn_cases marker names; a name or tag the catalog lacks fails this test's
+    collection in one line (the test's own code is wrong, not the run's options)."""
+    from .errors import AttnInputError
+
+    try:
+        return select([str(arg) for arg in marker.args])
+    except AttnInputError as exc:
+        pytest.fail(f"@pytest.mark.attn_cases: {exc}", pytrace=False)
 
 
 def _parametrize_none(metafunc, name: str, reason: str) -> None:

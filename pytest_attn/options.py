@@ -15,17 +15,43 @@ BENCH_METRICS = ("device", "eager")
 #: dest -> default of every option add_options() defines; a run that changes none of them has not
 #: asked for pytest-attn.
 DEFAULTS: dict = {}
+#: dest -> the parser of an option's text (numbers, choices): argparse takes every value as text,
+#: and check() parses it, so that a bad one is our one-line usage error, not argparse's usage block.
+PARSERS: dict = {}
+
+
+def _integer(text: str, flag: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise _usage(f"{flag}={text!r} is not an integer") from None
+
+
+def _choice(*choices: str):
+    def parse(text: str, flag: str) -> str:
+        if text not in choices:
+            raise _usage(f"{flag}={text!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
+        return text
+
+    parse.choices = choices
+    return parse
 
 
 class _Group:
-    """An option group that records each option's default in DEFAULTS as it adds it."""
+    """An option group that records each option's default in DEFAULTS, and its parser in PARSERS,
+    as it adds it."""
 
     def __init__(self, group):
         self._group = group
 
-    def addoption(self, flag: str, **kwargs) -> None:
+    def addoption(self, flag: str, parse=None, **kwargs) -> None:
+        dest = flag[2:].replace("-", "_")
+        if parse is not None:
+            kwargs.setdefault("metavar", "|".join(parse.choices) if hasattr(parse, "choices") else "N")
         self._group.addoption(flag, **kwargs)
-        DEFAULTS[flag[2:].replace("-", "_")] = kwargs.get("default")
+        DEFAULTS[dest] = kwargs.get("default")
+        if parse is not None:
+            PARSERS[dest] = parse
 
 
 def add_options(parser) -> None:
@@ -33,7 +59,7 @@ def add_options(parser) -> None:
     group.addoption("--attn-backend", action="append", default=[], metavar="NAME[,NAME...]",
                     help="backends to test (repeatable; 'all' = every registered backend); also adds the bundled "
                          "validation suite to this run (see --attn-suite). Default: every backend available here.")
-    group.addoption("--attn-suite", choices=SUITE_MODES, default="auto",
+    group.addoption("--attn-suite", parse=_choice(*SUITE_MODES), default="auto",
                     help="run pytest-attn's bundled suite with this run's tests: 'auto' (default) when "
                          "--attn-backend is given and no test paths are, 'on' always, 'off' never.")
     group.addoption("--attn-device", default=None, metavar="DEVICE",
@@ -41,7 +67,7 @@ def add_options(parser) -> None:
     group.addoption("--attn-dtype", action="append", default=[], metavar="DTYPE[,DTYPE...]",
                     help="run every case in these dtypes (bfloat16/bf16, float16/fp16, float32/fp32) "
                          "instead of each case's own.")
-    group.addoption("--attn-seed", type=int, default=None, metavar="N",
+    group.addoption("--attn-seed", parse=_parse_seed, default=None,
                     help=f"seed of all generated inputs (default: ${SEED_ENV} or 20261125).")
     group.addoption("--attn-strict", action="store_true", default=False,
                     help="fail, instead of skip, when a backend is unavailable or does not support a case.")
@@ -50,7 +76,7 @@ def add_options(parser) -> None:
                          "no test (for CPU-only CI that names GPU backends); by default such a run fails.")
     group.addoption("--attn-cases", action="append", default=[], metavar="NAME|TAG[,...]",
                     help="only catalog cases with these names or tags (see `pytest-attn cases`).")
-    group.addoption("--attn-max-tokens", type=int, default=None, metavar="N",
+    group.addoption("--attn-max-tokens", parse=_integer, default=None,
                     help="deselect cases with sequences longer than N tokens (default 2048 on cpu, "
                          "no limit on cuda; 0 = no limit).")
     group.addoption("--attn-isolate", action="append", default=[], metavar="NAME[,NAME...]",
@@ -59,20 +85,20 @@ def add_options(parser) -> None:
     group.addoption("--attn-gpus", default=None, metavar="IDS",
                     help="GPUs for xdist workers, round robin (e.g. 0,1). Default: CUDA_VISIBLE_DEVICES "
                          "or every GPU torch sees.")
-    group.addoption("--attn-schedule", choices=("longest-first", "xdist"), default="longest-first",
+    group.addoption("--attn-schedule", parse=_choice("longest-first", "xdist"), default="longest-first",
                     help="under xdist (--dist load or worksteal): run the longest tests first, by the "
                          "durations earlier runs recorded (default), or leave xdist's order alone.")
-    group.addoption("--attn-gc-freeze", choices=("on", "off"), default="on",
+    group.addoption("--attn-gc-freeze", parse=_choice("on", "off"), default="on",
                     help="keep the garbage collector off the objects alive after collection and after "
                          "the last test (gc.freeze; default on).")
     bench = _Group(parser.getgroup("attn-bench", "attention benchmarks (pytest-attn, with pytest-benchmark)"))
-    bench.addoption("--attn-bench-warmup", type=int, default=10, metavar="N",
+    bench.addoption("--attn-bench-warmup", parse=_integer, default=10,
                     help="warm-up calls before timing (default 10); first-call costs stay out.")
-    bench.addoption("--attn-bench-iters", type=int, default=50, metavar="N",
+    bench.addoption("--attn-bench-iters", parse=_integer, default=50,
                     help="timed calls per benchmark (default 50).")
     bench.addoption("--attn-bench-cold-l2", action="store_true", default=False,
                     help="flush the GPU's L2 cache before each timed call.")
-    bench.addoption("--attn-bench-graph", choices=("auto", "on", "off"), default="auto",
+    bench.addoption("--attn-bench-graph", parse=_choice("auto", "on", "off"), default="auto",
                     help="time CUDA-graph replays where the backend can be captured (auto), always, or never.")
     bench.addoption("--attn-bench-metric", action="append", default=[], metavar="device|eager",
                     help="what pytest-benchmark records (and so what --benchmark-compare-fail gates): 'device' "
@@ -174,8 +200,17 @@ def _check_gpus(config) -> None:
         raise _usage(f"--attn-gpus={gpus} but this machine has no GPU ({how}); leave --attn-gpus out here")
 
 
+def _parse_given(config) -> None:
+    """Each option given as text becomes its value (an int, a checked choice) on config.option."""
+    for dest, parse in PARSERS.items():
+        text = config.getoption(dest, None)
+        if isinstance(text, str):
+            setattr(config.option, dest, parse(text, "--" + dest.replace("_", "-")))
+
+
 def check(config) -> None:
     """Every value this run gave, checked now. Raises pytest.UsageError (exit 4) naming the fix."""
+    _parse_given(config)
     _check_not_empty(config)
     limit = config.getoption("attn_max_tokens", None)
     if limit is not None and limit < 0:

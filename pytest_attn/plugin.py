@@ -48,11 +48,12 @@ def pytest_configure(config):
 
     for marker in (*MARKERS, schedule.LONG_MARKER_HELP):
         config.addinivalue_line("markers", marker)
-    gc_freeze.start(config)
     config.stash[_CONFIGURED] = config.stash[_ACTIVE] = bool(options.given(config))
     options.env_seed()  # a bad $PYTEST_ATTN_SEED is a usage error now, not a traceback at collection
     if configured(config):
-        options.check(config)
+        options.check(config)  # before anything reads an option: it parses their values
+    gc_freeze.start(config)
+    if configured(config):
         _start(config)
 
 

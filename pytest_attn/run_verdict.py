@@ -36,8 +36,10 @@ class RunVerdict:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session, exitstatus):
-        if hasattr(self.config, "workerinput") or not _ran_tests(self.config) or exitstatus != pytest.ExitCode.OK:
+        if hasattr(self.config, "workerinput") or not _ran_tests(self.config):
             return
+        if exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            return  # failed, interrupted or stopped early: the run is red already, and why is said above
         self.problems = [*self._backends_that_ran_nothing(), *self._cases_that_ran_nothing()]
         if self.problems:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -136,7 +136,7 @@ def test_bench_max_tokens_is_small_on_cpu_unless_asked():
 
 
 def test_settings_come_from_the_options(pytester):
-    config = pytester.parseconfig("--attn-bench-iters=7", "--attn-bench-warmup=0", "--attn-bench-graph=off",
+    config = pytester.parseconfigure("--attn-bench-iters=7", "--attn-bench-warmup=0", "--attn-bench-graph=off",
                                   "--attn-bench-cold-l2")
     assert BenchSettings.from_config(config) == BenchSettings(0, 7, "off", True)
     bad = pytester.runpytest("--attn-bench-iters=0")

@@ -126,6 +126,22 @@ BAD_OPTIONS = {
     "--attn-isolate=nope": "pytest-attn: --attn-isolate names unknown backend(s) 'nope'; registered: *",
     "--attn-gpus=x": "pytest-attn: --attn-gpus='x': 'x' is not a GPU index or UUID*",
     "--attn-bench-metric=wall": "pytest-attn: --attn-bench-metric=wall: use device, eager, or both (device,eager)",
+    # empty, as an unset $BACKENDS gives: never "no backend", which would test nothing
+    "--attn-backend=": "pytest-attn: --attn-backend is empty (an unset variable?): name at least one value, or leave "
+                      "the option out",
+    "--attn-backend= , ": "pytest-attn: --attn-backend is empty *",
+    "--attn-cases=": "pytest-attn: --attn-cases is empty *",
+    "--attn-dtype=": "pytest-attn: --attn-dtype is empty *",
+    "--attn-isolate=": "pytest-attn: --attn-isolate is empty *",
+    "--attn-bench-metric=": "pytest-attn: --attn-bench-metric is empty *",
+    "--attn-seed=-1": "pytest-attn: --attn-seed=-1 is out of range; give a seed from 0 to 9223372036854775807",
+    "--attn-gpus=0": "pytest-attn: --attn-gpus=0 but this machine has no GPU (*); leave --attn-gpus out here",
+    # numbers and choices are parsed by pytest-attn, not argparse: one line, not argparse's usage block
+    "--attn-max-tokens=x": "pytest-attn: --attn-max-tokens='x' is not an integer",
+    "--attn-bench-iters=many": "pytest-attn: --attn-bench-iters='many' is not an integer",
+    "--attn-seed=abc": "pytest-attn: --attn-seed='abc' is not an integer; give a seed from 0 to 9223372036854775807",
+    "--attn-suite=maybe": "pytest-attn: --attn-suite='maybe': use auto, on or off",
+    "--attn-bench-graph=yes": "pytest-attn: --attn-bench-graph='yes': use auto, on or off",
 }
 
 
@@ -140,12 +156,14 @@ def test_a_bad_option_is_a_one_line_usage_error(pytester, option):
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
-def test_a_bad_seed_in_the_environment_is_a_usage_error(pytester, monkeypatch):
+@pytest.mark.parametrize("args", [["--attn-backend=torch"], []], ids=["with an option", "without any option"])
+def test_a_bad_seed_in_the_environment_is_a_usage_error(pytester, monkeypatch, args):
     monkeypatch.setenv("PYTEST_ATTN_SEED", "abc")
     pytester.makepyfile(OWN_TEST)
-    result = pytester.runpytest("--attn-backend=torch")
+    result = pytester.runpytest(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: pytest-attn: $PYTEST_ATTN_SEED='abc' is not an integer*"])
+    assert [line for line in result.stderr.lines if line.strip()] == [
+        "ERROR: pytest-attn: $PYTEST_ATTN_SEED='abc' is not an integer; give a seed from 0 to 9223372036854775807"]
 
 
 # -- what a user sees ----------------------------------------------------------------------------------------
