@@ -25,6 +25,7 @@ class AttnBatch:
 
     def run(self, backend: Backend, plan: Optional[Plan] = None):
         """(plan, out, comparison) of one forward of this batch through ``backend``."""
+        __tracebackhide__ = True
         from .harness import compare_with_reference, run_forward
 
         result = run_forward(backend, self.q, self.k, self.v, self.metadata, self.layer, self.device, plan)
@@ -34,12 +35,14 @@ class AttnBatch:
     def assert_matches_reference(self, backend: Backend, plan: Optional[Plan] = None) -> Plan:
         """Run ``backend`` on this batch and raise (AttnCheckFailure, an AssertionError) unless its
         output matches the reference; returns the plan it ran."""
+        __tracebackhide__ = True
         from .errors import AttnCheckFailure
 
         plan, _, comparison = self.run(backend, plan)
         if not comparison.passed:
-            raise AttnCheckFailure(f"{backend.name} on {self.metadata.describe()} ({plan.describe()}):\n"
-                                   f"{comparison.message()}", summary=f"{backend.name}: {comparison.summary()}")
+            summary = f"{backend.name} ({self.layer.describe()}): {comparison.summary()}"
+            raise AttnCheckFailure(f"{summary}\n{backend.name} on {self.metadata.describe()} ({plan.describe()}):\n"
+                                   f"{comparison.message()}", summary=summary)
         return plan
 
 

@@ -40,6 +40,7 @@ def call(backend: Backend, method: str, *args, **kwargs) -> Any:
     """``backend.method(*args, **kwargs)``; an exception that is not pytest-attn's own (nor an
     assertion, nor pytest's skip/fail) becomes a BackendError naming the backend, chained to it so
     the traceback still shows where in the backend it happened."""
+    __tracebackhide__ = True  # a report shows the backend's frames, not this wrapper
     try:
         return getattr(backend, method)(*args, **kwargs)
     except (AttnError, AssertionError):
@@ -73,6 +74,7 @@ def availability(backend: Backend) -> Availability:
 
 
 def unsupported(backend: Backend, layer, metadata, device: str) -> list[str]:
+    __tracebackhide__ = True
     reasons = call(backend, "unsupported", layer, metadata, device)
     if not isinstance(reasons, (list, tuple)) or not all(isinstance(r, str) and r.strip() for r in reasons):
         raise BackendError(f"{who(backend)}: unsupported() returned {reasons!r}; it must return a list of reasons, "
@@ -81,12 +83,14 @@ def unsupported(backend: Backend, layer, metadata, device: str) -> list[str]:
 
 
 def require_supported(backend: Backend, layer, metadata, device: str) -> None:
+    __tracebackhide__ = True
     reasons = unsupported(backend, layer, metadata, device)
     if reasons:
         raise UnsupportedCase(backend.name, reasons)
 
 
 def plan(backend: Backend, metadata, layer, device: str) -> Plan:
+    __tracebackhide__ = True
     result = call(backend, "plan", metadata, layer, device=device)
     if not isinstance(result, Plan):
         raise BackendError(f"{who(backend)}: plan() returned {result!r}, not a pytest_attn.Plan; decide how to run "
@@ -98,6 +102,7 @@ def plan(backend: Backend, metadata, layer, device: str) -> Plan:
 
 
 def tolerance(backend: Backend, dtype: str) -> Tolerance:
+    __tracebackhide__ = True
     result = call(backend, "tolerance", dtype)
     if not isinstance(result, Tolerance):
         raise BackendError(f"{who(backend)}: tolerance({dtype!r}) returned {result!r}, not a pytest_attn.Tolerance; "
@@ -106,15 +111,48 @@ def tolerance(backend: Backend, dtype: str) -> Tolerance:
 
 
 def forward(backend: Backend, q, k, v, metadata, plan_: Plan, out, lse: Optional[Any] = None):
+    __tracebackhide__ = True
     kwargs = {"out": out} if lse is None else {"out": out, "lse": lse}
     result = call(backend, "forward", q, k, v, metadata, plan_, **kwargs)
-    if result is not out and (result is None or not hasattr(result, "data_ptr") or result.data_ptr() != out.data_ptr()):
-        raise BackendError(f"{who(backend)} did not write into the `out` buffer it was given (the contract: write "
-                           "into out and return it)")
+    problems = returned_problems(result, out)
+    if problems:
+        raise BackendError(f"{who(backend)}: forward() returned {'; '.join(problems)}. The contract: write into the "
+                           f"`out` it is given ({describe_tensor(out)}) and return it")
     return result
 
 
+def describe_tensor(t) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
+
+
+def returned_problems(result, out) -> list[str]:
+    """How what forward() returned differs from the `out` buffer it was given: each a phrase naming
+    what was expected and what came back. Empty when it is `out` (or a view equal to it)."""
+    if result is out:
+        return []
+    if result is None or not all(hasattr(result, a) for a in ("shape", "dtype", "device", "data_ptr")):
+        return [f"{_describe(result)}, not a tensor"]
+    problems = []
+    if tuple(result.shape) != tuple(out.shape):
+        problems.append(f"shape {tuple(result.shape)}, expected {tuple(out.shape)}")
+    if result.dtype != out.dtype:
+        problems.append(f"dtype {str(result.dtype).removeprefix('torch.')}, expected "
+                        f"{str(out.dtype).removeprefix('torch.')}")
+    if result.device != out.device:
+        problems.append(f"device {result.device}, expected {out.device}")
+    if not problems and (result.data_ptr() != out.data_ptr() or tuple(result.stride()) != tuple(out.stride())):
+        problems.append("a tensor that is not the `out` buffer it was given (another buffer, or a view of it laid "
+                        "out otherwise): the caller reads `out`")
+    return problems
+
+
+def _describe(obj) -> str:
+    text = repr(obj)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def readback(backend: Backend, plan_: Plan) -> Optional[list[str]]:
+    __tracebackhide__ = True
     result = call(backend, "readback", plan_)
     if result is not None and (not isinstance(result, (list, tuple)) or not all(isinstance(r, str) for r in result)):
         raise BackendError(f"{who(backend)}: readback() returned {result!r}; it must return None or a list of sentences")
@@ -123,6 +161,7 @@ def readback(backend: Backend, plan_: Plan) -> Optional[list[str]]:
 
 def check_inputs_unchanged(backend: Backend, before: dict, after: dict) -> None:
     """q, k and v must be as they were: a kernel that writes into its inputs corrupts the model."""
+    __tracebackhide__ = True
     import torch
 
     for name, old in before.items():

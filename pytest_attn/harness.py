@@ -129,6 +129,7 @@ def run_forward(backend: Backend, q, k, v, metadata: AttentionMetadata, layer: L
                 plan: Optional[Plan] = None) -> Forward:
     """Plan (unless given) and run one step into poisoned buffers, checking the contract: reasons
     before any launch, the output written where asked, the inputs left unchanged."""
+    __tracebackhide__ = True  # failures show the backend's frames and the verdict, not the harness
     import torch
 
     reasons = guard.unsupported(backend, layer, metadata, str(device)) + contiguity_reasons(backend, q, k, v)
@@ -157,6 +158,7 @@ def compare_with_reference(backend: Backend, result: Forward, q, keys, values, m
     """``result`` against the reference in high precision, by the backend's tolerance (which the
     same math in the input precision sets); keys/values are each request's whole history as
     attention must use it."""
+    __tracebackhide__ = True
     refs = references(q, keys, values, metadata, layer)
     return compare_to(backend, result, refs, metadata, layer)
 
@@ -170,6 +172,7 @@ class References:
 
 
 def references(q, keys, values, metadata: AttentionMetadata, layer: LayerSpec) -> References:
+    __tracebackhide__ = True
     want = layer.return_lse
     high = reference_attention(q, keys, values, metadata.seq_lens, layer, precision="high", return_lse=want)
     low = reference_attention(q, keys, values, metadata.seq_lens, layer, precision="low", return_lse=want)
@@ -180,6 +183,7 @@ def references(q, keys, values, metadata: AttentionMetadata, layer: LayerSpec) -
 
 def compare_to(backend: Backend, result: Forward, refs: References, metadata: AttentionMetadata,
                layer: LayerSpec) -> Comparison:
+    __tracebackhide__ = True
     tolerance = guard.tolerance(backend, layer.dtype)
     lse_base = backend.capabilities.lse_base or "e"
     return compare(result.out, refs.high, refs.low, tolerance, metadata.qo_indptr, lse=result.lse,
@@ -256,6 +260,7 @@ def _cache_for(case: BatchCase, device, backend: Optional[Backend], seed: Option
 
 def run_case(backend: Backend, case: BatchCase, *, device="cpu", seed: int = 0) -> list[StepResult]:
     """Every step and layer of a case through the backend, each compared with the reference."""
+    __tracebackhide__ = True  # failures show the backend's frames and the verdict, not the harness
     manager = _cache_for(case, device, backend, seed) if case.cache else None
     history: dict[tuple[int, int], tuple[list, list]] = {}  # (layer, request) -> K and V chunks
     results = []
@@ -287,6 +292,7 @@ def _cat(chunks):
 
 def _run_layer(backend, case: BatchCase, metadata: AttentionMetadata, layer_idx: int, index: int, history, device,
                seed: int) -> StepResult:
+    __tracebackhide__ = True
     layer = case.layer(layer_idx)
     parts = (seed, case.name, index) if layer_idx == 0 else (seed, case.name, index, "layer", layer_idx)
     q, k, v = make_qkv(metadata.num_tokens, layer, device, derive_seed(*parts), num_kv_tokens=metadata.num_kv_tokens,
@@ -309,6 +315,7 @@ def solo_checks(backend: Backend, q, k, v, metadata: AttentionMetadata, layer: L
                 refs: References) -> list[SoloCheck]:
     """Each request of a no-cache batch run alone: how far its output moves from its rows of the
     batch, against what the rule allows that request (bugs where batch >= 2 changes the answer)."""
+    __tracebackhide__ = True
     if metadata.has_cache:
         raise AttnInputError("solo checks run on batches without a cache")
     tolerance = guard.tolerance(backend, layer.dtype)
@@ -339,22 +346,32 @@ def _eps(t) -> float:
     return torch.finfo(t.dtype).eps
 
 
+MAX_STEPS_SHOWN = 3  # failing steps a report details; the rest are counted
+
+
 def assert_case_passes(results: list[StepResult], backend: Backend, case: BatchCase) -> None:
+    """Raise AttnCheckFailure unless every step passed. Its first line is the one-line verdict (the
+    case, the step, the layer, what failed); the next lines detail the first failing steps."""
+    __tracebackhide__ = True  # a failure report shows the user's test and this verdict, not the harness
     failures = [r for r in results if not r.passed]
     if not failures:
         return
     where = "step" if case.num_layers == 1 else "step/layer"
-    lines = [f"backend {backend.name!r} is wrong on case {case.name!r} in {len(failures)} of {len(results)} "
-             f"{where}(s):"]
-    summary = None
+    details, summary = [], None
     for r in failures:
         label = f"step {r.index}" + (f", layer {r.layer_idx}" if case.num_layers > 1 else "")
-        lines.append(f"- {label}: {r.metadata.describe()}\n  plan: {r.plan.describe()}")
-        if not r.comparison.passed:
-            lines.append("  " + r.comparison.message().replace("\n", "\n  "))
-            summary = summary or f"{label}: {r.comparison.summary()}"
-        for solo in r.solo:
-            if not solo.passed:
-                lines.append("  " + solo.message())
-                summary = summary or f"{label}: {solo.message()}"
-    raise AttnCheckFailure("\n".join(lines), summary=f"{case.name}: {summary}")
+        found = ([r.comparison.summary()] if not r.comparison.passed else []) + \
+            [solo.message() for solo in r.solo if not solo.passed]
+        summary = summary or f"{case.name} ({r.plan.layer.describe()}): {label}: {found[0]}"
+        if len(details) < MAX_STEPS_SHOWN:
+            lines = [f"- {label}: {r.metadata.describe()}", f"  layer: {r.plan.layer.describe()}",
+                     f"  plan: {r.plan.describe()}"]
+            if not r.comparison.passed:
+                lines.append("  " + r.comparison.message().replace("\n", "\n  "))
+            lines += ["  " + solo.message() for solo in r.solo if not solo.passed]
+            details.append("\n".join(lines))
+    hidden = len(failures) - len(details)
+    more = [f"... and {hidden} more failing {where}(s)"] if hidden > 0 else []
+    raise AttnCheckFailure("\n".join([summary, f"backend {backend.name!r} is wrong on case {case.name!r} in "
+                                              f"{len(failures)} of {len(results)} {where}(s):", *details, *more]),
+                           summary=summary)

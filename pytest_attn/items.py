@@ -9,6 +9,7 @@ ATTN_FIXTURES = frozenset({"attn_backend", "attn_case", "attn_session", "attn_de
 ATTN_MARKERS = ("attn_gpu", "attn_bench", "attn_cases")
 BACKEND_PROPERTY = "attn_backend"  # user_properties entry: which backend a test ran (reports, junit, summary)
 FAILURE_PROPERTY = "attn_failure"  # user_properties entry of a failed report: its one-line comparison
+RERUN_PROPERTY = "attn_rerun"  # ... and the command that reruns it from where the user ran pytest
 TEST_PROPERTY = "attn_test"  # user_properties entry of an attention test that runs no particular backend
 CASE_PROPERTY = "attn_case"
 

@@ -159,6 +159,23 @@ class LayerSpec:
     def quantized_kv(self) -> bool:
         return self.cache_dtype in KV_DTYPES
 
+    def describe(self) -> str:
+        """One line a failure report shows: mask, window, soft-cap, sinks, scale, heads, dtypes."""
+        parts = [f"{self.mask} mask" + (f", window_left {self.window_left}" if self.window_left >= 0 else "")]
+        if self.logits_soft_cap > 0:
+            parts.append(f"soft-cap {self.logits_soft_cap:g}")
+        if self.sinks:
+            parts.append(f"{len(self.sinks)} sinks")
+        scale = "" if self.sm_scale is None else " (sm_scale)"
+        parts.append(f"scale {self.scale:.4g}{scale}")
+        heads = f"{self.num_heads}/{self.num_kv_heads} heads x {self.head_dim}"
+        parts.append(heads + (f"/{self.head_dim_vo}" if self.head_dim_vo is not None else ""))
+        parts.append(self.dtype + (f", cache {self.kv_dtype} (k_scale {self.k_scale:g}, v_scale {self.v_scale:g})"
+                                   if self.kv_dtype is not None and self.kv_dtype != self.dtype else ""))
+        if self.return_lse:
+            parts.append("LSE")
+        return ", ".join(parts)
+
     def features(self) -> tuple[str, ...]:
         """The optional features this layer uses, by the names Capabilities gives them."""
         found = []

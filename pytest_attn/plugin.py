@@ -211,7 +211,7 @@ def pytest_runtest_makereport(item, call):
     if call.excinfo is not None and active(item.config):
         from .summary import shorten_failure
 
-        shorten_failure(report, call.excinfo)
+        shorten_failure(item, report, call.excinfo)
     return report
 
 

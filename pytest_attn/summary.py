@@ -1,13 +1,14 @@
 """The closing ``pytest-attn`` section: per backend, how many tests passed, failed and were
-skipped, the skip reasons grouped with their counts (visible without -r), and each failing case
-with its one-line comparison. Reports come from the workers under xdist, so the section is built
+skipped, the skip reasons grouped with their counts (visible without -r), and for each failure the
+command that reruns it (pytest's own short summary, just below, gives each failure's one-line
+cause: the two do not repeat each other). Reports come from the workers under xdist, so the section is built
 from the reports' user properties, not from the items."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from typing import Optional
 
-from .items import BACKEND_PROPERTY, FAILURE_PROPERTY, TEST_PROPERTY
+from .items import BACKEND_PROPERTY, FAILURE_PROPERTY, RERUN_PROPERTY, TEST_PROPERTY
 
 OTHER = "(other pytest-attn tests)"
 MAX_FAILURES_SHOWN = 20
@@ -48,8 +49,7 @@ class Summary:
         if report.failed:
             if seen.get(report.nodeid) != "failed":
                 seen[report.nodeid] = "failed"
-                line = _property(report, FAILURE_PROPERTY) or _first_line(report)
-                self.failures[backend].append((report.nodeid, line))
+                self.failures[backend].append((report.nodeid, _property(report, RERUN_PROPERTY) or report.nodeid))
         elif report.skipped:
             if report.nodeid not in seen:
                 seen[report.nodeid] = "skipped"
@@ -65,11 +65,11 @@ class Summary:
             out.append(f"{backend}: {', '.join(parts) or 'nothing ran'}")
             for reason, n in self.skips[backend].most_common():
                 out.append(f"  skipped {n}: {reason}")
-            for nodeid, line in self.failures[backend][:MAX_FAILURES_SHOWN]:
-                out.append(f"  FAILED {nodeid.split('::')[-1]}: {line}")
+            for _, command in self.failures[backend][:MAX_FAILURES_SHOWN]:
+                out.append(f"  rerun: {command}")
             hidden = len(self.failures[backend]) - MAX_FAILURES_SHOWN
             if hidden > 0:
-                out.append(f"  ... and {hidden} more failures (see above)")
+                out.append(f"  ... and {hidden} more (each failure's report above ends with its rerun command)")
         return out
 
     def pytest_terminal_summary(self, terminalreporter):
@@ -80,25 +80,46 @@ class Summary:
                 terminalreporter.write_line(line)
 
 
-def _first_line(report) -> str:
-    text = getattr(report, "longreprtext", "") or str(report.longrepr or "")
-    for line in text.strip().splitlines():
-        line = line.strip()
-        if line.startswith("E "):
-            return line[2:].strip()
-    lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
-    return lines[-1] if lines else report.outcome
-
-
-def shorten_failure(report, excinfo) -> None:
-    """For a failed comparison (AttnCheckFailure), the report shows its message without the
-    harness's traceback; any failure with a one-line cause carries it for the closing section."""
+def shorten_failure(item, report, excinfo) -> None:
+    """A failed attention test reports the user's test and the backend's own frames, short, and the
+    verdict (pytest-attn's harness frames are hidden, and no tensor is printed); its first line is
+    the one-line cause pytest's short summary shows. A section and a user property carry the
+    command that reruns exactly this test from where the user ran pytest."""
     from .errors import AttnCheckFailure, AttnError
 
+    if not report.failed:
+        return
     exc = excinfo.value
-    if isinstance(exc, AttnCheckFailure):
-        report.longrepr = f"{type(exc).__name__}: {exc}"
-        report.user_properties.append((FAILURE_PROPERTY, exc.summary))
-    elif isinstance(exc, AttnError) and report.failed:
+    if isinstance(exc, (AttnCheckFailure, AttnError)):
+        report.longrepr = excinfo.getrepr(style="short", chain=True, funcargs=False, tbfilter=_from_the_test(item),
+                                          truncate_locals=True)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        report.user_properties.append((FAILURE_PROPERTY, f"{type(exc).__name__}: {first}"))
+        line = exc.summary if isinstance(exc, AttnCheckFailure) else f"{type(exc).__name__}: {first}"
+        report.user_properties.append((FAILURE_PROPERTY, line))
+    if _property(report, BACKEND_PROPERTY) or _property(report, TEST_PROPERTY):
+        command = _rerun(item)
+        report.sections.append(("pytest-attn: rerun this test", command))
+        report.user_properties.append((RERUN_PROPERTY, command))
+
+
+def _from_the_test(item):
+    """A traceback filter, for each exception of the chain: from the test function on (pytest's own
+    frames cut, as pytest does for its reports), without the frames that hide themselves."""
+    import inspect
+
+    code = getattr(inspect.unwrap(getattr(item, "obj", None)), "__code__", None)
+
+    def keep(excinfo):
+        traceback = excinfo.traceback
+        if code is not None:
+            traceback = traceback.cut(path=code.co_filename, firstlineno=code.co_firstlineno - 1)
+        return traceback.filter(excinfo)
+
+    return keep
+
+
+def _rerun(item) -> str:
+    from .rerun import rerun_command
+    from .session import attn_session_of
+
+    return rerun_command(item, attn_session_of(item.config).seed)

@@ -152,7 +152,20 @@ MISBEHAVING = {
                          "failed", "*raised in forward(): RuntimeError: oops*"),
     "forward() returns another tensor": ("    def forward(self, q, k, v, metadata, plan, out=None):\n"
                                          "        return super().forward(q, k, v, metadata, plan, out.clone())\n",
-                                         "failed", "*did not write into the `out` buffer it was given*"),
+                                         "failed", "*forward() returned a tensor that is not the `out` buffer it "
+                                                   "was given*The contract: write into the `out` it is given*"),
+    # issue 17: a view of `out` with another shape passed 4 tests; the shape is named now
+    "forward() returns a view of out with another shape": (
+        "    def forward(self, q, k, v, metadata, plan, out=None):\n"
+        "        return super().forward(q, k, v, metadata, plan, out).view(out.shape[0], -1)\n",
+        "failed", "*forward() returned shape (200, 512), expected (200, 8, 64)*"),
+    "forward() returns its output in another dtype": (
+        "    def forward(self, q, k, v, metadata, plan, out=None):\n"
+        "        return super().forward(q, k, v, metadata, plan, out).float()\n",
+        "failed", "*forward() returned dtype float32, expected bfloat16*"),
+    "forward() returns None": ("    def forward(self, q, k, v, metadata, plan, out=None):\n"
+                               "        super().forward(q, k, v, metadata, plan, out)\n",
+                               "failed", "*forward() returned None, not a tensor*"),
     "forward() writes into its input": ("    def forward(self, q, k, v, metadata, plan, out=None):\n"
                                         "        k -= k.mean(dim=0, keepdim=True)\n"
                                         "        return super().forward(q, k, v, metadata, plan, out)\n",
@@ -175,8 +188,12 @@ def test_a_backend_breaking_the_contract_fails_or_skips_only_itself(pytester, pr
     result.assert_outcomes(passed=1, **{outcome: 1})  # torch still passes
     result.stdout.fnmatch_lines([message])
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
-    if outcome == "failed":  # the closing section names the failing case and its one-line cause
-        result.stdout.fnmatch_lines(["*= pytest-attn =*", "mine: 1 failed", "  FAILED test_case[[]mine-hd64-ragged[]]: *"])
+    if outcome == "failed":  # the closing section says how to rerun exactly the failing test
+        result.stdout.fnmatch_lines(["*= pytest-attn =*", "mine: 1 failed", "  rerun: python3 -m pytest "
+                                     "'*::test_case[[]mine-hd64-ragged[]]' --attn-backend=mine --attn-cases=hd64-ragged "
+                                     "--attn-seed=20261125"])
+        failure = result.stdout.str().split("= FAILURES =")[1].split("= pytest-attn =")[0]
+        assert "pytest_attn/" not in failure and "tensor(" not in failure, failure  # the backend's frames only
 
 
 def test_two_backends_with_one_name_keep_the_first_and_say_so(pytester):

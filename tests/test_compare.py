@@ -101,7 +101,7 @@ def test_an_output_scaled_by_0_2_percent_fails_the_bias_check_but_not_the_elemen
     assert result.bias == pytest.approx(factor - 1, rel=0.05)  # signed
     sign = "+" if factor > 1 else "-"
     assert result.summary().startswith(f"systematic bias <out - ref, ref>/<ref, ref> = {sign}")
-    assert "EXCEEDS" in result.summary() and f"scaled by about {1 + result.bias:.5f}" in result.summary()
+    assert "EXCEEDS" in result.summary() and f"off by a factor of about {1 + result.bias:.5f}" in result.summary()
     assert "\n" not in result.summary() and "systematic bias" in result.message()
 
 

@@ -167,7 +167,8 @@ def test_a_bad_seed_in_the_environment_is_a_usage_error(pytester, monkeypatch, a
 
 
 # -- what a user sees ----------------------------------------------------------------------------------------
-def test_the_closing_section_counts_groups_skip_reasons_and_names_failures(pytester, demo_backends):
+def test_the_closing_section_counts_groups_skip_reasons_and_names_failures(pytester, demo_backends, monkeypatch):
+    monkeypatch.setenv("CI", "true")  # pytest then prints the short summary's lines whole, as in a CI log
     pytester.makepyfile(CASE_TEST)
     result = pytester.runpytest("--attn-backend=narrow,forgets", "--attn-cases=hd64-ragged,hd80-ragged,hd96-ragged")
     result.stdout.fnmatch_lines([
@@ -176,8 +177,14 @@ def test_the_closing_section_counts_groups_skip_reasons_and_names_failures(pytes
         "  skipped 1: head_dim 80 not supported (supports [[]64[]])",
         "  skipped 1: head_dim 96 not supported (supports [[]64[]])",
         "forgets: 3 failed",
-        "  FAILED test_case[[]forgets-hd64-ragged[]]: hd64-ragged: step 0: * output elements never written*",
+        "  rerun: python3 -m pytest 'test_the_closing_section_counts_groups_skip_reasons_and_names_failures.py::"
+        "test_case[[]forgets-hd64-ragged[]]' --attn-backend=forgets --attn-cases=hd64-ragged --attn-seed=20261125",
     ])
+    # the one-line cause is pytest's own short summary's, not repeated in the closing section
+    result.stdout.fnmatch_lines(["FAILED *::test_case[[]forgets-hd64-ragged[]] - pytest_attn.errors.AttnCheckFailure: "
+                                 "hd64-ragged (causal mask, scale 0.125, 8/8 heads x 64, bfloat16): step 0: * output "
+                                 "elements never written*"])
+    assert result.stdout.str().count("elements never written (still the poison value") == 3 + 3  # report, summary
 
 
 def test_a_failure_leads_with_the_comparison_not_the_harness(pytester, demo_backends):
@@ -185,9 +192,13 @@ def test_a_failure_leads_with_the_comparison_not_the_harness(pytester, demo_back
     result = pytester.runpytest("--attn-backend=forgets", "--attn-cases=vit-ragged-mix")
     result.assert_outcomes(failed=1)
     text = result.stdout.str()
-    failure = text.split("test_case[forgets-vit-ragged-mix] _")[1]
-    assert failure.lstrip("_ \n").startswith("AttnCheckFailure: backend 'forgets' is wrong on case 'vit-ragged-mix'")
-    assert "harness.py" not in failure.split("= pytest-attn =")[0]
+    failure = text.split("test_case[forgets-vit-ragged-mix] _")[1].split("= pytest-attn =")[0]
+    lines = failure.strip("_ \n").splitlines()
+    assert lines[0] == "test_a_failure_leads_with_the_comparison_not_the_harness.py:4: in test_case", lines
+    assert lines[2].startswith("E   pytest_attn.errors.AttnCheckFailure: vit-ragged-mix (full mask, scale 0.1118, "
+                               "16/16 heads x 80, bfloat16): step 0: 1280 of 2458880 output elements never written")
+    assert "pytest_attn/" not in failure and "tensor(" not in failure and len(lines) < 20, failure
+    assert "pytest-attn: rerun this test" in failure  # and how to rerun exactly it
 
 
 def test_runs_without_pytest_benchmark_xdist_or_hypothesis(pytester):
