@@ -62,6 +62,10 @@ def add_options(parser) -> None:
     group.addoption("--attn-schedule", choices=("longest-first", "xdist"), default="longest-first",
                     help="under xdist (--dist load or worksteal): run the longest tests first, by the "
                          "durations earlier runs recorded (default), or leave xdist's order alone.")
+    group.addoption("--attn-report", action="append", default=[], metavar="PATH",
+                    help="at the end of the run, write its report: the support matrix (backends by the catalog's "
+                         "dimensions), skip reasons, failures with rerun commands, the environment and benchmarks; "
+                         "the suffix picks the format: .html (self-contained), .md or .json (repeatable).")
     group.addoption("--attn-gc-freeze", choices=("on", "off"), default="on",
                     help="keep the garbage collector off the objects alive after collection and after "
                          "the last test (gc.freeze; default on).")

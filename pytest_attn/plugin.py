@@ -58,7 +58,7 @@ def pytest_configure(config):
 
 def _start(config) -> None:
     """What a run that asked for pytest-attn gets at configure time."""
-    from . import bundled, gpu_workers, schedule
+    from . import bundled, gpu_workers, run_report, schedule
     from .errors import AttnInputError, UnknownBackendError
     from .isolation import check_options
     from .session import attn_session_of
@@ -78,6 +78,7 @@ def _start(config) -> None:
     check_options(config)  # an unknown --attn-isolate name is a usage error now, not at the first test
     config.stash[_SUITE_ADDED] = bundled.add_to_run(config)
     _register_summary(config)
+    run_report.configure(config)  # --attn-report: a bad suffix is a usage error now
 
 
 def _register_summary(config) -> None:
