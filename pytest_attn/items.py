@@ -11,6 +11,7 @@ BACKEND_PROPERTY = "attn_backend"  # user_properties entry: which backend a test
 FAILURE_PROPERTY = "attn_failure"  # user_properties entry of a failed report: its one-line comparison
 TEST_PROPERTY = "attn_test"  # user_properties entry of an attention test that runs no particular backend
 CASE_PROPERTY = "attn_case"
+UNSUPPORTED_PROPERTY = "attn_unsupported"  # user_properties entry of a test its backend refused: the reasons, a list
 
 
 def param(item, name: str):

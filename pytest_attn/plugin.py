@@ -191,6 +191,7 @@ def pytest_runtest_call(item):
     """A backend's UnsupportedCase (raised before any launch) becomes a skip with its reasons,
     or a failure under --attn-strict."""
     from .errors import UnsupportedCase
+    from .items import UNSUPPORTED_PROPERTY
 
     try:
         return (yield)
@@ -198,6 +199,7 @@ def pytest_runtest_call(item):
         from .session import attn_session_of
 
         message = f"{exc.backend}: " + "; ".join(exc.reasons)
+        item.user_properties.append((UNSUPPORTED_PROPERTY, list(exc.reasons)))  # one by one, for --attn-report
         if attn_session_of(item.config).strict:
             pytest.fail(f"unsupported case under --attn-strict: {message}", pytrace=False)
         pytest.skip(message)
