@@ -504,6 +504,14 @@ class DiffView:
     def changed_cells(self) -> int:
         return sum(cell.changed for _, cells in self.rows for cell in cells.values())
 
+    @property
+    def env_changed(self) -> list[tuple[str, Optional[str], Optional[str]]]:
+        return [row for row in self.env if row[1] != row[2]]
+
+    @property
+    def env_same(self) -> list[tuple[str, Optional[str], Optional[str]]]:
+        return [row for row in self.env if row[1] == row[2]]
+
 
 def run_label(run: dict, fallback: str) -> str:
     """What tells a run apart: its GPU (or device), commit and torch."""

@@ -115,7 +115,7 @@ def skip_reason(report, backend: Optional[str]) -> tuple[str, bool]:
 
 # -- one test's record ----------------------------------------------------------------------------
 @dataclass
-class TestRecord:
+class Record:
     nodeid: str
     test: str  # the test function's name
     backend: Optional[str]  # None: an attention test that runs no one backend (e.g. the differential)
@@ -372,7 +372,7 @@ class RunReport:
 
     def __init__(self, config, paths: list[Path]):
         self.config, self.paths = config, paths
-        self.tests: dict[str, TestRecord] = {}
+        self.tests: dict[str, Record] = {}
         self.benchmarks: list[dict] = []
         self.kernels: dict[str, dict[str, int]] = {}  # backend -> kernel name -> tests
         self.determinism: dict[str, dict[str, dict]] = {}  # backend -> property -> {"holds", "fails", "details"}
@@ -398,7 +398,7 @@ class RunReport:
         if record is None:
             case_name = _property(report, CASE_PROPERTY)
             case = catalog_case(case_name, report.nodeid)
-            record = self.tests[report.nodeid] = TestRecord(report.nodeid, _test_name(report.nodeid), backend,
+            record = self.tests[report.nodeid] = Record(report.nodeid, _test_name(report.nodeid), backend,
                                                             case_name, list(case.tags) if case else [])
         record.duration_s += float(getattr(report, "duration", 0.0) or 0.0)
         self._extra_data(report, backend)

@@ -547,6 +547,13 @@ def test_a_benchmark_run_reports_the_seed_table_crossovers_plot_and_spread(pytes
 
     assert main(["report", str(pytester.path / "b.json"), "-o", str(pytester.path / "from-bench.html")]) == 0
     assert "Benchmarks" in (pytester.path / "from-bench.html").read_text()
+    # or adds its rows to a run's report that has none
+    pytester.makepyfile(test_plain=PLAIN_TEST)
+    pytester.runpytest("--attn-backend=torch", "test_plain.py", "--attn-report=plain.json")
+    assert "benchmarks" not in json.loads((pytester.path / "plain.json").read_text())
+    assert main(["report", str(pytester.path / "plain.json"), "--benchmarks", str(pytester.path / "b.json"),
+                 "-o", str(pytester.path / "plain.md")]) == 0
+    assert "### Benchmarks" in (pytester.path / "plain.md").read_text()
 
 
 # -- pytest-attn report ------------------------------------------------------------------------------
