@@ -402,21 +402,22 @@ def test_layer_text_names_what_differs_from_the_defaults():
 
 
 # -- a run's report: cells, counts and reasons equal the run's outcomes ------------------------------
-@pytest.mark.parametrize("suffix", [".json", ".md", ".html"])
-def test_report_cells_counts_and_reasons_equal_the_runs_outcomes(pytester, planted, suffix):
-    result = pytester.runpytest(BACKENDS, CASES, f"--attn-report=out/r{suffix}", "-p", "no:randomly")
+def test_report_cells_counts_and_reasons_equal_the_runs_outcomes(pytester, planted):
+    result = pytester.runpytest(BACKENDS, CASES, "--attn-report=out/r.json", "--attn-report=out/r.md",
+                                "--attn-report=out/r.html", "-p", "no:randomly")
     outcomes = outcomes_from_reports(result.reprec.getreports("pytest_runtest_logreport"))
     counts = Counter(e["outcome"] for e in outcomes.values())
     # what was planted happened: failures, each kind of skip, passes, and every row
     assert counts["failed"] >= 3 and counts["passed"] >= 5
     assert {planted_kind(e["message"]) for e in outcomes.values() if e["outcome"] == "skipped"} == \
         {"hazard", "jit-budget", "unavailable", "unsupported"}
-    assert_report_matches(pytester.path / "out" / f"r{suffix}", outcomes)
-    assert f"pytest-attn report: {pytester.path / 'out' / f'r{suffix}'}" in result.stdout.str()
+    for suffix in (".json", ".md", ".html"):
+        assert_report_matches(pytester.path / "out" / f"r{suffix}", outcomes)
+        assert f"pytest-attn report: {pytester.path / 'out' / f'r{suffix}'}" in result.stdout.str()
 
 
 def test_hazards_are_marked_apart_from_unsupported_cases_in_the_html(pytester, planted):
-    pytester.runpytest(BACKENDS, CASES, "--attn-report=r.html")
+    pytester.runpytest(BACKENDS, CASES, "--attn-report=r.html", "--attn-report=r.json", "--attn-report=r.md")
     table = next(t for t in html_tables((pytester.path / "r.html").read_text()).tables if t["class"] == "matrix")
     header = [c for c, _ in table["rows"][0]["cells"]]
     swa = next(r for r in table["rows"] if r["cells"][0][0].startswith("swa"))
@@ -425,6 +426,13 @@ def test_hazards_are_marked_apart_from_unsupported_cases_in_the_html(pytester, p
     assert "hazard" in swa["cells"][risky][1]["class"] and "⚠1" in swa["cells"][risky][0]
     assert "skip" in soft_cap["cells"][risky][1]["class"] and "⊘1" in soft_cap["cells"][risky][0]
     assert "fail" in swa["cells"][header.index("forgets")][1]["class"]
+    # and `pytest-attn report` rebuilds the very same report from the .json
+    from pytest_attn.cli import main
+
+    for suffix in (".html", ".md", ".json"):
+        out = pytester.path / f"again{suffix}"
+        assert main(["report", str(pytester.path / "r.json"), "-o", str(out)]) == 0
+        assert out.read_text() == (pytester.path / f"r{suffix}").read_text()
 
 
 def test_failures_name_layer_and_batch_and_their_rerun_command_fails_the_same_way(pytester, planted):
@@ -505,11 +513,13 @@ def test_determinism_and_kernel_sections_appear_only_when_the_run_has_that_data(
 
 
 # -- benchmarks --------------------------------------------------------------------------------------
-def test_a_benchmark_run_reports_the_seed_table_crossovers_plot_and_spread(pytester):
+def test_a_benchmark_run_reports_the_seed_table_crossovers_plot_and_spread(pytester, monkeypatch):
     """The bundled seed benchmarks on CPU (small sizes, few samples), torch and flex."""
     import base64
 
     from pytest_attn.compare import load_run, pair_lines, sweeps
+
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # else pytest-benchmark switches itself off
 
     result = pytester.runpytest("--pyargs", "pytest_attn.suite.test_benchmarks", "-m", "attn_bench",
                                 "--attn-backend=torch,flex", "--attn-bench-warmup=1", "--attn-bench-iters=3",
@@ -557,16 +567,6 @@ def test_a_benchmark_run_reports_the_seed_table_crossovers_plot_and_spread(pytes
 
 
 # -- pytest-attn report ------------------------------------------------------------------------------
-def test_the_command_rebuilds_the_same_report_from_the_json(pytester, planted):
-    pytester.runpytest(BACKENDS, CASES, "--attn-report=r.json", "--attn-report=r.html", "--attn-report=r.md")
-    from pytest_attn.cli import main
-
-    for suffix in (".html", ".md", ".json"):
-        out = pytester.path / f"again{suffix}"
-        assert main(["report", str(pytester.path / "r.json"), "-o", str(out)]) == 0
-        assert out.read_text() == (pytester.path / f"r{suffix}").read_text()
-
-
 def test_two_runs_side_by_side_mark_the_cells_that_changed(pytester, planted, monkeypatch, capsys):
     pytester.runpytest(BACKENDS, CASES, "--attn-report=a.json")
     monkeypatch.setenv("PLANTED_FIXED", "1")  # the next release fixes forgets
