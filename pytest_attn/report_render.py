@@ -24,6 +24,7 @@ from .report_model import (ALL_ROW, MARKS, NO_BACKEND, REPORT_SUFFIXES, ReportEr
                            env_rows, load_run, matrix_json, run_label, run_line, with_benchmarks)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+MD_FAILURES_SHOWN = 30  # a Markdown report goes in a pull-request comment, which GitHub caps at 65536 characters
 
 
 # -- the template engine --------------------------------------------------------------------------
@@ -50,7 +51,8 @@ def _templates(html: bool):
     env.filters.update(md=_md_cell, ms=_ms, anchor=_anchor, format_ref=lambda number: f"F{number}",
                        extract=lambda key, container: container[key],
                        index_by_number=lambda notes: {n.number: n for n in notes})
-    env.globals.update(MARKS=MARKS, ALL_ROW=ALL_ROW, NO_BACKEND=NO_BACKEND, REGIME_TITLES=REGIME_TITLES)
+    env.globals.update(MARKS=MARKS, ALL_ROW=ALL_ROW, NO_BACKEND=NO_BACKEND, REGIME_TITLES=REGIME_TITLES,
+                       MD_FAILURES_SHOWN=MD_FAILURES_SHOWN)
     return env
 
 

@@ -610,6 +610,19 @@ def test_command_errors_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, a
     assert err.startswith("pytest-attn report: ") and message in err and err.count("\n") == 1
 
 
+def test_a_markdown_report_lists_the_first_failures_and_says_how_many_more():
+    """A pull-request comment has a size limit; the .html and .json keep every failure."""
+    from pytest_attn.report_render import MD_FAILURES_SHOWN, render_text
+
+    tests = [{"nodeid": f"t.py::test[x-{i}]", "test": "test", "backend": "x", "case": None, "tags": [],
+              "outcome": "failed", "failure": {"summary": f"wrong {i}"}, "rerun": f"python -m pytest t.py -k {i}"}
+             for i in range(MD_FAILURES_SHOWN + 5)]
+    data = {"format": "pytest-attn-report", "version": 1, "environment": {}, "tests": tests}
+    md, html = render_text(data, "md"), render_text(data, "html")
+    assert md.count("- **F") == MD_FAILURES_SHOWN and "- … and 5 more: the report's .html or .json" in md
+    assert html.count('class="failure"') == MD_FAILURES_SHOWN + 5
+
+
 # -- the option ----------------------------------------------------------------------------------------
 def test_a_report_path_without_a_known_suffix_is_a_usage_error(pytester, planted):
     result = pytester.runpytest("--attn-backend=good", "--attn-report=r.txt")
