@@ -5,6 +5,7 @@
   pytest-attn cases                                 the catalog of batch cases
   pytest-attn backends                              every registered backend: origin, availability, support
   pytest-attn differential CASE                     one case through every backend, compared with each other
+  pytest-attn report RUN.json [B.json] -o OUT.html  a run's report from saved results, or two runs side by side
 
 torch is imported only by the subcommands that run something.
 """
@@ -62,6 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backends", help="every registered backend: where it comes from, whether it runs here, what "
                                     "it supports; and the versions of torch, CUDA, cuDNN and FlashInfer")
+    from .report_render import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 
@@ -76,6 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return backends_command(args)
         if args.command == "differential":
             return differential_command(args)
+        if args.command == "report":
+            from .report_render import report_command
+
+            return report_command(args)
         return cases_command(args)
     except BrokenPipeError:  # `pytest-attn cases | head`
         return 0

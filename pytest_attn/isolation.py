@@ -221,6 +221,8 @@ def _read_reports(config, path: str, nodeid: str) -> list:
                 continue
             report = config.hook.pytest_report_from_serializable(config=config, data=data)
             if report is not None and getattr(report, "nodeid", None) == nodeid:
+                if isinstance(report.longrepr, list):  # a skip's (path, line, message): a list after JSON
+                    report.longrepr = tuple(report.longrepr)
                 reports.append(report)
     return reports
 

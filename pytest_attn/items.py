@@ -12,6 +12,7 @@ FAILURE_PROPERTY = "attn_failure"  # user_properties entry of a failed report: i
 RERUN_PROPERTY = "attn_rerun"  # ... and the command that reruns it from where the user ran pytest
 TEST_PROPERTY = "attn_test"  # user_properties entry of an attention test that runs no particular backend
 CASE_PROPERTY = "attn_case"
+UNSUPPORTED_PROPERTY = "attn_unsupported"  # user_properties entry of a test its backend refused: the reasons, a list
 
 
 def param(item, name: str):

@@ -88,6 +88,10 @@ def add_options(parser) -> None:
     group.addoption("--attn-schedule", parse=_choice("longest-first", "xdist"), default="longest-first",
                     help="under xdist (--dist load or worksteal): run the longest tests first, by the "
                          "durations earlier runs recorded (default), or leave xdist's order alone.")
+    group.addoption("--attn-report", action="append", default=[], metavar="PATH",
+                    help="at the end of the run, write its report: the support matrix (backends by the catalog's "
+                         "dimensions), skip reasons, failures with rerun commands, the environment and benchmarks; "
+                         "the suffix picks the format: .html (self-contained), .md or .json (repeatable).")
     group.addoption("--attn-gc-freeze", parse=_choice("on", "off"), default="on",
                     help="keep the garbage collector off the objects alive after collection and after "
                          "the last test (gc.freeze; default on).")
@@ -133,7 +137,7 @@ def _usage(message: str):
 DEFAULT_SEED = 20261125
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 #: Options that take comma lists: given but empty (an unset $VARIABLE) is a usage error, never "nothing".
-LIST_OPTIONS = ("attn_backend", "attn_cases", "attn_dtype", "attn_isolate", "attn_bench_metric")
+LIST_OPTIONS = ("attn_backend", "attn_cases", "attn_dtype", "attn_isolate", "attn_bench_metric", "attn_report")
 
 
 def split_list(config, dest: str) -> list[str]:

@@ -59,7 +59,7 @@ def pytest_configure(config):
 
 def _start(config) -> None:
     """What a run that asked for pytest-attn gets at configure time."""
-    from . import bundled, gpu_workers, schedule
+    from . import bundled, gpu_workers, run_report, schedule
     from .errors import AttnInputError, UnknownBackendError
     from .isolation import check_options
     from .session import attn_session_of
@@ -79,6 +79,7 @@ def _start(config) -> None:
     check_options(config)  # an unknown --attn-isolate name is a usage error now, not at the first test
     config.stash[_SUITE_ADDED] = bundled.add_to_run(config)
     _register_summary(config)
+    run_report.configure(config)  # --attn-report: a bad suffix is a usage error now
 
 
 def _register_summary(config) -> None:
@@ -191,6 +192,7 @@ def pytest_runtest_call(item):
     """A backend's UnsupportedCase (raised before any launch) becomes a skip with its reasons,
     or a failure under --attn-strict."""
     from .errors import UnsupportedCase
+    from .items import UNSUPPORTED_PROPERTY
 
     try:
         return (yield)
@@ -198,6 +200,7 @@ def pytest_runtest_call(item):
         from .session import attn_session_of
 
         message = f"{exc.backend}: " + "; ".join(exc.reasons)
+        item.user_properties.append((UNSUPPORTED_PROPERTY, list(exc.reasons)))  # one by one, for --attn-report
         if attn_session_of(item.config).strict:
             pytest.fail(f"unsupported case under --attn-strict: {message}", pytrace=False)
         pytest.skip(message)
