@@ -14,16 +14,22 @@ from pathlib import Path
 from typing import Optional
 
 
-def test_target(item) -> str:
-    """``path::name[params]``, the path relative to the invocation directory when inside it."""
-    here = Path(item.config.invocation_params.dir)
+def test_target(item) -> list[str]:
+    """How pytest finds this one test: a test of the bundled suite by package and exact name (so
+    the command works wherever pytest-attn is installed, a CI artifact's reader's machine too), any
+    other by ``path::name[params]``, the path relative to the invocation directory when inside it."""
+    from .bundled import suite_dir
+
     path = Path(item.path)
+    name = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
+    if suite_dir() in path.parents:
+        return ["--pyargs", "pytest_attn.suite", "-k", name.split("::")[-1]]
+    here = Path(item.config.invocation_params.dir)
     try:
         shown = os.path.relpath(path, here) if path.is_relative_to(here) else str(path)
     except ValueError:  # another drive
         shown = str(path)
-    name = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
-    return f"{shown}::{name}"
+    return [f"{shown}::{name}"]
 
 
 def attn_options(item, seed: Optional[int]) -> list[str]:
@@ -55,5 +61,5 @@ def attn_options(item, seed: Optional[int]) -> list[str]:
 
 def rerun_command(item, seed: Optional[int] = None) -> str:
     """A shell command, to paste where the user ran pytest, that reruns this one test."""
-    words = ["python3", "-m", "pytest", test_target(item), *attn_options(item, seed)]
+    words = ["python3", "-m", "pytest", *test_target(item), *attn_options(item, seed)]
     return " ".join(shlex.quote(w) for w in words)

@@ -29,7 +29,8 @@ from typing import Optional
 
 import pytest
 
-from .items import BACKEND_PROPERTY, CASE_PROPERTY, FAILURE_PROPERTY, TEST_PROPERTY, UNSUPPORTED_PROPERTY
+from .items import (BACKEND_PROPERTY, CASE_PROPERTY, FAILURE_PROPERTY, RERUN_PROPERTY, TEST_PROPERTY,
+                    UNSUPPORTED_PROPERTY)
 from .report_model import NO_BACKEND, REPORT_FORMAT, REPORT_SUFFIXES, REPORT_VERSION
 
 KERNELS_PROPERTY = "attn_kernels"  # user_properties entry: the kernels a test's backend ran (issue 20)
@@ -149,6 +150,7 @@ def failure_of(report, case) -> dict:
     """What a report says failed: its one line, the phase, and for a failed comparison the step and
     layer that failed first, the batch of that step, its plan and the layer's parameters."""
     text = getattr(report, "longreprtext", "") or str(report.longrepr or "")
+    text = re.sub(r"^E   ", "", text, flags=re.M)  # pytest's marks of the exception's lines
     summary = _property(report, FAILURE_PROPERTY) or _last_error_line(text) or report.outcome
     failure = {"summary": summary, "when": report.when, "step": None, "layer": None, "batch": None, "plan": None,
                "layer_spec": None, "text": text[:FAILURE_TEXT_LIMIT]}
@@ -165,7 +167,7 @@ def failure_of(report, case) -> dict:
             failure["plan"] = plan["plan"].strip() if plan else None
             break
     if case is not None:
-        failure["layer_spec"] = layer_text(case.layer(failure["layer"] or 0)) + (
+        failure["layer_spec"] = case.layer(failure["layer"] or 0).describe() + (
             "" if case.num_layers == 1 else f" (layer {failure['layer'] or 0} of {case.num_layers})")
     return failure
 
@@ -176,24 +178,6 @@ def _last_error_line(text: str) -> Optional[str]:
             return line.strip()[2:].strip()
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else None
-
-
-def layer_text(layer) -> str:
-    """A layer's shape and every parameter that is not the default: '16/16x80 bfloat16 full, window 127'."""
-    text = f"{layer.num_heads}/{layer.num_kv_heads}x{layer.head_dim}"
-    if layer.head_dim_v != layer.head_dim:
-        text += f"/{layer.head_dim_v}"
-    parts = [f"{text} {layer.dtype} {layer.mask}"]
-    for name, shown in (("window_left", "window"), ("logits_soft_cap", "soft-cap"), ("sm_scale", "scale"),
-                        ("kv_dtype", "KV cache")):
-        value = getattr(layer, name, None)
-        if value not in (None, -1, 0, 0.0) and not (name == "kv_dtype" and value == layer.dtype):
-            parts.append(f"{shown} {value}")
-    if getattr(layer, "sinks", ()):
-        parts.append("sinks")
-    if getattr(layer, "return_lse", False):
-        parts.append("LSE")
-    return ", ".join(parts)
 
 
 def catalog_case(name: Optional[str], nodeid: str):
@@ -208,53 +192,6 @@ def catalog_case(name: Optional[str], nodeid: str):
         if f"{name}-{dtype}]" in nodeid or f"{name}-{dtype}-" in nodeid:
             return case.with_dtype(dtype)
     return case
-
-
-# -- rerunning one test ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RerunSettings:
-    """What a rerun of one test must repeat to generate the same inputs and collect the same ID."""
-
-    seed: int
-    dtypes: tuple[str, ...] = ()
-    device: Optional[str] = None
-    max_tokens: Optional[int] = None
-    strict: bool = False
-
-    @classmethod
-    def from_config(cls, config, session) -> "RerunSettings":
-        return cls(session.seed, tuple(session.dtypes), config.getoption("attn_device", None),
-                   config.getoption("attn_max_tokens", None), session.strict)
-
-
-SUITE_PATH = "pytest_attn/suite/"
-
-
-def rerun_command(nodeid: str, backend: Optional[str], settings: RerunSettings, location: str = "") -> str:
-    """The command that runs this one test again with the same inputs: a bundled-suite test (its
-    node ID's or its report's ``location`` path is in pytest_attn/suite) by package and -k, so that
-    it works wherever pytest-attn is installed; any other by its node ID, from the run's root
-    directory."""
-    import shlex
-
-    path, _, rest = nodeid.partition("::")
-    if any(SUITE_PATH in p.replace("\\", "/") for p in (path, location)) and rest:
-        target = ["--pyargs", "pytest_attn.suite", "-k", rest.split("::")[-1]]
-    else:
-        target = [nodeid]
-    args = ["python", "-m", "pytest", *target]
-    if backend:
-        args.append(f"--attn-backend={backend}")
-    if settings.dtypes:
-        args.append(f"--attn-dtype={','.join(settings.dtypes)}")
-    if settings.device:
-        args.append(f"--attn-device={settings.device}")
-    if settings.max_tokens is not None:
-        args.append(f"--attn-max-tokens={settings.max_tokens}")
-    if settings.strict:
-        args.append("--attn-strict")
-    args.append(f"--attn-seed={settings.seed}")
-    return shlex.join(args)
 
 
 # -- the environment ------------------------------------------------------------------------------
@@ -406,8 +343,7 @@ class RunReport:
             if record.outcome != "failed":
                 record.outcome, record.reason, record.kind = "failed", None, None
                 record.failure = failure_of(report, catalog_case(record.case, report.nodeid))
-                record.rerun = rerun_command(report.nodeid, backend, self._rerun_settings(),
-                                             str((getattr(report, "location", None) or ("",))[0]))
+                record.rerun = _property(report, RERUN_PROPERTY) or ""
         elif report.skipped:
             if not record.outcome:
                 reason, from_backend = skip_reason(report, backend)
@@ -416,11 +352,6 @@ class RunReport:
                 record.outcome, record.reason, record.kind = "skipped", reason, kind
         elif report.when == "call" and not record.outcome:
             record.outcome = "passed"
-
-    def _rerun_settings(self) -> RerunSettings:
-        from .session import attn_session_of
-
-        return RerunSettings.from_config(self.config, attn_session_of(self.config))
 
     def _extra_data(self, report, backend: Optional[str]) -> None:
         if report.when != "call":

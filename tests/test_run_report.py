@@ -19,7 +19,7 @@ import pytest
 from backend_packages import write_backend_package
 
 from pytest_attn.catalog import CATALOG
-from pytest_attn.run_report import classify_reason, classify_reasons, layer_text
+from pytest_attn.run_report import classify_reason, classify_reasons
 
 PLANTED = '''
 import os
@@ -396,9 +396,9 @@ def test_the_built_in_backends_hazards_are_hazards_and_their_budgets_budgets():
         ("hazard", "jit-budget", "unsupported")
 
 
-def test_layer_text_names_what_differs_from_the_defaults():
-    assert layer_text(CATALOG["hd80-ragged"].layer()) == "16/16x80 bfloat16 causal"
-    assert layer_text(CATALOG["swa-full-ragged"].layer()).startswith("8/8x64 bfloat16 full, window ")
+def test_a_layer_is_described_by_its_mask_window_scale_heads_and_dtypes():
+    assert CATALOG["hd80-ragged"].layer().describe() == "causal mask, scale 0.1118, 16/16 heads x 80, bfloat16"
+    assert CATALOG["swa-full-ragged"].layer().describe().startswith("full mask, window_left 48, scale 0.125, ")
 
 
 # -- a run's report: cells, counts and reasons equal the run's outcomes ------------------------------
@@ -444,12 +444,11 @@ def test_failures_name_layer_and_batch_and_their_rerun_command_fails_the_same_wa
     swa = failures["test_planted.py::test_case[forgets-swa-full-ragged]"]
     assert swa["failure"]["step"] == 0 and swa["failure"]["layer"] is None
     assert swa["failure"]["batch"] == "2 requests (2 ctx, 0 gen), seq_lens [200, 65], no cache"
-    assert swa["failure"]["layer_spec"] == layer_text(CATALOG["swa-full-ragged"].layer())
-    assert swa["failure"]["summary"].startswith("swa-full-ragged: step 0: ")
+    assert swa["failure"]["layer_spec"] == CATALOG["swa-full-ragged"].layer().describe()
+    assert swa["failure"]["summary"].startswith("swa-full-ragged (full mask, window_left 48, ")
     rerun = swa["rerun"]
-    assert rerun.startswith("python -m pytest test_planted.py::test_case[forgets-swa-full-ragged] ") or \
-        rerun.startswith("python -m pytest 'test_planted.py::test_case[forgets-swa-full-ragged]' ")
-    again = subprocess.run(rerun.replace("python", sys.executable, 1), shell=True, cwd=pytester.path,
+    assert rerun.startswith("python3 -m pytest 'test_planted.py::test_case[forgets-swa-full-ragged]' ")
+    again = subprocess.run(rerun.replace("python3", sys.executable, 1), shell=True, cwd=pytester.path,
                            capture_output=True, text=True)
     assert again.returncode == 1, again.stdout[-2000:]
     assert "1 failed" in again.stdout and swa["failure"]["summary"] in again.stdout
