@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import pytest
 
 from .contract import Backend
-from .errors import UnsupportedCase
 from .packages import dist_version, flashinfer_version
 
 if TYPE_CHECKING:
@@ -126,19 +125,19 @@ def measure_backend(backend: Backend, batch: "AttnBatch", settings: BenchSetting
                     *, warm_call: bool = True):
     """(plan, timing, forward) for one batch: plan timed, one untimed call through the harness
     (the output contract, JIT and first-call costs), then the timed calls. Raises UnsupportedCase
-    before launching anything when the backend cannot run the batch."""
+    before launching anything when the backend cannot run the batch. Every call goes through guard,
+    so a backend that raises or breaks its contract fails with a BackendError naming it."""
+    from . import guard
     from .harness import run_forward
     from .timing import measure_call, time_plan
 
     device = batch.device
-    reasons = backend.unsupported(batch.layer, batch.metadata, device)
-    if reasons:
-        raise UnsupportedCase(backend.name, reasons)
-    plan, plan_s, plan_first_s = time_plan(lambda: backend.plan(batch.metadata, batch.layer, device=device), device)
+    guard.require_supported(backend, batch.layer, batch.metadata, device)
+    plan, plan_s, plan_first_s = time_plan(lambda: guard.plan(backend, batch.metadata, batch.layer, device), device)
     _, out = run_forward(backend, batch.q, batch.k, batch.v, batch.metadata, batch.layer, device, plan)
 
-    def forward():
-        return backend.forward(batch.q, batch.k, batch.v, batch.metadata, plan, out=out)
+    def forward():  # the contract was checked by the call above: the timed calls pay guard.call's try only
+        return guard.call(backend, "forward", batch.q, batch.k, batch.v, batch.metadata, plan, out=out)
 
     timing = measure_call(forward, device=device, warmup=settings.warmup, iters=settings.iters,
                           graph=settings.graph, cold_l2=settings.cold_l2)

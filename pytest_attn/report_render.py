@@ -155,7 +155,7 @@ def report_command(args) -> int:
         return _report(args)
     except ReportError as exc:
         print(f"pytest-attn report: {exc}", file=sys.stderr)
-        return 2
+        return 4  # a bad argument: one line, as every pytest-attn command says it (cli.USAGE)
 
 
 def _report(args) -> int:

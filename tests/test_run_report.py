@@ -597,14 +597,14 @@ def test_two_runs_side_by_side_mark_the_cells_that_changed(pytester, planted, mo
     (["a.json", "-o", "out.txt"], "out.txt: the suffix picks the format"),
     (["a.json", "a.json", "--benchmarks", "x"], "--benchmarks adds benchmark rows to one run"),
 ])
-def test_command_errors_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
+def test_command_errors_are_one_line_and_exit_4(tmp_path, monkeypatch, capsys, args, message):
     from pytest_attn.cli import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "not-a-run.json").write_text('{"hello": 1}')
     (tmp_path / "a.json").write_text(json.dumps({"format": "pytest-attn-report", "version": 1, "environment": {},
                                                  "tests": []}))
-    assert main(["report", *args]) == 2
+    assert main(["report", *args]) == 4
     err = capsys.readouterr().err
     assert err.startswith("pytest-attn report: ") and message in err and err.count("\n") == 1
 
