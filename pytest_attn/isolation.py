@@ -202,14 +202,18 @@ def run_in_subprocess(item) -> list:
     try:
         proc = subprocess.run(cmd, cwd=str(config.invocation_params.dir), env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-        reports = _read_reports(config, report_file, item.nodeid)
+        reports = _read_reports(config, report_file, item.nodeid, item.location)
     finally:
         os.unlink(report_file)
     duration = time.perf_counter() - start
     return _complete(item, reports, proc.returncode, proc.stdout, duration, cmd)
 
 
-def _read_reports(config, path: str, nodeid: str) -> list:
+def _read_reports(config, path: str, nodeid: str, location=None) -> list:
+    """The child's reports of this test. The child names it from its own root: a test outside the
+    parent's rootdir (the bundled suite, run from a user's project) gets another node ID there, so a
+    report is this test's when the names after the file agree, and takes the parent's node ID."""
+    name = nodeid.split("::", 1)[-1]
     reports = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -220,10 +224,15 @@ def _read_reports(config, path: str, nodeid: str) -> list:
             except json.JSONDecodeError:  # a line cut short by the crash
                 continue
             report = config.hook.pytest_report_from_serializable(config=config, data=data)
-            if report is not None and getattr(report, "nodeid", None) == nodeid:
-                if isinstance(report.longrepr, list):  # a skip's (path, line, message): a list after JSON
-                    report.longrepr = tuple(report.longrepr)
-                reports.append(report)
+            child_id = getattr(report, "nodeid", None)
+            if report is None or not child_id or child_id.split("::", 1)[-1] != name:
+                continue
+            report.nodeid = nodeid
+            if location is not None:
+                report.location = location
+            if isinstance(report.longrepr, list):  # a skip's (path, line, message): a list after JSON
+                report.longrepr = tuple(report.longrepr)
+            reports.append(report)
     return reports
 
 

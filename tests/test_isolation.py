@@ -106,6 +106,22 @@ def test_isolated_crashes_fail_only_their_own_tests(pytester, crashers):
     assert "crash_attn.py" in out and "pluggy" not in out.split("= FAILURES =")[1].split("short test summary")[0]
 
 
+def test_isolation_works_from_a_users_project_for_the_bundled_suite_and_its_own_tests(pytester, crashers):
+    """Issue 17: from a directory outside this repository the children named the bundled suite's
+    tests from another root, and every isolated test came back as 'never started'."""
+    pytester.makepyfile(FORWARD_TEST)
+    result = pytester.runpytest_subprocess("--attn-backend=torch,abort", "--attn-isolate=all", "--attn-suite=on",
+                                           "--attn-cases=vit-1img-224", "-p", "no:cacheprovider", "-k",
+                                           "test_forward or test_output_matches_reference or test_plan_matches")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("errors", 0) == 0 and "never started" not in result.stdout.str(), result.stdout.str()
+    # torch passes all three; abort's plan test runs no forward and passes, its two forwards crash
+    result.assert_outcomes(passed=4, failed=2)
+    result.stdout.fnmatch_lines(["torch: 3 passed", "abort: 1 passed, 2 failed"])
+    result.stdout.fnmatch_lines(["*test_output_matches_reference[[]abort-vit-1img-224[]] crashed its isolated "
+                                 "subprocess during call: killed by SIGABRT*"])
+
+
 # -- under xdist ----------------------------------------------------------------------------------
 @pytest.mark.attn_long
 def test_xdist_survives_a_crash_and_replaces_a_poisoned_worker(pytester, crashers):
