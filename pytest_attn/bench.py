@@ -240,13 +240,15 @@ def attn_benchmark(request, attn_session) -> AttnBenchmark:
 
 # -- when benchmarks run --------------------------------------------------------------------------------
 BENCH_MARKER = "attn_bench"
-_SAVING_OPTIONS = ("benchmark_autosave", "benchmark_save", "benchmark_json", "benchmark_compare",
+#: pytest-benchmark options that ask for benchmarks: they run the attention benchmarks too
+_ASKING_OPTIONS = ("benchmark_only", "benchmark_autosave", "benchmark_save", "benchmark_json", "benchmark_compare",
                    "benchmark_compare_fail", "benchmark_histogram")
 
 
 def benchmarks_asked(config) -> bool:
     """Benchmarks run when the -m expression picks them out (``-m attn_bench``), or a
-    pytest-benchmark option that saves or compares results is given; a correctness run leaves
+    pytest-benchmark option that asks for benchmarks (--benchmark-only, or one that saves or
+    compares results) is given; a correctness run leaves
     them out, so it prints no benchmark tables."""
     expression = config.getoption("markexpr", "") or ""
     if expression:
@@ -260,7 +262,7 @@ def benchmarks_asked(config) -> bool:
             with_marker, without = BENCH_MARKER in expression, False
         if with_marker and not without:
             return True
-    return any(config.getoption(name, None) for name in _SAVING_OPTIONS)
+    return any(config.getoption(name, None) for name in _ASKING_OPTIONS)
 
 
 def _matcher(markers: set):

@@ -124,6 +124,16 @@ def pytest_generate_tests(metafunc):
     parametrize(metafunc, attn_session_of(metafunc.config))
 
 
+def pytest_itemcollected(item):
+    """An attention benchmark asks for pytest-benchmark's fixture only when it runs, so pytest-benchmark,
+    which tells benchmarks by that fixture, would take it for a plain test (--benchmark-only skipped
+    it, --benchmark-skip ran it): it is named in the test's fixtures here, before pytest-benchmark looks."""
+    names = getattr(item, "fixturenames", None)
+    if names is not None and "attn_benchmark" in names and "benchmark" not in names \
+            and item.config.pluginmanager.hasplugin("benchmark"):
+        names.append("benchmark")
+
+
 @pytest.hookimpl(trylast=True)  # after other plugins' reordering (pytest-randomly): the sort is stable
 def pytest_collection_modifyitems(config, items):
     from .items import is_attention_test
