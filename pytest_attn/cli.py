@@ -306,7 +306,9 @@ def _crossover_lines(sweep: dict, noisy: dict) -> list[str]:
     from .compare import pair_lines
 
     quiet = {n: {k: v for k, v in pts.items() if k not in noisy[n]} for n, pts in sweep.items() if pts}
-    lines = pair_lines({n: pts for n, pts in quiet.items() if pts})
+    quiet = {n: pts for n, pts in quiet.items() if pts}
+    lines = (pair_lines(quiet) if len(quiet) >= 2 or len(sweep) < 2
+             else ["no two backends have rows quiet enough to compare (more --iters may help)"])
     left_out = [f"{n} at {', '.join(map(str, sorted(lens)))}" for n, lens in noisy.items() if lens]
     return lines + ([f"~ too noisy to decide, left out: {'; '.join(left_out)}"] if left_out else [])
 

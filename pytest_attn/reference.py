@@ -323,6 +323,7 @@ def compare(out: "torch.Tensor", ref_high: "torch.Tensor", ref_low: "torch.Tenso
     allowed = tolerance.multiple * low_err + tolerance.floor * rounding
     norm2 = float((hi.double() ** 2).sum())
     rel = math.sqrt(float(((torch.where(finite, got, hi) - hi).double() ** 2).sum()) / norm2) if norm2 else 0.0
+    rel = math.inf if nonfinite else rel  # a NaN is infinitely far, never "0 relative error" beside an inf max
     bias = _slope(torch.where(finite, got, hi) - hi, hi, norm2)
     bias_low = _slope(low - hi, hi, norm2)
     # Below 16-bit precision the elementwise rule already sees a bias of this size, and float32

@@ -76,7 +76,8 @@ class RunVerdict:
         if limit and cases and all(c.max_tokens > limit for c in cases):
             return (f"its {len(cases)} case(s) are all longer than the {limit}-token limit "
                     "(--attn-max-tokens=0 runs them)")
-        return "no collected test takes the attn_case fixture (the bundled suite's do: --attn-suite=on adds it)"
+        return ("no collected test runs one of its cases: a test's @pytest.mark.attn_cases may leave them out, or no "
+                "test takes the attn_case fixture (the bundled suite's do: --attn-suite=on adds it)")
 
 
 def _ran_tests(config) -> bool:
