@@ -128,6 +128,7 @@ OPTION_VALUES = {
     "--attn-isolate": ["", "nope"],
     "--attn-bench-metric": ["device", "eager,device", "", "wall"],
     "--attn-gpus": ["0", "x", ""],
+    "--attn-report": ["r.html", "r.md", "r.json", "r.txt", ""],
 }
 FLAGS = ["--attn-strict", "--attn-allow-unavailable"]
 MARKERS = ["", '@pytest.mark.attn_cases("decode")', '@pytest.mark.attn_cases("vit", "swa")',
