@@ -224,32 +224,41 @@ class AttnBenchmark:
 
 
 @pytest.fixture
-def attn_benchmark(request, attn_session) -> AttnBenchmark:
+def attn_benchmark(request, attn_session, benchmark) -> AttnBenchmark:
     """Time a backend on a batch and record its device time with pytest-benchmark::
 
         def test_speed(attn_benchmark, attn_backend, make_attn_batch):
             attn_benchmark(attn_backend, make_attn_batch([1024]), series="my-sweep")
 
     --attn-bench-warmup/--attn-bench-iters/--attn-bench-graph/--attn-bench-cold-l2 set how.
-    Without pytest-benchmark (``-p no:benchmark``) the test is skipped with that reason."""
-    if not request.config.pluginmanager.hasplugin("benchmark"):
-        pytest.skip("pytest-benchmark is not loaded (-p no:benchmark?): attention benchmarks record their times "
-                    "through it; pip install pytest-benchmark or drop -p no:benchmark")
-    return AttnBenchmark(request.getfixturevalue("benchmark"), attn_session, BenchSettings.from_config(request.config))
+    It requests pytest-benchmark's ``benchmark`` fixture by name, so pytest-benchmark counts the
+    test as a benchmark (--benchmark-only runs it, --benchmark-skip skips it). Without
+    pytest-benchmark (``-p no:benchmark``) the test is skipped with that reason (see
+    deselect_unasked_benchmarks)."""
+    return AttnBenchmark(benchmark, attn_session, BenchSettings.from_config(request.config))
 
 
 # -- when benchmarks run --------------------------------------------------------------------------------
 BENCH_MARKER = "attn_bench"
-#: pytest-benchmark options that ask for benchmarks: they run the attention benchmarks too
+# pytest-benchmark options that ask for benchmarks: to time them (--benchmark-only, or saving, comparing,
+# plotting), or to run each once untimed (--benchmark-disable) or timed despite a configured disable.
 _ASKING_OPTIONS = ("benchmark_only", "benchmark_autosave", "benchmark_save", "benchmark_json", "benchmark_compare",
-                   "benchmark_compare_fail", "benchmark_histogram")
+                   "benchmark_compare_fail", "benchmark_histogram", "benchmark_disable", "benchmark_enable")
+NO_PYTEST_BENCHMARK = ("pytest-benchmark is not loaded (-p no:benchmark?): attention benchmarks record their times "
+                       "through it; pip install pytest-benchmark or drop -p no:benchmark")
+
+
+def pytest_benchmark_loaded(config) -> bool:
+    """pytest-benchmark's plugin is in this run: by its entry point's name, or given with -p by module."""
+    manager = config.pluginmanager
+    return manager.hasplugin("benchmark") or manager.hasplugin("pytest_benchmark.plugin")
 
 
 def benchmarks_asked(config) -> bool:
     """Benchmarks run when the -m expression picks them out (``-m attn_bench``), or a
-    pytest-benchmark option that asks for benchmarks (--benchmark-only, or one that saves or
-    compares results) is given; a correctness run leaves
-    them out, so it prints no benchmark tables."""
+    pytest-benchmark option asks for benchmarks (--benchmark-only, a save, JSON or compare option,
+    --benchmark-disable); a correctness run, and one given --benchmark-skip, leaves them out, so it
+    prints no benchmark tables."""
     expression = config.getoption("markexpr", "") or ""
     if expression:
         try:
@@ -261,8 +270,11 @@ def benchmarks_asked(config) -> bool:
         except Exception:  # an expression pytest itself will reject, or another pytest's API
             with_marker, without = BENCH_MARKER in expression, False
         if with_marker and not without:
-            return True
-    return any(config.getoption(name, None) for name in _ASKING_OPTIONS)
+            return True  # with --benchmark-skip too: pytest-benchmark then skips them, saying so
+    option = config.getoption
+    if option("benchmark_skip", False) and not option("benchmark_only", False):  # only wins, as in pytest-benchmark
+        return False
+    return any(option(name, None) for name in _ASKING_OPTIONS)
 
 
 def _matcher(markers: set):
@@ -273,12 +285,19 @@ def _matcher(markers: set):
 
 
 def deselect_unasked_benchmarks(config, items) -> None:
-    if benchmarks_asked(config):
-        return
-    drop = [item for item in items if item.get_closest_marker(BENCH_MARKER) is not None]
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = [item for item in items if item.get_closest_marker(BENCH_MARKER) is None]
+    """At collection: the attn_bench tests leave a run that did not ask for benchmarks; and
+    without pytest-benchmark, a test that uses attn_benchmark is skipped with the reason (it
+    cannot set up the ``benchmark`` fixture attn_benchmark needs)."""
+    if not benchmarks_asked(config):
+        drop = [item for item in items if item.get_closest_marker(BENCH_MARKER) is not None]
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = [item for item in items if item.get_closest_marker(BENCH_MARKER) is None]
+    if not pytest_benchmark_loaded(config):
+        skip = pytest.mark.skip(reason=NO_PYTEST_BENCHMARK)
+        for item in items:
+            if "attn_benchmark" in getattr(item, "fixturenames", ()):
+                item.add_marker(skip)
 
 
 # -- machine_info --------------------------------------------------------------------------------------

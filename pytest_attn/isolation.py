@@ -7,7 +7,13 @@ died), and every other result is kept. Works with and without xdist.
 
 The child runs the one test ID with this run's pytest-attn options (the resolved seed included, so
 it generates the same inputs), plugins (-p) and configuration; PYTEST_ATTN_ISOLATED_CHILD tells it
-not to isolate again and where to write its reports.
+not to isolate again and where to write its reports. The child runs that test alone (never the
+bundled suite besides it); it may name it from another root than this run's (a test outside the
+rootdir, e.g. the bundled suite run from a user's project), so its reports are matched by the
+test's file and name and take this run's node ID.
+
+A test that pytest-benchmark times runs in this process: its timings are recorded here (the
+table, --benchmark-json, --benchmark-compare), and a child's would be lost.
 """
 from __future__ import annotations
 
@@ -22,7 +28,10 @@ from typing import Optional
 
 import pytest
 
+from .items import RERUN_PROPERTY
+
 CHILD_ENV = "PYTEST_ATTN_ISOLATED_CHILD"  # in the child: the file its reports go to (one JSON per line)
+TARGET_ENV = "PYTEST_ATTN_ISOLATED_TEST"  # in the child: the one test it runs (see _test_key)
 OUTPUT_TAIL_LINES = 40  # of the child's output, shown when it died
 
 _NAMES_KEY = pytest.StashKey[Optional[frozenset]]()
@@ -70,9 +79,14 @@ def wants_isolation(item) -> bool:
         names = isolated_backends(item.config)
     except pytest.UsageError as exc:
         pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
-    if not names:
+    if not names or _timed_by_pytest_benchmark(item):
         return False
     return "all" in names or backend_name_of(item) in names
+
+
+def _timed_by_pytest_benchmark(item) -> bool:
+    """pytest-benchmark keeps a test's timings in the process that ran it."""
+    return "benchmark" in getattr(item, "fixturenames", ())
 
 
 # -- the hook -------------------------------------------------------------------------------------
@@ -81,6 +95,8 @@ def run_isolated_if_asked(item, nextitem) -> Optional[bool]:
     in-process protocol) when it is not to be isolated. In the child: record its reports."""
     child_file = os.environ.get(CHILD_ENV)
     if child_file:
+        if os.environ.get(TARGET_ENV, _test_key(item)) != _test_key(item):
+            return True  # a test the child's addopts collected besides its own: not run, never reported
         _ReportRecorder.ensure_registered(item.config, child_file)
         return None
     if not wants_isolation(item):
@@ -132,7 +148,8 @@ def child_command(item, seed: Optional[int] = None) -> list[str]:
     rest = item.nodeid.split("::", 1)
     target = str(item.path) + ("::" + rest[1] if len(rest) > 1 else "") if item.path.exists() else item.nodeid
     # no:cacheprovider: the parent keeps --lf/--ff state; -q and no colour: the output is for a report
-    cmd = [sys.executable, "-m", "pytest", target, "-p", "no:cacheprovider", "-q", "--no-header", "--color=no"]
+    cmd = [sys.executable, "-m", "pytest", target, "-p", "no:cacheprovider", "-q", "--no-header", "--color=no",
+           "--attn-suite=off"]  # this one test, not the bundled suite too (an --attn-suite=on in addopts)
     if config.pluginmanager.hasplugin("xdist"):
         cmd.append("-n0")  # the child runs this one test itself, whatever addopts say
     cmd += _forwarded_invocation_args(list(config.invocation_params.args))
@@ -195,6 +212,7 @@ def run_in_subprocess(item) -> list:
     os.close(fd)
     env = dict(os.environ)
     env[CHILD_ENV] = report_file
+    env[TARGET_ENV] = _test_key(item)
     env.setdefault("PYTHONFAULTHANDLER", "1")  # a Python traceback on SIGSEGV/SIGABRT, in the output
     for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
         env.pop(name, None)  # the child is a plain pytest run, not an xdist worker
@@ -202,18 +220,17 @@ def run_in_subprocess(item) -> list:
     try:
         proc = subprocess.run(cmd, cwd=str(config.invocation_params.dir), env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-        reports = _read_reports(config, report_file, item.nodeid, item.location)
+        reports = _read_reports(config, report_file, item)
     finally:
         os.unlink(report_file)
     duration = time.perf_counter() - start
     return _complete(item, reports, proc.returncode, proc.stdout, duration, cmd)
 
 
-def _read_reports(config, path: str, nodeid: str, location=None) -> list:
-    """The child's reports of this test. The child names it from its own root: a test outside the
-    parent's rootdir (the bundled suite, run from a user's project) gets another node ID there, so a
-    report is this test's when the names after the file agree, and takes the parent's node ID."""
-    name = nodeid.split("::", 1)[-1]
+def _read_reports(config, path: str, item) -> list:
+    """The child's reports of ``item``, with this run's node ID and location. The child may name
+    the test otherwise (a test outside the rootdir gets its node ID from the child's own argument),
+    so they are matched by _test_key."""
     reports = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -224,16 +241,20 @@ def _read_reports(config, path: str, nodeid: str, location=None) -> list:
             except json.JSONDecodeError:  # a line cut short by the crash
                 continue
             report = config.hook.pytest_report_from_serializable(config=config, data=data)
-            child_id = getattr(report, "nodeid", None)
-            if report is None or not child_id or child_id.split("::", 1)[-1] != name:
+            if report is None or _test_key(report) != _test_key(item):
                 continue
-            report.nodeid = nodeid
-            if location is not None:
-                report.location = location
+            report.nodeid, report.location = item.nodeid, item.location
             if isinstance(report.longrepr, list):  # a skip's (path, line, message): a list after JSON
                 report.longrepr = tuple(report.longrepr)
             reports.append(report)
     return reports
+
+
+def _test_key(item_or_report) -> str:
+    """A test's file relative to the rootdir, and its name in that file: the same in the parent and
+    the child (which is given the parent's rootdir), whichever node ID each gives the test."""
+    location = getattr(item_or_report, "location", None) or ("",)
+    return f"{location[0]}::{item_or_report.nodeid.split('::', 1)[-1]}"
 
 
 def describe_exit(returncode: int) -> str:
@@ -265,7 +286,9 @@ def _complete(item, reports: list, returncode: int, output: str, duration: float
         problem = (f"{item.nodeid} crashed its isolated subprocess during {phase}: {describe_exit(returncode)}. "
                    "--attn-isolate ran it alone, so only this test fails.")
     tail = "\n".join(_useful_lines(output)[-OUTPUT_TAIL_LINES:])
-    longrepr = f"{problem}\n\ncommand: {' '.join(cmd)}\n\nlast lines of its output:\n{tail}"
+    rerun = _rerun_command(item)
+    longrepr = (f"{problem}\n\nrerun it from here: {rerun}\nthe isolated subprocess ran: {' '.join(cmd)}\n\n"
+                f"last lines of its output:\n{tail}")
     keywords = {k: 1 for k in item.keywords}
     out, reported = list(reports), False
     for when in ("setup", "call", "teardown"):
@@ -274,10 +297,19 @@ def _complete(item, reports: list, returncode: int, output: str, duration: float
         if _no_call(when, phases):
             continue
         outcome, text = ("passed", None) if reported else ("failed", longrepr)
+        properties = list(item.user_properties) + ([] if reported else [(RERUN_PROPERTY, rerun)])
         out.append(TestReport(item.nodeid, item.location, keywords, outcome, text, when,
-                              user_properties=list(item.user_properties), duration=0.0 if reported else duration))
+                              user_properties=properties, duration=0.0 if reported else duration))
         reported = True
     return out
+
+
+def _rerun_command(item) -> str:
+    """The command that reruns this test from where pytest ran (what the closing section lists for
+    a failure; a bare node ID of the bundled suite does not work from a user's project)."""
+    from .rerun import rerun_command
+
+    return rerun_command(item, _session_seed(item.config))
 
 
 def _no_call(when: str, phases: dict) -> bool:

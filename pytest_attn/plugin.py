@@ -22,7 +22,8 @@ MARKERS = (
     "attn_cases(*names_or_tags): run this test on these catalog cases only (pytest-attn)",
     "attn_gpu: needs a CUDA device; skipped with a reason on CPU, failed under --attn-strict (pytest-attn)",
     "attn_bench: a pytest-attn timing benchmark (pytest-benchmark); runs serially, and only when asked for "
-    "(-m attn_bench, or a --benchmark-save/autosave/json/compare option)",
+    "(-m attn_bench, --benchmark-only, a --benchmark-save/autosave/json/compare option, or --benchmark-disable: "
+    "once, untimed; --benchmark-skip leaves them out)",
 )
 
 
@@ -122,16 +123,6 @@ def pytest_generate_tests(metafunc):
     from .session import attn_session_of
 
     parametrize(metafunc, attn_session_of(metafunc.config))
-
-
-def pytest_itemcollected(item):
-    """An attention benchmark asks for pytest-benchmark's fixture only when it runs, so pytest-benchmark,
-    which tells benchmarks by that fixture, would take it for a plain test (--benchmark-only skipped
-    it, --benchmark-skip ran it): it is named in the test's fixtures here, before pytest-benchmark looks."""
-    names = getattr(item, "fixturenames", None)
-    if names is not None and "attn_benchmark" in names and "benchmark" not in names \
-            and item.config.pluginmanager.hasplugin("benchmark"):
-        names.append("benchmark")
 
 
 @pytest.hookimpl(trylast=True)  # after other plugins' reordering (pytest-randomly): the sort is stable

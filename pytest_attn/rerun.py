@@ -34,7 +34,8 @@ def test_target(item) -> list[str]:
 
 def attn_options(item, seed: Optional[int]) -> list[str]:
     """The pytest-attn options that make this test the same test: its own backend and case (so a
-    run of this one test names nothing it does not run), and the run's settings."""
+    run of this one test names nothing it does not run: no other backend, no --attn-cases for a
+    test that takes no case), and the run's settings."""
     from .items import backend_name_of, case_of
     from .options import split_list
 
@@ -42,9 +43,8 @@ def attn_options(item, seed: Optional[int]) -> list[str]:
     backend, case = backend_name_of(item), case_of(item)
     backends = [backend] if backend else split_list(config, "attn_backend")
     args = [f"--attn-backend={','.join(backends)}"] if backends else []
-    cases = [case.name] if case is not None else split_list(config, "attn_cases")
-    if cases:
-        args.append(f"--attn-cases={','.join(cases)}")
+    if case is not None:  # a test that takes no case needs no filter, and one would select nothing
+        args.append(f"--attn-cases={case.name}")
     dtypes = split_list(config, "attn_dtype")
     if dtypes:
         args.append(f"--attn-dtype={','.join(dtypes)}")

@@ -247,3 +247,123 @@ def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info
     result = pytester.runpytest(*FAST, "--benchmark-compare", "--benchmark-compare-fail=median:100%")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*baseline was recorded on NVIDIA A100-SXM4-80GB (sm 8.0), this run is on cpu*"])
+
+
+# -- pytest-benchmark's own flags, with the bundled suite's attention benchmarks ----------------------------
+# test_benchmark_flags.py runs --benchmark-only, -json, -autosave with -compare, and -skip and -disable with
+# -m attn_bench; here, the flags alone decide whether the attention benchmarks run. The suite runs torch on
+# one short correctness case (its output and plan tests) and its three benchmarks up to 256 tokens, beside a
+# plain test of the user's own.
+SUITE_BENCH = ["--attn-backend=torch", "--attn-suite=on", "--attn-cases=gqa-r2-kv1", "--attn-max-tokens=256",
+               "-p", "no:xdist", "-rs", *FAST]
+USER_TEST = "def test_mine():\n    assert 1 + 1 == 2\n"
+NOT_ASKING = ([], ["--benchmark-skip"], ["--benchmark-skip", "--benchmark-json=x.json"])
+
+
+@pytest.mark.parametrize("asking", [*NOT_ASKING, ["-m", "attn_bench"], ["--benchmark-disable"], ["--benchmark-only"],
+                                    ["--benchmark-json=x.json"], ["--benchmark-autosave"], ["--benchmark-compare"],
+                                    ["--benchmark-save=base"], ["--benchmark-skip", "--benchmark-only"],
+                                    ["-m", "attn_bench", "--benchmark-skip"]])
+def test_which_options_ask_for_benchmarks(pytester, asking):
+    from pytest_attn.bench import benchmarks_asked
+
+    assert benchmarks_asked(pytester.parseconfigure(*asking)) == (asking not in NOT_ASKING)
+
+
+@pytest.mark.parametrize("extra", NOT_ASKING)
+def test_a_correctness_run_and_benchmark_skip_run_no_benchmark(pytester, extra):
+    pytester.makepyfile(test_user=USER_TEST)
+    result = pytester.runpytest(*SUITE_BENCH, *extra)
+    result.assert_outcomes(passed=3)  # the user's test, and torch's output and plan tests
+    assert "test_benchmarks.py" not in result.stdout.str() and "Name (time in" not in result.stdout.str()
+    assert not (pytester.path / "x.json").exists()
+
+
+def test_benchmark_disable_alone_runs_each_benchmark_once_untimed(pytester):
+    """pytest-benchmark: "Benchmarked functions are only ran once and no stats are reported. Use this
+    if you want to run the test but don't do any benchmarking." """
+    result = pytester.runpytest(*SUITE_BENCH, "--benchmark-disable")
+    result.assert_outcomes(passed=5)  # the three benchmarks, and torch's two correctness tests
+    result.stdout.fnmatch_lines(["test_benchmarks.py ...*"])
+    assert "Name (time in" not in result.stdout.str()
+
+
+def test_without_pytest_benchmark_the_attention_benchmarks_are_skipped_with_the_reason(pytester):
+    pytester.makeconftest("")  # without pytest-benchmark's hooks
+    result = pytester.runpytest(*SUITE_BENCH, "-m", "attn_bench", "-p", "no:benchmark")
+    result.assert_outcomes(skipped=3)
+    result.stdout.fnmatch_lines(["*pytest-benchmark is not loaded (-p no:benchmark?)*"])
+
+
+# -- a broken backend in a benchmark is named ---------------------------------------------------------------
+BROKEN_BACKENDS = '''
+import torch
+
+from pytest_attn.contract import Backend, Plan
+
+
+class Copies(Backend):
+    """Writes v into out: a backend that keeps the contract (not attention: nothing here checks it)."""
+
+    def __init__(self, name, breaks=None):
+        self.name, self.breaks, self.calls = name, breaks, 0
+
+    def plan(self, metadata, layer, device="cpu"):
+        if self.breaks == "plan":
+            raise KeyError("no kernel for this head_dim")
+        if self.breaks == "plan-returns":
+            return "cudnn"
+        return Plan(self.name, "copy", "python", "NHD", "tokens", False, device=str(device), layer=layer)
+
+    def forward(self, q, k, v, metadata, plan, out=None):
+        self.calls += 1
+        if self.breaks == "forward-returns":
+            return torch.zeros_like(out)  # a new tensor, not the buffer it was given
+        if self.breaks == "later-forward" and self.calls > 1:
+            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")  # fine once, broken when timed
+        out.copy_(v)
+        return out
+'''
+BREAKS = {"plan": "raised in plan(): KeyError: 'no kernel for this head_dim'",
+          "plan-returns": "plan() returned 'cudnn', not a pytest_attn.Plan",
+          "forward-returns": "forward() returned a tensor that is not the `out` buffer it was given",
+          "later-forward": "raised in forward(): RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED"}
+
+
+@pytest.fixture
+def broken_backends():
+    namespace = {}
+    exec(BROKEN_BACKENDS, namespace)
+    return namespace["Copies"]
+
+
+@pytest.mark.parametrize("breaks", BREAKS)
+def test_measure_backend_names_a_broken_backend(broken_backends, breaks):
+    from pytest_attn.bench import measure_backend
+    from pytest_attn.batch import build_batch
+    from pytest_attn.guard import BackendError
+
+    batch = build_batch([8, 4], num_heads=2, head_dim=8)
+    with pytest.raises(BackendError) as raised:
+        measure_backend(broken_backends(f"broken-{breaks}", breaks), batch, BenchSettings(warmup=1, iters=3))
+    assert f"backend 'broken-{breaks}'" in str(raised.value) and BREAKS[breaks] in str(raised.value)
+    plan, timing, _ = measure_backend(broken_backends("copies"), batch, BenchSettings(warmup=1, iters=3))
+    assert plan.kernel == "copy" and timing.iters == 3  # the same backend, unbroken, is measured
+
+
+def test_a_broken_backend_fails_its_benchmark_with_its_name(pytester):
+    pytester.makepyfile(test_broken=BROKEN_BACKENDS + '''
+
+import pytest
+from pytest_attn.batch import build_batch
+
+@pytest.mark.parametrize("breaks", [None, "later-forward"])
+def test_speed(attn_benchmark, breaks):
+    attn_benchmark(Copies(f"copies-{breaks}", breaks), build_batch([8, 4], num_heads=2, head_dim=8))
+''')
+    result = pytester.runpytest(*FAST, "--benchmark-json=out.json")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*BackendError: backend 'copies-later-forward' (*) raised in forward(): "
+                                 "RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED*"])
+    rows = json.loads((pytester.path / "out.json").read_text())["benchmarks"]
+    assert [row["extra_info"]["backend"] for row in rows] == ["copies-None"]

@@ -1,6 +1,7 @@
 """Crash isolation: a backend that kills its process, or poisons its CUDA context, fails only its
 own tests, and every other result is kept: with --attn-isolate (a subprocess per test) and under
 xdist (a fresh worker). The crashing backends are real: ctypes.string_at(0) and os.abort()."""
+import json
 import os
 import signal
 import sys
@@ -120,6 +121,91 @@ def test_isolation_works_from_a_users_project_for_the_bundled_suite_and_its_own_
     result.stdout.fnmatch_lines(["torch: 3 passed", "abort: 1 passed, 2 failed"])
     result.stdout.fnmatch_lines(["*test_output_matches_reference[[]abort-vit-1img-224[]] crashed its isolated "
                                  "subprocess during call: killed by SIGABRT*"])
+    # the closing section gives, for each crash, the command that reruns it from here, with its backend
+    seed = "--attn-seed=20261125"
+    result.stdout.fnmatch_lines([
+        "abort: 1 passed, 2 failed",
+        f"  rerun: python3 -m pytest *--attn-backend=abort*{seed}",
+        f"  rerun: python3 -m pytest *--attn-backend=abort*{seed}"])
+    reruns = [line for line in result.stdout.lines if line.startswith("  rerun: ")]
+    assert any("--pyargs pytest_attn.suite -k 'test_output_matches_reference[abort-vit-1img-224]'" in line
+               for line in reruns), reruns
+    assert any("'test_isolation_works_from_a_users_project_for_the_bundled_suite_and_its_own_tests.py::"
+               "test_forward[abort]'" in line for line in reruns), reruns
+
+
+# The user's project, as in issue 17: no pytest-attn option in its configuration, the bundled suite added
+# because --attn-backend is given without test paths.
+USERS_PROJECT_ADDOPTS = "-p no:hypothesispytest -W ignore::pytest.PytestAssertRewriteWarning"
+
+
+def test_isolation_from_a_users_project_as_the_user_ran_it(pytester, crashers, monkeypatch):
+    monkeypatch.setenv("PYTEST_ADDOPTS", USERS_PROJECT_ADDOPTS)
+    pytester.makepyfile(test_mine="def test_trivial():\n    assert 1 + 1 == 2\n")
+    result = pytester.runpytest_subprocess("--attn-backend=torch", "--attn-isolate=torch",
+                                           "--attn-cases=vit-1img-224")
+    assert "never started" not in result.stdout.str(), result.stdout.str()
+    result.assert_outcomes(passed=3)  # the user's test, and torch's output and plan tests, each in a child
+    result.stdout.fnmatch_lines(["*attn suite: the bundled validation suite*", "torch: 2 passed"])
+
+
+# Each isolated child logs the tests it ran (from every report it made, so a bundled-suite test, outside
+# this conftest's folder, would be logged too), to show it runs its one test and nothing else.
+CHILD_LOG_CONFTEST = """
+import os
+
+def pytest_sessionfinish(session):
+    if os.environ.get("PYTEST_ATTN_ISOLATED_CHILD"):
+        stats = session.config.pluginmanager.get_plugin("terminalreporter").stats
+        ran = sorted({r.nodeid for reports in stats.values() for r in reports if getattr(r, "when", "") == "setup"})
+        with open(os.path.join(str(session.config.rootpath), "children.log"), "a") as f:
+            f.write(" ".join(ran) + "\\n")
+"""
+FAILS_IN_ANOTHER_FILE = """
+def test_forward(attn_backend):
+    assert False, "test_two.py's test_forward fails"
+"""
+
+
+def test_an_isolated_test_is_reported_as_itself_when_addopts_add_other_tests(pytester, crashers, monkeypatch):
+    """A project whose addopts add tests (another file, the bundled suite): each child runs its one
+    test only, and a test of the same name in another file never stands in for it."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", USERS_PROJECT_ADDOPTS)
+    pytester.makeini("[pytest]\naddopts = --attn-suite=on test_two.py\n")
+    pytester.makeconftest(CHILD_LOG_CONFTEST)
+    pytester.makepyfile(test_one=FORWARD_TEST, test_two=FAILS_IN_ANOTHER_FILE)
+    result = pytester.runpytest_subprocess("test_one.py", "--attn-backend=torch", "--attn-isolate=torch",
+                                           "--attn-cases=gqa-r2-kv1", "-k", "test_forward", "-p", "no:cacheprovider",
+                                           "-rA")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["PASSED test_one.py::test_forward[[]torch[]]",
+                                 "FAILED test_two.py::test_forward[[]torch[]] - AssertionError: test_two.py's *"])
+    children = (pytester.path / "children.log").read_text().splitlines()
+    assert sorted(children) == ["test_one.py::test_forward[torch]", "test_two.py::test_forward[torch]"], children
+
+
+SPEED_TEST = """
+def test_speed(attn_benchmark, attn_backend, make_attn_batch):
+    attn_benchmark(attn_backend, make_attn_batch([16, 8], num_heads=2, head_dim=8))
+"""
+CHEAP_MACHINE_INFO = """
+def pytest_benchmark_generate_machine_info(config):
+    return {"machine": "test", "cpu": {"brand_raw": "test cpu"}}  # py-cpuinfo takes over a second
+"""
+
+
+def test_an_isolated_backends_benchmarks_are_recorded_in_this_run(pytester, monkeypatch):
+    """pytest-benchmark keeps what it times in the process that ran the test: a benchmark run in a
+    child would pass and leave no row in --benchmark-json (or --benchmark-compare)."""
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # else pytest-benchmark switches itself off
+    pytester.makeconftest(CHEAP_MACHINE_INFO)
+    pytester.makepyfile(test_speed=SPEED_TEST, test_forward=FORWARD_TEST)
+    result = pytester.runpytest_subprocess("--attn-backend=torch", "--attn-isolate=torch", "--attn-bench-iters=3",
+                                           "--attn-bench-warmup=0", "--benchmark-json=out.json", "-p",
+                                           "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    (row,) = json.loads((pytester.path / "out.json").read_text())["benchmarks"]
+    assert row["name"] == "test_speed[torch]" and row["extra_info"]["backend"] == "torch"
 
 
 # -- under xdist ----------------------------------------------------------------------------------
