@@ -30,6 +30,7 @@ class BackendRun:
     skipped: str = ""  # the reasons, when the backend is unavailable or cannot run the case
     broke: str = ""  # what broke, when the backend raised or broke its contract (a failure of its own)
     finite: bool = True  # no NaN or Inf in any output
+    trace: str = ""  # the traceback of what broke, where it raised (the suite's test shows it in its report)
 
 
 @dataclass
@@ -106,6 +107,23 @@ def failure_line(exc: BaseException) -> str:
     return first if isinstance(exc, AttnError) and first else f"{type(exc).__name__}: {first or '(no message)'}"
 
 
+def backend_trace(exc: BaseException) -> str:
+    """The traceback of what broke, its chained causes included, without pytest-attn's own frames:
+    what is left is the backend's code (and the libraries it called), where the fix goes."""
+    import traceback
+    from pathlib import Path
+
+    ours = str(Path(__file__).resolve().parent)
+    found = traceback.TracebackException.from_exception(exc)
+    link, seen = found, set()
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.stack = traceback.StackSummary.from_list(
+            [frame for frame in link.stack if not str(Path(frame.filename).resolve()).startswith(ours)])
+        link = link.__cause__ or link.__context__
+    return "".join(found.format())
+
+
 def broken_reason(backend: Backend, availability: Availability) -> str:
     """Why a backend cannot be used at all (its package failed to import, it names no Backend, or
     its available() raised or returned the wrong kind); "" for a usable one, available or not."""
@@ -136,6 +154,7 @@ def run_backend(backend: Backend, case: BatchCase, availability: Availability, *
         return run
     except Exception as exc:  # guard.BackendError, a failed harness check, an assertion: this backend's failure
         run.broke = failure_line(exc)
+        run.trace = backend_trace(exc)
         return run
     run.outs = [r.out.detach().float().cpu() for r in results]
     run.finite = all(bool(o.isfinite().all()) for o in run.outs)

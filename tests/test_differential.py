@@ -141,6 +141,9 @@ def test_the_suites_differential_fails_naming_the_broken_backend_alone(pytester,
                                 "test_backends_agree and vit-ragged-mix", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([message, "*  torch *passes", "*  flex *passes", "*torch vs flex:*"])
+    if broken == "asserts":  # where it raised, for the one who fixes it
+        result.stdout.fnmatch_lines(["*Captured asserts broke call*", "Traceback (most recent call last):",
+                                     "*in forward", "*assert False*"])
     assert "torch disagrees" not in result.stdout.str() and "flex disagrees" not in result.stdout.str()
 
 

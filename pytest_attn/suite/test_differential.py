@@ -23,6 +23,9 @@ def test_backends_agree(case_name, attn_session, attn_device, attn_seed, request
                           availability=attn_session.availability)
     table = "\n".join(result.lines())
     request.node.add_report_section("call", "differential", table)
+    for run in result.runs:
+        if run.trace:  # where a broken backend raised
+            request.node.add_report_section("call", f"{run.name} broke", run.trace)
     record_property("differential", table)
     problems = result.problems()  # each names its backend alone: a broken one fails no other
     assert not problems, f"on {case_name}: " + "; ".join(problems) + f"\n{table}"
