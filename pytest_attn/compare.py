@@ -6,6 +6,10 @@ with one panel per regime.
 
 Runs from different GPUs are never mixed: they are reported in separate sections (and separate
 panels of the plot), with a warning, or refused with ``require_same_device``.
+
+Where the spread of the medians is known (each row's interquartile range), a seq_len at which two
+backends' medians lie closer than their spread is too close to call: it neither makes nor breaks a
+lead, and the crossovers say so, so that noise does not read as one backend overtaking another.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ class Row:
     name: str
     device_s: Optional[float] = None  # the row's own figures of each regime (extra_info)
     eager_s: Optional[float] = None
+    spread: Optional[float] = None  # interquartile range / median of pytest-benchmark's samples (the row's metric)
+    metric: str = "device"  # the regime pytest-benchmark's samples hold: "device" or "eager"
 
     @property
     def us_per_token(self) -> float:
@@ -45,6 +51,10 @@ class Row:
     def regime_s(self, regime: str) -> Optional[float]:
         """Median seconds per call in ``regime``: "graph" (device time) or "eager"."""
         return self.device_s if regime == "graph" else self.eager_s
+
+    def regime_spread(self, regime: str) -> Optional[float]:
+        """The interquartile range / median in ``regime``, where this row's samples are of it."""
+        return self.spread if (regime == "graph") == (self.metric == "device") else None
 
 
 @dataclass
@@ -74,7 +84,7 @@ def find_json_files(paths: Iterable) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            raise CompareError(f"{p} does not exist: give saved benchmark JSON files or a folder of them "
+            raise CompareError(f"{p} does not exist; give saved benchmark JSON files or a folder of them "
                                "(pytest --benchmark-autosave writes them under .benchmarks/)")
     return found
 
@@ -108,14 +118,24 @@ def load_run(path: Path) -> Optional[Run]:
                             median, bench.get("fullname", bench.get("name", "")),
                             device / 1e3 if device is not None else (median if info.get("metric", "device") == "device"
                                                                       else None),
-                            eager / 1e3 if eager is not None else None))
+                            eager / 1e3 if eager is not None else None,
+                            _spread(stats), str(info.get("metric", "device"))))
     return run if run.rows else None
+
+
+def _spread(stats: dict) -> Optional[float]:
+    """pytest-benchmark's interquartile range as a share of its median (None where not recorded)."""
+    try:
+        iqr, median = float(stats["iqr"]), float(stats["median"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return iqr / median if median > 0 and math.isfinite(iqr) and iqr >= 0 else None
 
 
 def load_runs(paths: Iterable) -> list[Run]:
     runs = [r for r in (load_run(p) for p in find_json_files(paths)) if r is not None]
     if not runs:
-        raise CompareError("no pytest-attn benchmark rows found: save runs with "
+        raise CompareError("no pytest-attn benchmark rows found; save runs with "
                            "`pytest -m attn_bench --benchmark-autosave` (or --benchmark-json FILE) first")
     runs.sort(key=lambda r: (r.when, str(r.path)))
     seen: dict[str, int] = defaultdict(int)
@@ -144,12 +164,35 @@ def sweeps(run: Run, regime: str = "graph") -> dict[str, dict[str, dict[int, flo
     return out
 
 
-def crossovers(a: str, times_a: dict[int, float], b: str, times_b: dict[int, float]) -> list[Crossover]:
-    """Every seq_len (common to both) at which the faster backend changes, in increasing order."""
-    xs = sorted(set(times_a) & set(times_b))
+def spreads(run: Run, regime: str = "graph") -> dict[str, dict[str, dict[int, float]]]:
+    """series -> backend -> seq_len -> interquartile range / median, for the points of ``sweeps``
+    whose spread was recorded in ``regime``."""
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    for row in run.rows:
+        spread = row.regime_spread(regime)
+        if row.seq_len is not None and row.regime_s(regime) is not None and spread is not None:
+            out[row.series][row.backend][row.seq_len] = spread
+    return out
+
+
+Spreads = Optional[dict[int, float]]  # seq_len -> interquartile range / median
+
+
+def too_close(time_a: float, spread_a: Optional[float], time_b: float, spread_b: Optional[float]) -> bool:
+    """Whether two medians are closer than half their interquartile ranges together (the middle
+    halves of their samples overlap, taking each as centred on its median): then which is faster is
+    noise. Equal medians are always too close; an unknown spread counts as none."""
+    half_ranges = (time_a * (spread_a or 0.0) + time_b * (spread_b or 0.0)) / 2
+    return abs(time_a - time_b) <= half_ranges
+
+
+def crossovers(a: str, times_a: dict[int, float], b: str, times_b: dict[int, float],
+               spread_a: Spreads = None, spread_b: Spreads = None) -> list[Crossover]:
+    """Every seq_len (common to both) at which the faster backend changes, in increasing order. A
+    seq_len too close to call (see too_close) is passed over: it neither starts nor ends a lead."""
     found, leader, leader_x = [], None, None
-    for x in xs:
-        if times_a[x] == times_b[x]:
+    for x in sorted(set(times_a) & set(times_b)):
+        if too_close(times_a[x], (spread_a or {}).get(x), times_b[x], (spread_b or {}).get(x)):
             continue
         now = a if times_a[x] < times_b[x] else b
         if leader is not None and now != leader:
@@ -158,17 +201,38 @@ def crossovers(a: str, times_a: dict[int, float], b: str, times_b: dict[int, flo
     return found
 
 
-def describe_pair(a: str, times_a: dict[int, float], b: str, times_b: dict[int, float]) -> str:
+def describe_pair(a: str, times_a: dict[int, float], b: str, times_b: dict[int, float],
+                  spread_a: Spreads = None, spread_b: Spreads = None) -> str:
+    """One line: where the lead changes between a and b (with the medians and their spread at each
+    change where the spread is known), or who is faster throughout; seq_lens too close to call are
+    named."""
     xs = sorted(set(times_a) & set(times_b))
     if not xs:
         return f"{a} vs {b}: no seq_len in common"
-    found = crossovers(a, times_a, b, times_b)
+    spread_a, spread_b = spread_a or {}, spread_b or {}
+    close = [x for x in xs if too_close(times_a[x], spread_a.get(x), times_b[x], spread_b.get(x))]
+    decided = [x for x in xs if x not in close]
+    tail = f"; too close to call at {', '.join(map(str, close))} (medians within their spread)" if close else ""
+    if not decided:
+        return f"{a} vs {b}: too close to call at every seq_len ({xs[0]}..{xs[-1]}); no crossover"
+    found = crossovers(a, times_a, b, times_b, spread_a, spread_b)
     if not found:
-        faster = a if sum(times_a[x] for x in xs) < sum(times_b[x] for x in xs) else b
-        return f"{a} vs {b}: {faster} is faster at every seq_len ({xs[0]}..{xs[-1]}); no crossover"
+        faster = a if times_a[decided[0]] < times_b[decided[0]] else b
+        where = "every seq_len" if not close else "every seq_len it is decided at"
+        return f"{a} vs {b}: {faster} is faster at {where} ({xs[0]}..{xs[-1]}); no crossover{tail}"
+
+    def iqr(spread: dict[int, float], x: int) -> str:
+        return f"IQR {spread[x]:.0%}" if x in spread else "IQR unknown"
+
+    def at(x: int) -> str:
+        if x not in spread_a and x not in spread_b:
+            return ""
+        return (f" [µs/token at {x}: {a} {times_a[x]:.4g} ({iqr(spread_a, x)}), "
+                f"{b} {times_b[x]:.4g} ({iqr(spread_b, x)})]")
+
     parts = [f"{c.faster_after} overtakes {c.faster_before} at seq_len {c.seq_len} (after {c.previous_seq_len})"
-             for c in found]
-    return f"{a} vs {b}: " + "; ".join(parts)
+             f"{at(c.seq_len)}" for c in found]
+    return f"{a} vs {b}: " + "; ".join(parts) + tail
 
 
 def report(runs: list[Run]) -> tuple[str, bool]:
@@ -187,19 +251,24 @@ def report(runs: list[Run]) -> tuple[str, bool]:
             if not any(sweeps(run, regime) for regime in REGIMES):
                 lines.append("  (no seq_len sweep in this run)")
             for regime in REGIMES:
+                spread = spreads(run, regime)
                 for name, per_backend in sorted(sweeps(run, regime).items()):
                     lines.append(f"  [{regime}: {REGIME_TITLES[regime]}] {name}: "
                                  + ", ".join(f"{n} ({len(per_backend[n])} sizes)" for n in sorted(per_backend)))
-                    lines.extend("    " + line for line in pair_lines(per_backend))
+                    lines.extend("    " + line for line in pair_lines(per_backend, spread.get(name)))
     return "\n".join(lines), mixed
 
 
-def pair_lines(per_backend: dict[str, dict[int, float]]) -> list[str]:
-    """describe_pair for every pair of backends (or why there is nothing to compare)."""
+def pair_lines(per_backend: dict[str, dict[int, float]],
+               spread: Optional[dict[str, dict[int, float]]] = None) -> list[str]:
+    """describe_pair for every pair of backends (or why there is nothing to compare); ``spread``:
+    backend -> seq_len -> interquartile range / median, where known."""
     names = sorted(per_backend)
     if len(names) < 2:
         return ["one backend only: nothing to compare"]
-    return [describe_pair(a, per_backend[a], b, per_backend[b]) for i, a in enumerate(names) for b in names[i + 1:]]
+    spread = spread or {}
+    return [describe_pair(a, per_backend[a], b, per_backend[b], spread.get(a), spread.get(b))
+            for i, a in enumerate(names) for b in names[i + 1:]]
 
 
 def plot(runs: list[Run], out: Path) -> Path:
@@ -215,7 +284,8 @@ def plot(runs: list[Run], out: Path) -> Path:
                 if lines:
                     panels.append((f"{series} [{regime}: {REGIME_TITLES[regime]}]\n{machine}", lines))
     if not panels:
-        raise CompareError("nothing to plot: no run has a seq_len sweep (the seed microbenchmark)")
+        raise CompareError("nothing to plot: no run has a seq_len sweep; save one of the seed microbenchmark "
+                           "(pytest -m attn_bench -k test_seed_microbenchmark --benchmark-autosave)")
     return draw_panels(panels, out)
 
 

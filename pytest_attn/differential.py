@@ -4,15 +4,19 @@ regression seen as fa2 against fa3 and triton, and #1663, cutlass against fa2 at
 
 ``pytest-attn differential CASE`` prints the table; the suite's ``test_differential`` runs it for a
 few cases with every backend of the run.
+
+Each backend is run on its own: one that is unavailable or cannot run the case is listed as skipped
+with its reason, one that raises or breaks its contract is listed as broken with what broke, and
+the others are compared all the same. An output with NaN or Inf agrees with nothing.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from .cases import BatchCase
-from .contract import Backend
+from .contract import Availability, Backend
 from .errors import UnsupportedCase
 
 
@@ -23,14 +27,10 @@ class BackendRun:
     max_abs_err: float = 0.0  # against the reference, worst step
     rel_l2_err: float = 0.0
     passed: bool = True
-    skipped: str = ""  # the reasons, when the backend cannot run the case
+    skipped: str = ""  # the reasons, when the backend is unavailable or cannot run the case
     broke: str = ""  # what broke, when the backend raised or broke its contract (a failure of its own)
-
-    @property
-    def finite(self) -> bool:
-        import torch
-
-        return all(bool(torch.isfinite(o).all()) for o in self.outs)
+    finite: bool = True  # no NaN or Inf in any output
+    trace: str = ""  # the traceback of what broke, where it raised (the suite's test shows it in its report)
 
 
 @dataclass
@@ -43,6 +43,10 @@ class Differential:
         """The backends that ran the case to the end (not skipped, not broken)."""
         return [r for r in self.runs if not r.skipped and not r.broke]
 
+    @property
+    def skipped(self) -> list[BackendRun]:
+        return [r for r in self.runs if r.skipped]
+
     def problems(self) -> list[str]:
         """One line per backend that broke or disagrees with the reference, naming it alone."""
         found = [f"{r.name} broke: {r.broke}" for r in self.runs if r.broke]
@@ -51,23 +55,10 @@ class Differential:
         return found
 
     def pairwise(self) -> dict[tuple[str, str], tuple[float, float]]:
-        """(a, b) -> (max |a - b|, relative L2 of a - b against a), worst over steps and layers. An
-        output with NaN or Inf is infinitely far from every other: it never agrees."""
-        found = {}
+        """(a, b) -> (max |a - b|, relative L2 of a - b), worst over steps and layers. An output with
+        NaN or Inf is infinitely far from every other: it never agrees."""
         ran = self.ran
-        for i, a in enumerate(ran):
-            for b in ran[i + 1:]:
-                if not (a.finite and b.finite):
-                    found[(a.name, b.name)] = (math.inf, math.inf)
-                    continue
-                worst_abs = worst_rel = 0.0
-                for x, y in zip(a.outs, b.outs):
-                    diff = (x - y)
-                    worst_abs = max(worst_abs, float(diff.abs().max()) if diff.numel() else 0.0)
-                    norm = float(x.norm())
-                    worst_rel = max(worst_rel, float(diff.norm()) / norm if norm else 0.0)
-                found[(a.name, b.name)] = (worst_abs, worst_rel)
-        return found
+        return {(a.name, b.name): pair_distance(a, b) for i, a in enumerate(ran) for b in ran[i + 1:]}
 
     def lines(self) -> list[str]:
         out = [f"case {self.case}: each backend against the reference (max |out - ref|, relative L2, verdict)"]
@@ -79,7 +70,7 @@ class Differential:
                 out.append(f"  {r.name:<{width}}  skipped: {r.skipped}")
             else:
                 out.append(f"  {r.name:<{width}}  {r.max_abs_err:.3e}  {r.rel_l2_err:.3e}  "
-                           f"{'passes' if r.passed else 'FAILS'}")
+                           f"{'passes' if r.passed else 'FAILS'}{'' if r.finite else ' (NaN or Inf in its output)'}")
         pairs = self.pairwise()
         if pairs:
             out.append("backends against each other (max |a - b|, relative L2):")
@@ -89,28 +80,97 @@ class Differential:
         return out
 
 
-def differential(backends: Sequence[Backend], case: BatchCase, *, device="cpu", seed: int = 0) -> Differential:
-    """Run ``case`` through each backend (skipping those that cannot run it, with their reasons; a
-    backend that raises or breaks its contract is recorded as broken, and the others go on)."""
-    from .errors import AttnError
+def pair_distance(a: BackendRun, b: BackendRun) -> tuple[float, float]:
+    """(max |a - b|, relative L2 of a - b against the larger of the two), worst over the outputs:
+    inf where either has NaN or Inf (NaN compares as no distance at all, so it would agree with
+    anything), and against the larger norm so that an all-zero output does not agree with a real one."""
+    if not (a.finite and b.finite):
+        return math.inf, math.inf
+    worst_abs = worst_rel = 0.0
+    for x, y in zip(a.outs, b.outs):
+        diff = x - y
+        worst_abs = max(worst_abs, float(diff.abs().max()) if diff.numel() else 0.0)
+        norm = max(float(x.norm()), float(y.norm()))
+        worst_rel = max(worst_rel, float(diff.norm()) / norm if norm else 0.0)
+    return worst_abs, worst_rel
+
+
+def failure_line(exc: BaseException) -> str:
+    """One line saying what broke: the first line of a pytest-attn error (guard's names the backend
+    and the method), else the exception's type and first line (an assertion in the backend's code)."""
+    from .errors import AttnCheckFailure, AttnError
+
+    if isinstance(exc, AttnCheckFailure):
+        return f"failed a check: {exc.summary}"
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if isinstance(exc, AttnError) and first else f"{type(exc).__name__}: {first or '(no message)'}"
+
+
+def backend_trace(exc: BaseException) -> str:
+    """The traceback of what broke, its chained causes included, without pytest-attn's own frames:
+    what is left is the backend's code (and the libraries it called), where the fix goes."""
+    import traceback
+    from pathlib import Path
+
+    ours = str(Path(__file__).resolve().parent)
+    found = traceback.TracebackException.from_exception(exc)
+    link, seen = found, set()
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.stack = traceback.StackSummary.from_list(
+            [frame for frame in link.stack if not str(Path(frame.filename).resolve()).startswith(ours)])
+        link = link.__cause__ or link.__context__
+    return "".join(found.format())
+
+
+def broken_reason(backend: Backend, availability: Availability) -> str:
+    """Why a backend cannot be used at all (its package failed to import, it names no Backend, or
+    its available() raised or returned the wrong kind); "" for a usable one, available or not."""
+    from .guard import BrokenAvailability
+    from .registry import UnusableBackend
+
+    if isinstance(availability, BrokenAvailability) or isinstance(backend, UnusableBackend):
+        return availability.reason
+    return ""
+
+
+def run_backend(backend: Backend, case: BatchCase, availability: Availability, *, device, seed: int) -> BackendRun:
+    """One backend's row: skipped (unavailable, or cannot run the case), broken, or its outputs."""
     from .harness import run_case
 
-    runs = []
-    for backend in backends:
-        run = BackendRun(backend.name)
-        try:
-            results = run_case(backend, case, device=device, seed=seed)
-        except UnsupportedCase as exc:
-            run.skipped = "; ".join(exc.reasons)
-            runs.append(run)
-            continue
-        except AttnError as exc:  # guard.BackendError and the harness's own checks: this backend's failure
-            run.broke = str(exc).strip().splitlines()[0]
-            runs.append(run)
-            continue
-        run.outs = [r.out.detach().float().cpu() for r in results]
-        run.max_abs_err = max(r.comparison.max_abs_err for r in results)
-        run.rel_l2_err = max(r.comparison.rel_l2_err for r in results)
-        run.passed = all(r.passed for r in results)
-        runs.append(run)
-    return Differential(case.name, runs)
+    run = BackendRun(backend.name)
+    broken = broken_reason(backend, availability)
+    if broken:
+        run.broke = broken
+        return run
+    if not availability:
+        run.skipped = f"unavailable here: {availability.reason}"
+        return run
+    try:
+        results = run_case(backend, case, device=device, seed=seed)
+    except UnsupportedCase as exc:
+        run.skipped = "; ".join(exc.reasons)
+        return run
+    except Exception as exc:  # guard.BackendError, a failed harness check, an assertion: this backend's failure
+        run.broke = failure_line(exc)
+        run.trace = backend_trace(exc)
+        return run
+    run.outs = [r.out.detach().float().cpu() for r in results]
+    run.finite = all(bool(o.isfinite().all()) for o in run.outs)
+    run.max_abs_err = max(r.comparison.max_abs_err for r in results)
+    # the reference comparison measures its relative L2 over the finite elements; NaN or Inf is infinitely far
+    run.rel_l2_err = max(r.comparison.rel_l2_err for r in results) if run.finite else math.inf
+    run.passed = run.finite and all(r.passed for r in results)
+    return run
+
+
+def differential(backends: Sequence[Backend], case: BatchCase, *, device="cpu", seed: int = 0,
+                 availability: Optional[Callable[[Backend], Availability]] = None) -> Differential:
+    """Run ``case`` through each backend, in order, each on its own (see the module docstring).
+    ``availability`` answers whether a backend runs here (default: guard.availability; the suite
+    passes its session's, which caches it)."""
+    from . import guard
+
+    available = availability or guard.availability
+    return Differential(case.name, [run_backend(b, case, available(b), device=device, seed=seed) for b in backends])

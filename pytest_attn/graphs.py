@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 from . import guard
 from .contract import Backend, LayerSpec
-from .errors import UnsupportedCase
+from .errors import AttnError, UnsupportedCase
 from .harness import References, compare_to, derive_seed, make_qkv, references, run_forward, split_tokens
 from .kv_cache import PagedKVCacheManager
 from .metadata import pages_for
@@ -93,9 +93,7 @@ def run_graph_decode(backend: Backend, scenario: GraphScenario, *, device, seed:
     result = run_forward(backend, q, k, v, prefill, layer, device)
     comparison = compare_to(backend, result, _refs(q, history, prefill, layer), prefill, layer)
     replays = [Replay(0, len(ids), comparison)]
-    decoder = guard.call(backend, "graph_decoder", manager, layer, len(ids), device)
-    if decoder is None:
-        raise UnsupportedCase(backend.name, ["offers no CUDA-graph decode path (graph_decoder returns None)"])
+    decoder = graph_decoder(backend, manager, layer, len(ids), device)
     if decoder_hook is not None:
         decoder = decoder_hook(decoder)
     q_static = torch.zeros((len(ids), layer.num_heads, layer.head_dim), dtype=q.dtype, device=device)
@@ -123,6 +121,46 @@ def run_graph_decode(backend: Backend, scenario: GraphScenario, *, device, seed:
             manager.free(gone)
             history.pop(gone)
     return replays
+
+
+class CheckedDecoder:
+    """A backend's graph decoder whose plan() and run() name the backend when they raise (as guard
+    does for the backend's own methods), so that a broken decoder fails its own test, saying whose."""
+
+    def __init__(self, backend: Backend, decoder):
+        self.backend, self.decoder = backend, decoder
+
+    def plan(self, metadata):
+        return self._call("plan", metadata)
+
+    def run(self, q, out):
+        return self._call("run", q, out)
+
+    def _call(self, method: str, *args):
+        __tracebackhide__ = True
+        try:
+            return getattr(self.decoder, method)(*args)
+        except (AttnError, AssertionError):
+            raise
+        except Exception as exc:
+            raise guard.BackendError(f"{guard.who(self.backend)} raised in graph_decoder().{method}(): "
+                                     f"{type(exc).__name__}: {exc}. This is a bug in the backend, not in pytest-attn: "
+                                     f"fix its graph decoder's {method}() (the traceback above shows where)") from exc
+
+
+def graph_decoder(backend: Backend, manager, layer: LayerSpec, max_batch: int, device) -> CheckedDecoder:
+    """The backend's graph decoder, checked: UnsupportedCase where it offers none (None); a
+    BackendError naming it where graph_decoder() raises or returns something without plan() and run()."""
+    __tracebackhide__ = True
+    decoder = guard.call(backend, "graph_decoder", manager, layer, max_batch, device)
+    if decoder is None:
+        raise UnsupportedCase(backend.name, ["offers no CUDA-graph decode path (graph_decoder returns None)"])
+    missing = [m for m in ("plan", "run") if not callable(getattr(decoder, m, None))]
+    if missing:
+        raise guard.BackendError(f"{guard.who(backend)}: graph_decoder() returned {decoder!r}, which has no "
+                                 f"{' or '.join(m + '()' for m in missing)}; return None, or an object with "
+                                 "plan(metadata) and run(q, out) (see Backend.graph_decoder)")
+    return CheckedDecoder(backend, decoder)
 
 
 def _probe_metadata(scenario: GraphScenario, device):

@@ -55,23 +55,38 @@ def capability_lines(caps: Capabilities, requires_contiguous: bool) -> list[str]
             f"features: {', '.join(features)}"]
 
 
-def backend_lines(backend: Backend, availability, origin: str) -> list[str]:
-    state = "available" if availability else f"UNAVAILABLE: {availability.reason}"
+def backend_lines(backend: Backend, availability, origin: str, broken: str = "") -> list[str]:
+    """A backend's entry: name and state (available, UNAVAILABLE or BROKEN, with the reason), where it
+    comes from, and what it declares it supports."""
+    state = f"BROKEN: {broken}" if broken else ("available" if availability else f"UNAVAILABLE: {availability.reason}")
     lines = [f"{backend.name}  [{state}]", f"    from: {origin}"]
+    try:
+        lines += [f"    {line}" for line in declared_lines(backend)]
+    except Exception as exc:  # its description or capabilities raise: say so, and list the others
+        lines.append(f"    BROKEN: reading what it declares raised {type(exc).__name__}: {exc}")
+    return lines
+
+
+def declared_lines(backend: Backend) -> list[str]:
+    lines = []
     if getattr(backend, "description", ""):
-        lines.append(f"    {backend.description}")
+        lines.append(str(backend.description))
     caps = getattr(backend, "capabilities", None)
     if isinstance(caps, Capabilities):
-        lines += [f"    {line}" for line in capability_lines(caps, bool(getattr(backend, "requires_contiguous", True)))]
+        lines += capability_lines(caps, bool(getattr(backend, "requires_contiguous", True)))
     return lines
 
 
 def report(registry) -> list[str]:
+    """The environment, then every registered backend (a broken one with what broke, the others
+    all the same), then the registry's problems (a name registered twice)."""
     from . import guard
+    from .differential import broken_reason
 
     lines = environment_lines() + [""]
     for backend in registry.resolve(["all"]):
-        lines += backend_lines(backend, guard.availability(backend), guard.origin_of(backend))
+        availability = guard.availability(backend)
+        lines += backend_lines(backend, availability, guard.origin_of(backend), broken_reason(backend, availability))
     for problem in registry.problems:
         lines.append(f"problem: {problem}")
     return lines

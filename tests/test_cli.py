@@ -98,28 +98,41 @@ def test_runs_of_one_commit_are_labelled_apart(tmp_path):
 
 def test_seed_table_on_cpu_prints_one_regime_with_its_spread_and_the_crossovers(capsys, tmp_path):
     plot = tmp_path / "seed.png"
-    code = cli.main(["seed-table", "--backends", "torch,flex", "--seq-lens", "64,128", "--iters", "2",
+    code = cli.main(["seed-table", "--backends", "torch,flex", "--seq-lens", "64,128", "--iters", "4",
                      "--warmup", "1", "--no-mix", "--device", "cpu", "--plot", str(plot)])
     assert code == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    lines = out.splitlines()
     header = next(line for line in lines if line.strip().startswith("seq_len"))
-    # a CPU has no CUDA graph and no device clock: one regime, not two columns of the same numbers
-    assert [c.strip() for c in header.split("|")] == ["seq_len", "torch eager", "flex eager"]
+    # a CPU has no CUDA graph and no device clock: one column of wall clock, not two of the same numbers
+    assert [c.strip() for c in header.split("|")] == ["seq_len", "torch wall", "flex wall"]
+    assert "CUDA-graph replay" not in out and "device time" not in out
+    assert "  wall: wall time per call (a CPU has no CUDA graph and no device clock: both regimes are this one" in out
     rows = [line for line in lines if line.strip().startswith(("64 |", "128 |"))]
     assert len(rows) == 2 and all(len(r.split("|")) == 3 for r in rows)
     assert all(re.fullmatch(r"\d+\.\d{4} \(\d+%\)", c.strip()) for r in rows for c in r.split("|")[1:]), rows
-    assert any(line.startswith("crossovers, eager (") for line in lines)
-    assert not any("graph" in line for line in lines if line.startswith("crossovers"))
+    assert any(line.startswith("crossovers, wall (") for line in lines)
+    assert not any(("graph" in line or "eager" in line) for line in lines if line.startswith("crossovers"))
     assert any(line.startswith("  flex vs torch: ") for line in lines)
     assert any(line.startswith("torch: scaled_dot_product_attention") for line in lines)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_seed_table_says_when_there_are_too_few_samples_for_a_spread(capsys):
+    assert cli.main(["seed-table", "--backends", "torch", "--seq-lens", "64", "--iters", "3", "--warmup", "0",
+                     "--no-mix", "--device", "cpu"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("64 |"))
+    assert re.fullmatch(r"\d+\.\d{4} \(n<4\)", row.split("|")[1].strip()), row
+
+
 def test_seed_table_defaults_to_the_seeds_pair_and_torch_where_available(capsys):
     code = cli.main(["seed-table", "--seq-lens", "64", "--iters", "1", "--warmup", "0", "--no-mix", "--device", "cpu"])
-    assert code == 0
-    header = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("seq_len"))
-    assert "torch eager" in header and "trtllm" not in header  # trtllm and flashinfer need a GPU
+    assert code == 0  # the defaults that cannot run here are listed, not failures
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.strip().startswith("seq_len"))
+    assert "torch wall" in header and "trtllm" not in header  # trtllm and flashinfer need a GPU
+    assert "trtllm: skipped: unavailable here: no CUDA device" in out
+    assert "flashinfer: skipped: unavailable here: no CUDA device" in out
 
 
 def test_seed_table_on_cpu_stops_at_1024_and_adds_the_small_mix():
@@ -179,3 +192,39 @@ def test_flashinfer_unpacked_without_metadata_is_reported_by_its_module_version(
     assert packages.flashinfer_version() == "0.7.2.post1"
     lines = info.environment_lines()
     assert any(line.startswith("flashinfer-python 0.7.2.post1 |") for line in lines), lines
+
+
+BROKEN_FOR_LISTING = """
+from pytest_attn_backends.torch_sdpa import TorchSDPABackend
+
+class DescriptionRaises(TorchSDPABackend):
+    @property
+    def description(self):
+        raise RuntimeError("version table not loaded")
+
+class AvailableRaises(TorchSDPABackend):
+    def available(self):
+        raise OSError("libwidget.so: cannot open shared object file")
+
+BACKENDS = [DescriptionRaises(name="nodesc"), AvailableRaises(name="nolib"), TorchSDPABackend(name="fine")]
+"""
+
+
+def test_backends_lists_each_broken_backend_with_what_broke_and_every_other(pytester, capsys):
+    from backend_packages import write_backend_package
+
+    write_backend_package(pytester, "listing_attn", BROKEN_FOR_LISTING, {"listing": "listing_attn:BACKENDS"})
+    write_backend_package(pytester, "noimport_attn", "raise RuntimeError('no driver')\n",
+                          {"noimport": "noimport_attn:X"})
+    assert cli.main(["backends"]) == 0
+    out = capsys.readouterr().out
+    entries = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert "[BROKEN: available() raised OSError: libwidget.so: cannot open shared object file" in entries["nolib"]
+    assert "[BROKEN: package noimport_attn 0.1, entry point 'noimport = noimport_attn:X' failed to import: " \
+           "RuntimeError: no driver" in entries["noimport"]
+    assert entries["nodesc"] == "nodesc  [available]"
+    assert "    BROKEN: reading what it declares raised RuntimeError: version table not loaded" in out
+    assert entries["fine"] == "fine  [available]"  # listed after the broken ones, in full
+    assert out.index("fine  [available]") < out.index("devices cpu, cuda", out.index("fine  [available]"))
+    for name in ("torch", "flex", "flashinfer", "trtllm"):
+        assert name in entries
