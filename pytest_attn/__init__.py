@@ -14,11 +14,14 @@ _EXPORTS = {
     "Tolerance": "contract", "FUSED_FLOAT32_TOLERANCE": "contract", "Availability": "contract",
     "AttentionMetadata": "metadata", "PagedKVCacheManager": "kv_cache",
     "AttnError": "errors", "AttnInputError": "errors", "UnsupportedCase": "errors", "CacheFullError": "errors",
-    "UnknownBackendError": "errors",
+    "UnknownBackendError": "errors", "AttnCheckFailure": "errors", "AttnDeprecationWarning": "errors",
     "BatchCase": "cases", "CATALOG": "catalog", "select": "catalog",
     "reference_attention": "reference", "compare": "reference", "POISON": "reference",
-    "run_case": "harness", "assert_case_passes": "harness", "Registry": "registry",
+    "run_case": "harness", "assert_case_passes": "harness", "run_forward": "harness",
+    "compare_with_reference": "harness", "Forward": "harness", "Registry": "registry",
 }
+# The names and the signatures a backend author calls are listed in docs/api.md and snapshotted by
+# tests/test_api_surface.py: a change there is a deliberate edit with a CHANGELOG.md line.
 __all__ = sorted(_EXPORTS)
 
 
