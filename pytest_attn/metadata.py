@@ -276,12 +276,13 @@ class AttentionMetadata:
     def request_kv(self, i: int, k, v, layer: "LayerSpec", dtype=None) -> tuple["torch.Tensor", "torch.Tensor"]:
         """Request ``i``'s keys and values, the way for a backend to reach them whether or not there
         is a cache: without one, its rows of ``k`` and ``v`` (at kv_rows_indptr); with one, its whole
-        history (cached, then new) gathered from its pages as the cache holds them, converted to
-        ``dtype`` when given (a float8 cache dequantized with the layer's scales; a bf16 cache under
-        an fp16 layer converted). Call it after this step's K/V were written into the cache."""
+        history (cached, then new) gathered from its pages as the cache holds them. Either way
+        converted to ``dtype`` when given (a float8 cache dequantized with the layer's scales; a bf16
+        cache under an fp16 layer converted). Call it after this step's K/V were written into the
+        cache."""
         if self.kv_cache_manager is None:
             rows = slice(self.kv_rows_indptr[i], self.kv_rows_indptr[i + 1])
-            return k[rows], v[rows]
+            return (k[rows], v[rows]) if dtype is None else (k[rows].to(dtype), v[rows].to(dtype))
         return self.kv_cache_manager.gather(layer.layer_idx, self.block_tables[i], self.kv_lens[i],
                                             scales=(layer.k_scale, layer.v_scale), dtype=dtype)
 
