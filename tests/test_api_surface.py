@@ -153,6 +153,15 @@ def test_the_changelog_has_an_unreleased_section_naming_each_deprecation():
         assert deprecated in text
 
 
+def test_an_exported_name_keeps_its_meaning_whatever_was_imported_first():
+    import pytest_attn
+    import pytest_attn.compare  # noqa: F401  (the saved-runs module, whose name is an export's)
+    from pytest_attn.compare import load_runs  # noqa: F401  (the submodule still imports)
+    from pytest_attn.reference import compare
+
+    assert pytest_attn.compare is compare
+
+
 def test_deprecated_names_still_work_and_warn():
     from pytest_attn import AttentionMetadata
 
