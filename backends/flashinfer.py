@@ -75,7 +75,7 @@ def cudnn_index_units(version: str) -> str:
 
 
 def kernel_offsets(offsets, units: str, heads: int, head_dim: int) -> tuple[int, ...]:
-    """Token offsets (qo_indptr, kv_indptr) in the units a kernel takes."""
+    """Token offsets (qo_indptr, kv_rows_indptr) in the units a kernel takes."""
     if units == "tokens":
         return tuple(offsets)
     if units == "elements":
@@ -385,6 +385,9 @@ class FlashInferBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({"float16", "bfloat16"}), max_head_dim=MAX_HEAD_DIM,
         sliding_window=True, soft_cap=True, sinks=True, head_dim_vo=True, cross_attention=True,
+        # A 16-bit cache in the other 16-bit dtype (bf16 under fp16) is not declared: its wrappers
+        # are planned with q_data_type and kv_data_type, but its 16-bit kernels are instantiated for
+        # equal ones, and forward converts nothing.
         chunked_prefill=True, multi_token_generation=True, kv_dtypes=frozenset({"float8_e4m3fn"}),
         lse_base="2",  # fa2/fa3 write base-2 LSE; cuDNN's is converted to base 2 (lse_base="log2")
         empty_sequences=False)
@@ -485,7 +488,7 @@ class FlashInferBackend(Backend):
         wrapper = self._wrappers.get(key)
         if wrapper is None:
             wrapper = self._wrappers[key] = self._make_wrapper(part, layout, tensor_cores, device)
-        batch = (metadata.qo_indptr, metadata.kv_indptr)
+        batch = (metadata.qo_indptr, metadata.cu_kv_lens)
         if metadata.has_cache:
             batch += (metadata.paged_kv_indptr, metadata.paged_kv_indices, metadata.paged_kv_last_page_len,
                       metadata.page_size)
@@ -542,7 +545,7 @@ class FlashInferBackend(Backend):
                 if units == "elements":  # before 0.7 cuDNN took the lengths separately, [batch, 1, 1, 1]
                     common.update(seq_lens=md.int_tensor("kv_lens", device).view(-1, 1, 1, 1),
                                   seq_lens_q=md.int_tensor("seq_lens", device).view(-1, 1, 1, 1))
-            wrapper.plan(qo_indptr, ints(kernel_offsets(md.kv_indptr, units, kv_heads, hd)), heads, kv_heads, hd,
+            wrapper.plan(qo_indptr, ints(kernel_offsets(md.kv_rows_indptr, units, kv_heads, hd)), heads, kv_heads, hd,
                          **common)
         else:
             wrapper.plan(qo_indptr, md.int_tensor("paged_kv_indptr", device), md.int_tensor("paged_kv_indices", device),
@@ -571,7 +574,8 @@ class FlashInferBackend(Backend):
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
-        layer, out = plan.start_forward(q, k, v, metadata, out, require_contiguous=True, cuda_only="FlashInfer runs")
+        layer, out = plan.start_forward(q, k, v, metadata, out, require_contiguous=self.requires_contiguous,
+                                        cuda_only="FlashInfer runs")
         manager = metadata.kv_cache_manager
         cache = None
         if manager is not None:

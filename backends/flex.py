@@ -173,7 +173,7 @@ class FlexAttentionBackend(Backend):
     description = "PyTorch FlexAttention (score_mod / mask_mod), per request; eager on CPU, compiled on CUDA"
     capabilities = Capabilities(sliding_window=True, soft_cap=True, sinks=True, head_dim_vo=True,
                                 cross_attention=True, chunked_prefill=True, multi_token_generation=True,
-                                kv_dtypes=frozenset({"float8_e4m3fn"}), lse_base="e",
+                                kv_dtypes=frozenset({"float8_e4m3fn", "bfloat16", "float16"}), lse_base="e",
                                 never_reads_masked_slots=True)
     requires_contiguous = False  # flex takes strided q/k/v (views of a fused QKV projection)
 

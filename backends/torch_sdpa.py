@@ -101,7 +101,9 @@ class TorchSDPABackend(Backend):
     description = "PyTorch scaled_dot_product_attention (per sequence) / torch.nn.attention.varlen"
     capabilities = Capabilities(sliding_window=True, sinks=True, head_dim_vo=True, cross_attention=True,
                                 chunked_prefill=True, multi_token_generation=True,
-                                kv_dtypes=frozenset({"float8_e4m3fn"}), never_reads_masked_slots=True)
+                                # request_kv converts what the cache holds to q's dtype
+                                kv_dtypes=frozenset({"float8_e4m3fn", "bfloat16", "float16"}),
+                                never_reads_masked_slots=True)
     requires_contiguous = False  # SDPA takes strided inputs
 
     def __init__(self, name: str = "torch", kernel: Optional[str] = None, use_varlen: bool = True):

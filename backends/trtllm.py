@@ -328,6 +328,8 @@ class TrtllmBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({"float16", "bfloat16"}), sliding_window=True, soft_cap=True,
         sinks=True, lse_base="e", chunked_prefill=True, multi_token_generation=True,
+        # A 16-bit cache in the other 16-bit dtype is not declared: its kernels take q and a
+        # 16-bit KV cache in one dtype, and forward converts nothing.
         kv_dtypes=frozenset({"float8_e4m3fn"}), cross_attention=True)  # cross: refused per batch (fmha_hazards)
     requires_contiguous = True  # FMHAv2 derives every stride from the shapes
 
@@ -396,14 +398,14 @@ class TrtllmBackend(Backend):
 
     def _index_tensors(self, md: AttentionMetadata, device) -> dict:
         tensors = {"seq_lens": self._ints(md.kv_lens, device), "cum_seq_lens_q": self._ints(md.qo_indptr, device),
-                   "cum_seq_lens_kv": self._ints(md.kv_indptr, device)}
+                   "cum_seq_lens_kv": self._ints(md.cu_kv_lens, device)}
         if md.has_cache:
             tensors["block_tables"] = self._block_tables(md, device)
         return tensors
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
-        layer, out = plan.start_forward(q, k, v, metadata, out, require_contiguous=True,
+        layer, out = plan.start_forward(q, k, v, metadata, out, require_contiguous=self.requires_contiguous,
                                         cuda_only="TensorRT-LLM's kernels run")
         self.launches = []
         manager = metadata.kv_cache_manager

@@ -63,7 +63,7 @@ def build_batch(seq_lens: Sequence[int], *, num_heads: int = 16, num_kv_heads: O
 
     layer = LayerSpec(num_heads, num_kv_heads or num_heads, head_dim, dtype, mask, **layer_options)
     if not cached_lens and kv_layout is None:
-        if layer.quantized_kv:
+        if layer.cache_dtype != layer.dtype:
             raise AttnInputError("kv_dtype is the paged cache's dtype: give cached_lens or kv_layout for a cache")
         metadata = AttentionMetadata.cross(seq_lens, kv_lens) if kv_lens else AttentionMetadata.ragged(seq_lens)
         q, k, v = make_qkv(metadata.num_tokens, layer, device, derive_seed(seed, "batch", tuple(seq_lens)),

@@ -163,6 +163,12 @@ _CASES = [
            decode_steps=3, tags=("fp8", "decode"), description="a scale dropped or read as 1.0 (sglang PR #20705, vllm PR #34863)"),
     _paged("fp8-kv-mixed", 8, 2, 64, (33,), joining=(20,), kv_dtype="float8_e4m3fn", k_scale=0.1, v_scale=0.3,
            tags=("fp8", "mixed")),
+    # -- a 16-bit cache in the other 16-bit dtype (the KV-cache dtype configured apart from the model's) ---
+    _paged("kv-bf16-under-fp16", 16, 4, 64, (60, 17), dtype="float16", kv_dtype="bfloat16", decode_steps=3,
+           tags=("kv-dtype", "decode"), description="an fp16 layer over a bf16 cache: attention uses the K/V the cache "
+           "holds, rounded to bf16, not the fp16 inputs"),
+    _paged("kv-fp16-under-bf16", 16, 4, 64, (60, 17), dtype="bfloat16", kv_dtype="float16", decode_steps=3,
+           tags=("kv-dtype", "decode"), description="a bf16 layer over an fp16 cache"),
     # -- the log-sum-exp (D21: #13, #30, #39) ------------------------------------------------------------
     _ragged("lse-ragged", 8, 2, 128, (100, 33, 1), return_lse=True, tags=("lse", "gqa")),
     _paged("lse-decode-gqa", 16, 2, 64, (40, 17), return_lse=True, tags=("lse", "gqa", "decode"),

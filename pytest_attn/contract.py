@@ -80,7 +80,8 @@ class Plan:
                       cuda_only: Optional[str] = None) -> tuple[LayerSpec, "torch.Tensor"]:
         """What every forward starts with: its layer, the inputs checked against it and the batch
         (and, for ``cuda_only`` = the kernels' name, their device), and the output buffer, ``out``
-        or a new one. Returns ``(layer, out)``."""
+        or a new one. Returns ``(layer, out)``. Strided inputs pass unless ``require_contiguous``
+        (pass your backend's ``requires_contiguous``; the default is check_inputs' own)."""
         layer = self.layer
         if layer is None:
             raise AttnInputError("the plan carries no layer: make it with this backend's plan()")
@@ -129,7 +130,10 @@ class Capabilities:
     cross_attention: bool = False  # no cache, kv_seq_lens other than seq_lens
     chunked_prefill: bool = False  # context requests with tokens already cached (chunks, reused prefixes)
     multi_token_generation: bool = False  # generation requests with several new tokens (speculative decoding)
-    kv_dtypes: frozenset = frozenset()  # quantized cache dtypes it reads, e.g. {"float8_e4m3fn"}
+    #: Cache dtypes other than the layer's that it reads: "float8_e4m3fn" (with scales), or a 16-bit
+    #: dtype under a layer of the other one (a bf16 cache under an fp16 layer, as engines configure
+    #: the KV-cache dtype apart from the model's). A cache in the layer's own dtype always works.
+    kv_dtypes: frozenset = frozenset()
     lse_base: Optional[str] = None  # "e" or "2": the log-sum-exp it returns with return_lse; None: none
     #: Its kernels never load cache slots past a request's length: the cache's unused slots are then
     #: poisoned with NaN (which also catches a load multiplied by a zero weight), not a finite value.
@@ -250,7 +254,7 @@ class Backend(abc.ABC):
             elif manager.layout not in caps.kv_layouts:
                 reasons.append(f"paged cache layout {manager.layout} not supported")
             if manager.dtype != layer.dtype and manager.dtype not in caps.kv_dtypes:
-                reasons.append(f"a {manager.dtype} KV cache not supported"
+                reasons.append(f"a {manager.dtype} KV cache under a {layer.dtype} layer not supported"
                                + (f" (reads {', '.join(sorted(caps.kv_dtypes))})" if caps.kv_dtypes else ""))
         if not caps.empty_sequences and 0 in metadata.seq_lens:
             reasons.append("requests with zero new tokens are not supported")

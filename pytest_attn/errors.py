@@ -33,3 +33,15 @@ class AttnCheckFailure(AssertionError):
     def __init__(self, message: str, summary: str = ""):
         super().__init__(message)
         self.summary = summary or message.splitlines()[0]
+
+
+class AttnDeprecationWarning(DeprecationWarning):
+    """A name or form of the public API that goes in the release after next (see CHANGELOG.md)."""
+
+
+def warn_deprecated(old: str, use: str, stacklevel: int = 3) -> None:
+    """Warn, once per call site, that ``old`` goes in the release after next: use ``use``."""
+    import warnings
+
+    warnings.warn(f"{old} is deprecated and will be removed in the release after next: use {use}",
+                  AttnDeprecationWarning, stacklevel=stacklevel)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional
 from . import guard
 from .cases import BatchCase
 from .contract import Backend, LayerSpec, Plan
-from .errors import AttnCheckFailure, AttnInputError, UnsupportedCase
+from .errors import AttnCheckFailure, AttnInputError, UnsupportedCase, warn_deprecated
 from .kv_cache import PagedKVCacheManager
 from .layer import torch_dtype
 from .metadata import AttentionMetadata
@@ -155,10 +155,17 @@ def run_forward(backend: Backend, q, k, v, metadata: AttentionMetadata, layer: L
 # -- the reference side ------------------------------------------------------------------------------
 def compare_with_reference(backend: Backend, result: Forward, q, keys, values, metadata: AttentionMetadata,
                            layer: LayerSpec) -> Comparison:
-    """``result`` against the reference in high precision, by the backend's tolerance (which the
-    same math in the input precision sets); keys/values are each request's whole history as
-    attention must use it."""
+    """``result`` (what :func:`run_forward` returned) against the reference in high precision, by
+    the backend's tolerance (which the same math in the input precision sets); keys/values are each
+    request's whole history as attention must use it. An output tensor in place of ``result`` (the
+    form before 0.2) still works for one release, with a deprecation warning; its LSE is not
+    compared."""
     __tracebackhide__ = True
+    if not isinstance(result, Forward):
+        warn_deprecated("compare_with_reference(backend, out, ...) with an output tensor",
+                        "compare_with_reference(backend, forward, ...) with the Forward that run_forward returned")
+        result = Forward(Plan(backend.name, "unknown", "unknown", "NHD", "tokens", metadata.has_cache, layer=layer),
+                         result)
     refs = references(q, keys, values, metadata, layer)
     return compare_to(backend, result, refs, metadata, layer)
 
@@ -320,7 +327,7 @@ def solo_checks(backend: Backend, q, k, v, metadata: AttentionMetadata, layer: L
         raise AttnInputError("solo checks run on batches without a cache")
     tolerance = guard.tolerance(backend, layer.dtype)
     checks = []
-    q_off, kv_off = metadata.qo_indptr, metadata.kv_indptr
+    q_off, kv_off = metadata.qo_indptr, metadata.kv_rows_indptr
     for i in range(metadata.num_requests):
         if not metadata.seq_lens[i]:
             continue

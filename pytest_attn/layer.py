@@ -76,7 +76,10 @@ class LayerSpec:
       (GPT-OSS): p_j = exp(s_j) / (exp(sink_h) + sum_k exp(s_k)). The sink is not scaled or capped.
     - ``head_dim_vo``: head dim of V and of the output when it differs from q/k's (192/128).
     - ``kv_dtype``: what the paged cache stores, when not ``dtype``: "float8_e4m3fn" stores K / k_scale
-      and V / v_scale rounded to e4m3; attention uses the dequantized values (stored * scale).
+      and V / v_scale rounded to e4m3, and attention uses the dequantized values (stored * scale);
+      another 16-bit dtype ("bfloat16" under a "float16" layer, or the reverse) stores K and V
+      rounded to it, and attention uses those rounded values. The reference reads what the cache
+      holds, so a backend that keeps the unrounded K/V instead is wrong.
     - ``return_lse``: the backend also returns each query's log-sum-exp of its logits (the sink
       included), in the base its capabilities declare.
     - ``layer_idx``: which layer of the paged cache this is.

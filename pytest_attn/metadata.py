@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from .errors import AttnInputError
+from .errors import AttnInputError, warn_deprecated
 
 if TYPE_CHECKING:
     import torch
@@ -195,8 +195,25 @@ class AttentionMetadata:
         return (0, *accumulate(self.seq_lens))
 
     @property
-    def kv_indptr(self) -> tuple[int, ...]:
+    def kv_rows_indptr(self) -> tuple[int, ...]:
+        """Offsets of each request's rows in the k and v given to ``forward``: with a cache its new
+        tokens (the same as qo_indptr), without one every key of it (cross-attention:
+        kv_seq_lens). To get a request's keys, call :meth:`request_kv`."""
+        return (0, *accumulate(self.seq_lens if self.kv_cache_manager is not None else self.kv_seq_lens))
+
+    @property
+    def cu_kv_lens(self) -> tuple[int, ...]:
+        """Cumulative keys per request, cached plus new (kv_lens): what varlen kernels take as
+        cu_seqlens_k / cum_seq_lens_kv. With a cache these are no offsets into forward's k and v."""
         return (0, *accumulate(self.kv_lens))
+
+    @property
+    def kv_indptr(self) -> tuple[int, ...]:
+        """Deprecated (removed in the release after next): it meant two things. Use
+        :attr:`cu_kv_lens` (its value) or :attr:`kv_rows_indptr` (rows of forward's k and v)."""
+        warn_deprecated("AttentionMetadata.kv_indptr", "cu_kv_lens (cumulative cached + new keys) or "
+                        "kv_rows_indptr (offsets into forward's k and v rows); request_kv gives a request's keys")
+        return self.cu_kv_lens
 
     @property
     def max_seq_len_q(self) -> int:
@@ -257,17 +274,23 @@ class AttentionMetadata:
         return self._tensors[key]
 
     def request_kv(self, i: int, k, v, layer: "LayerSpec", dtype=None) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Request ``i``'s keys and values: its rows of ``k`` and ``v`` without a cache; with one,
-        its whole history gathered from its pages (a quantized cache dequantized into ``dtype``).
-        Call it after this step's K/V were written into the cache."""
+        """Request ``i``'s keys and values, the way for a backend to reach them whether or not there
+        is a cache: without one, its rows of ``k`` and ``v`` (at kv_rows_indptr); with one, its whole
+        history (cached, then new) gathered from its pages as the cache holds them. Either way
+        converted to ``dtype`` when given (a float8 cache dequantized with the layer's scales; a bf16
+        cache under an fp16 layer converted). Call it after this step's K/V were written into the
+        cache."""
         if self.kv_cache_manager is None:
-            rows = slice(self.kv_indptr[i], self.kv_indptr[i + 1])
-            return k[rows], v[rows]
+            rows = slice(self.kv_rows_indptr[i], self.kv_rows_indptr[i + 1])
+            return (k[rows], v[rows]) if dtype is None else (k[rows].to(dtype), v[rows].to(dtype))
         return self.kv_cache_manager.gather(layer.layer_idx, self.block_tables[i], self.kv_lens[i],
                                             scales=(layer.k_scale, layer.v_scale), dtype=dtype)
 
-    def check_inputs(self, q, k, v, layer: "LayerSpec", *, require_contiguous: bool = True) -> None:
-        """Raise AttnInputError, naming the problem, unless q/k/v fit this batch and layer."""
+    def check_inputs(self, q, k, v, layer: "LayerSpec", *, require_contiguous: bool = False) -> None:
+        """Raise AttnInputError, naming the problem, unless q/k/v fit this batch and layer. Strided
+        q/k/v pass unless ``require_contiguous`` (pass your backend's ``requires_contiguous``): the
+        same default as ``Plan.start_forward``, and the suite never gives strided inputs to a
+        backend that declares ``requires_contiguous = True``."""
         check_qkv(q, k, v, layer, num_tokens=self.num_tokens, num_kv_tokens=self.num_kv_tokens,
                   require_contiguous=require_contiguous)
 
@@ -286,12 +309,13 @@ class AttentionMetadata:
                 f"seq_lens {shown(self.seq_lens)}, {where}")
 
 
-_INT_FIELDS = ("seq_lens", "cached_lens", "kv_lens", "qo_indptr", "kv_indptr", "paged_kv_indptr",
+_INT_FIELDS = ("seq_lens", "cached_lens", "kv_lens", "qo_indptr", "kv_rows_indptr", "cu_kv_lens", "kv_indptr",
+               "paged_kv_indptr",
                "paged_kv_indices", "paged_kv_last_page_len")
 
 
 def check_qkv(q, k, v, layer: "LayerSpec", *, num_tokens: int, num_kv_tokens: Optional[int] = None,
-              require_contiguous: bool = True) -> None:
+              require_contiguous: bool = False) -> None:
     import torch
 
     num_kv_tokens = num_tokens if num_kv_tokens is None else num_kv_tokens

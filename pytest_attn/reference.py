@@ -12,9 +12,10 @@ multiple of that, plus a rounding floor (FlashAttention's rule; see
 
 Everything a layer can ask for is computed here from its definition in :class:`LayerSpec`, and
 nothing here is shared with a backend: bottom-right causal alignment, sliding windows, logit
-soft-caps, attention sinks, a V head dim of its own, cross-attention, and the log-sum-exp. An
-FP8 cache is modelled by :func:`as_stored_in_cache`: the values attention must use are the
-quantized ones, so both references start from them.
+soft-caps, attention sinks, a V head dim of its own, cross-attention, and the log-sum-exp. A
+cache whose dtype is not the layer's (FP8 with scales, or another 16-bit dtype) is modelled by
+:func:`as_stored_in_cache`: the values attention must use are the stored ones, so both references
+start from them.
 """
 from __future__ import annotations
 
@@ -43,12 +44,17 @@ BIAS_UNIT_FLOOR = 2.0 ** -16
 
 
 def as_stored_in_cache(t: "torch.Tensor", layer: LayerSpec, which: str) -> "torch.Tensor":
-    """The values attention must use for K or V (``which``) of this layer: the tensor itself, or,
-    for a float8 cache, t / scale saturated and rounded to e4m3, times scale again (float32)."""
+    """The values attention must use for K or V (``which``) of this layer: what its paged cache
+    holds. A cache in the layer's dtype holds the tensor itself; a cache in another 16-bit (or
+    32-bit) dtype holds it rounded to that dtype (an fp16 layer over a bf16 cache, as engines run
+    when the KV-cache dtype is configured apart from the model's), returned in the cache's dtype;
+    a float8 cache holds t / scale saturated and rounded to e4m3, returned times scale (float32)."""
     import torch
 
-    if not layer.quantized_kv:
+    if layer.cache_dtype == layer.dtype:
         return t
+    if not layer.quantized_kv:
+        return t.to(getattr(torch, layer.cache_dtype))
     scale = layer.k_scale if which == "k" else layer.v_scale
     stored = (t.to(torch.float32) / scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(getattr(torch, layer.cache_dtype))
     return stored.to(torch.float32) * scale

@@ -183,7 +183,7 @@ class Hooked(TorchSDPABackend):
         return metadata.qo_indptr[i], metadata.qo_indptr[i + 1]
 
     def kv_rows(self, metadata, i):
-        return metadata.kv_indptr[i], metadata.kv_indptr[i + 1]
+        return metadata.kv_rows_indptr[i], metadata.kv_rows_indptr[i + 1]
 
     def request_kv(self, i, k, v, metadata, layer):
         manager = metadata.kv_cache_manager
@@ -1241,7 +1241,7 @@ class ShortKVReadsPoolAsContiguous(Hooked):
     def gather(self, manager, layer, metadata, i):
         if metadata.max_seq_len_kv >= 16:
             return super().gather(manager, layer, metadata, i)
-        start, n = metadata.kv_indptr[i], metadata.kv_lens[i]
+        start, n = metadata.cu_kv_lens[i], metadata.kv_lens[i]
         out = []
         for cache in (manager.k_cache(layer.layer_idx), manager.v_cache(layer.layer_idx)):
             view = cache if manager.layout == "NHD" else cache.transpose(1, 2)
@@ -1317,7 +1317,7 @@ class CrossQStartFromKVOffsets(Hooked):
         if not metadata.is_cross:
             return super().q_rows(metadata, i)
         n = metadata.seq_lens[i]
-        start = min(metadata.kv_indptr[i], metadata.num_tokens - n)
+        start = min(metadata.kv_rows_indptr[i], metadata.num_tokens - n)
         return start, start + n
 
 

@@ -298,7 +298,7 @@ class ElementOffsetKernel(_ClaimsCudnnRagged):
         layer = plan.layer
         heads, kv_heads, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         qo = fi.kernel_offsets(metadata.qo_indptr, self.units, heads, d)
-        kv = fi.kernel_offsets(metadata.kv_indptr, self.units, kv_heads, d)
+        kv = fi.kernel_offsets(metadata.kv_rows_indptr, self.units, kv_heads, d)
         flat_q, flat_k, flat_v, flat_out = q.reshape(-1), k.reshape(-1), v.reshape(-1), out.view(-1)
         for i, n in enumerate(metadata.seq_lens):
             qi = flat_q[qo[i]:qo[i] + n * heads * d].view(n, heads, d).transpose(0, 1)

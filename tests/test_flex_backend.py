@@ -75,7 +75,7 @@ def test_capabilities_declare_what_score_mod_and_mask_mod_express():
     caps = BACKEND.capabilities
     assert caps.sliding_window and caps.soft_cap and caps.sinks and caps.head_dim_vo
     assert caps.cross_attention and caps.chunked_prefill and caps.multi_token_generation
-    assert caps.kv_dtypes == frozenset({"float8_e4m3fn"}) and caps.lse_base == "e"
+    assert caps.kv_dtypes == frozenset({"float8_e4m3fn", "bfloat16", "float16"}) and caps.lse_base == "e"
     assert caps.never_reads_masked_slots and caps.devices == frozenset({"cpu", "cuda"})
     assert set(caps.dtypes) == {"float32", "float16", "bfloat16"} and set(caps.kv_layouts) == {"NHD", "HND"}
     assert not BACKEND.requires_contiguous
@@ -240,7 +240,7 @@ def test_lse_is_the_references_with_the_sink_in_it(torch, dtype):
     out = torch.full((batch.num_tokens, 8, 32), float("nan"), dtype=q.dtype)
     lse = torch.full((batch.num_tokens, 8), float("nan"))
     assert BACKEND.forward(q, k, v, batch, plan, out=out, lse=lse) is out
-    offs = batch.kv_indptr
+    offs = batch.kv_rows_indptr
     keys = [k[offs[i]:offs[i + 1]] for i in range(4)]
     values = [v[offs[i]:offs[i + 1]] for i in range(4)]
     ref_out, ref_lse = reference_attention(q, keys, values, batch.seq_lens, layer, return_lse=True)
