@@ -574,8 +574,7 @@ class FlashInferBackend(Backend):
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
-        layer, out = plan.start_forward(q, k, v, metadata, out, require_contiguous=self.requires_contiguous,
-                                        cuda_only="FlashInfer runs")
+        layer, out = self.start_forward(q, k, v, metadata, plan, out, cuda_only="FlashInfer runs")
         manager = metadata.kv_cache_manager
         cache = None
         if manager is not None:

@@ -238,7 +238,7 @@ class FlexAttentionBackend(Backend):
                     device=str(device), layer=layer, details=tuple(details))
 
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
-        layer, out = plan.start_forward(q, k, v, metadata, out)
+        layer, out = self.start_forward(q, k, v, metadata, plan, out)
         manager = metadata.kv_cache_manager
         if manager is not None:
             manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)

@@ -161,7 +161,7 @@ class TorchSDPABackend(Backend):
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
         if lse is not None:
             raise NotImplementedError("torch's SDPA returns no log-sum-exp; this backend declares lse_base=None")
-        layer, out = plan.start_forward(q, k, v, metadata, out)
+        layer, out = self.start_forward(q, k, v, metadata, plan, out)
         if plan.kernel == "varlen_attn":
             return self._varlen(q, k, v, metadata, layer, out)
         manager = metadata.kv_cache_manager

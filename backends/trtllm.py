@@ -405,8 +405,7 @@ class TrtllmBackend(Backend):
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
-        layer, out = plan.start_forward(q, k, v, metadata, out, require_contiguous=self.requires_contiguous,
-                                        cuda_only="TensorRT-LLM's kernels run")
+        layer, out = self.start_forward(q, k, v, metadata, plan, out, cuda_only="TensorRT-LLM's kernels run")
         self.launches = []
         manager = metadata.kv_cache_manager
         if manager is not None:

@@ -80,8 +80,9 @@ class Plan:
                       cuda_only: Optional[str] = None) -> tuple[LayerSpec, "torch.Tensor"]:
         """What every forward starts with: its layer, the inputs checked against it and the batch
         (and, for ``cuda_only`` = the kernels' name, their device), and the output buffer, ``out``
-        or a new one. Returns ``(layer, out)``. Strided inputs pass unless ``require_contiguous``
-        (pass your backend's ``requires_contiguous``; the default is check_inputs' own)."""
+        or a new one. Returns ``(layer, out)``. Strided inputs pass unless ``require_contiguous``;
+        in a backend's forward, ``self.start_forward(q, k, v, metadata, plan, out)``
+        (:meth:`Backend.start_forward`) passes the backend's ``requires_contiguous`` itself."""
         layer = self.layer
         if layer is None:
             raise AttnInputError("the plan carries no layer: make it with this backend's plan()")
@@ -278,6 +279,22 @@ class Backend(abc.ABC):
         num_heads, head_dim_v]. When the layer has ``return_lse``, forward is also given
         ``lse=`` a float32 [num_tokens, num_heads] buffer to fill, in the base
         ``capabilities.lse_base`` says. The layer is ``plan.layer``."""
+
+    # -- what forward starts with ------------------------------------------------------------------
+    def check_inputs(self, q, k, v, metadata: "AttentionMetadata", layer: LayerSpec) -> None:
+        """Raise AttnInputError, naming the problem, unless q, k, v fit this batch and layer, and are
+        contiguous where this backend declares ``requires_contiguous``: the contiguity check is
+        taken from the backend, so no call site chooses it."""
+        metadata.check_inputs(q, k, v, layer, require_contiguous=self.requires_contiguous)
+
+    def start_forward(self, q, k, v, metadata: "AttentionMetadata", plan: Plan, out=None, *,
+                      cuda_only: Optional[str] = None) -> tuple[LayerSpec, "torch.Tensor"]:
+        """What every forward starts with, as :meth:`Plan.start_forward` does it (the plan's layer,
+        the inputs checked, the plan checked against the batch, ``out`` or a new buffer; with
+        ``cuda_only``, the kernels' name, q refused off a GPU), the contiguity check taken from this
+        backend's ``requires_contiguous``. Returns ``(layer, out)``."""
+        return plan.start_forward(q, k, v, metadata, out, require_contiguous=self.requires_contiguous,
+                                  cuda_only=cuda_only)
 
     # -- optional --------------------------------------------------------------------------------
     def readback(self, plan: Plan) -> Optional[list[str]]:

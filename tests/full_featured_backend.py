@@ -40,7 +40,7 @@ class FullFeaturedBackend(Backend):
                                                               ("num_tokens", metadata.num_tokens)))
 
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
-        layer, out = plan.start_forward(q, k, v, metadata, out)  # one default: strided inputs pass
+        layer, out = self.start_forward(q, k, v, metadata, plan, out)  # inputs checked as it declares
         manager = metadata.kv_cache_manager
         if manager is not None:
             manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)

@@ -51,7 +51,11 @@ def writing_a_backend_package(folder: Path) -> tuple[str, Path]:
 def test_the_backend_in_writing_a_backend_is_a_package_that_passes_the_whole_catalog(tmp_path):
     """The README's pyproject.toml and module, built and installed by pip as a user would, then
     `pytest --attn-backend=mykernel` from a project of the user's own: the bundled suite runs every
-    catalog case this CPU runs (the default 2048-token limit) against it and nothing fails."""
+    catalog case this CPU runs (the default 2048-token limit) against it, each passing or skipped with
+    the reason its capabilities give, and nothing fails."""
+    from pytest_attn.catalog import CATALOG
+    from pytest_attn.session import CPU_MAX_TOKENS
+
     name, package = writing_a_backend_package(tmp_path / "mykernel")
     site = tmp_path / "site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
@@ -62,10 +66,16 @@ def test_the_backend_in_writing_a_backend_is_a_package_that_passes_the_whole_cat
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     env.pop("PYTEST_ADDOPTS", None)
     done = subprocess.run([sys.executable, "-m", "pytest", f"--attn-backend={name}", "-p", "no:cacheprovider",
-                           "-m", "not attn_bench"], cwd=project, env=env, capture_output=True, text=True)
+                           "-m", "not attn_bench", "-v"], cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     summary = re.search(rf"^{name}: (\d+) passed, (\d+) skipped$", done.stdout, re.M)
     assert summary and int(summary.group(1)) > 100, done.stdout[-3000:]
+    # every case a CPU run selects went through the output check (a count alone would not notice a
+    # case dropped from the run): passed, or skipped for what the capabilities leave out
+    checked = dict(re.findall(rf"test_output_matches_reference\[{name}-([\w.-]+)\] (PASSED|SKIPPED)", done.stdout))
+    whole = {case for case, c in CATALOG.items() if c.max_tokens <= CPU_MAX_TOKENS}
+    assert set(checked) == whole, (sorted(whole ^ set(checked)), done.stdout[-3000:])
+    assert list(checked.values()).count("PASSED") > 50, done.stdout[-3000:]
     assert "attn suite: the bundled validation suite" in done.stdout
 
 
