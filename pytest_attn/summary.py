@@ -1,8 +1,15 @@
 """The closing ``pytest-attn`` section: per backend, how many tests passed, failed and were
 skipped, the skip reasons grouped with their counts (visible without -r), and for each failure the
-command that reruns it (pytest's own short summary, just below, gives each failure's one-line
-cause: the two do not repeat each other). Reports come from the workers under xdist, so the section is built
-from the reports' user properties, not from the items."""
+command that reruns exactly it from where the user ran pytest.
+
+It does not repeat pytest's short summary (-ra), printed just below it, and pytest's does not
+repeat it: pytest's gives each failure one line, its node ID and the verdict's first line (the
+crash message is cut to that line, so that CI, where pytest prints it whole, does not get the
+failure's whole report again); this section gives what that line cannot, the command, which pytest
+would cut to the terminal's width and whose node ID a user of the bundled suite cannot paste.
+
+Reports come from the workers under xdist, so the section is built from the reports' user
+properties (set on the worker, where the item is), not from the items."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -38,7 +45,7 @@ class Summary:
     def __init__(self):
         self.outcomes: dict[str, dict[str, str]] = defaultdict(dict)  # backend -> nodeid -> outcome
         self.skips: dict[str, Counter] = defaultdict(Counter)
-        self.failures: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        self.failures: dict[str, list[tuple[str, Optional[str]]]] = defaultdict(list)  # (nodeid, rerun)
 
     def pytest_runtest_logreport(self, report):
         backend = _property(report, BACKEND_PROPERTY)
@@ -49,7 +56,7 @@ class Summary:
         if report.failed:
             if seen.get(report.nodeid) != "failed":
                 seen[report.nodeid] = "failed"
-                self.failures[backend].append((report.nodeid, _property(report, RERUN_PROPERTY) or report.nodeid))
+                self.failures[backend].append((report.nodeid, _property(report, RERUN_PROPERTY)))
         elif report.skipped:
             if report.nodeid not in seen:
                 seen[report.nodeid] = "skipped"
@@ -68,8 +75,8 @@ class Summary:
             for reason, n in self.skips[backend].most_common():
                 out.append(f"  skipped {n}: {reason}")
             shown = self.failures[backend][:max_reruns]
-            for _, command in shown:
-                out.append(f"  rerun: {command}")
+            for nodeid, command in shown:
+                out.append(f"  rerun: {command}" if command else f"  failed: {nodeid}")
             hidden = len(self.failures[backend]) - len(shown)
             if hidden > 0:
                 out.append(f"  ... and {hidden} more (each failure's report above ends with its rerun command)")
