@@ -123,8 +123,8 @@ def forward(backend: Backend, q, k, v, metadata, plan_: Plan, out, lse: Optional
                            + ("" if lse is None else f", and write the log-sum-exp into `lse` ({describe_tensor(lse)})"))
     if lse is not None and lse.numel() and bool(lse.isnan().all()):
         raise BackendError(f"{who(backend)}: forward() left the `lse` buffer it was given ({describe_tensor(lse)}) "
-                           "unwritten (every value is still the NaN it was filled with). The contract: write each "
-                           "query's log-sum-exp into that buffer, not into one of its own")
+                           "all NaN, as the suite filled it: unwritten. The contract: write each query's log-sum-exp "
+                           "into that buffer, not into one of its own")
     return result
 
 
