@@ -371,12 +371,16 @@ def verdict_prefix(case: BatchCase, layer: LayerSpec, metadata: AttentionMetadat
 
 
 def name_the_step(exc: Exception, case: BatchCase, metadata: AttentionMetadata, index: int, layer_idx: int) -> None:
-    """Start an error raised while running a step with the case, layer and step it happened on (the
-    same exception, so its chain to the backend's own exception stays)."""
-    prefix = verdict_prefix(case, case.layer(layer_idx), metadata, index, layer_idx)
-    exc.args = (prefix + str(exc),)
+    """Name the case, layer and step in an error raised while running a step (the same exception,
+    so its chain to the backend's own exception stays): a failed check starts with them, as every
+    verdict on a step does; a backend's error keeps its own start ("backend 'x' ...") and ends with them."""
     if isinstance(exc, AttnCheckFailure):
-        exc.summary = prefix + exc.summary
+        prefix = verdict_prefix(case, case.layer(layer_idx), metadata, index, layer_idx)
+        exc.args, exc.summary = (prefix + str(exc),), prefix + exc.summary
+    else:
+        layer = layer_and_cache(case.layer(layer_idx), metadata)
+        message = str(exc).rstrip(".")
+        exc.args = (f"{message}. Case {case.name} ({layer}), {step_label(case, index, layer_idx)}.",)
 
 
 def assert_case_passes(results: list[StepResult], backend: Backend, case: BatchCase) -> None:

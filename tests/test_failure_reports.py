@@ -93,9 +93,10 @@ def test_a_backend_exception_shows_the_backends_frames_and_the_verdict_not_the_h
     assert re.search(r"planted_backends\.py:\d+: in forward\n    reshape_heads\(q\)", text), text
     assert re.search(r"planted_backends\.py:\d+: in reshape_heads\n    return q\.view\(-1, 7, 13\)", text), text
     assert "E   RuntimeError: shape '[-1, 7, 13]' is invalid" in text
-    assert ("E   pytest_attn.guard.BackendError: hd64-ragged (causal mask, scale 0.125, 8/8 heads x 64, bfloat16): "
-            "step 0: backend 'raises' (package planted_attn 0.1, entry point 'planted = planted_attn:BACKENDS') "
-            "raised in forward(): RuntimeError: shape '[-1, 7, 13]' is invalid") in text
+    assert ("E   pytest_attn.guard.BackendError: backend 'raises' (package planted_attn 0.1, entry point 'planted = "
+            "planted_attn:BACKENDS') raised in forward(): RuntimeError: shape '[-1, 7, 13]' is invalid") in text
+    assert "(the traceback above shows where). Case hd64-ragged (causal mask, scale 0.125, 8/8 heads x 64, " \
+        "bfloat16), step 0." in text
     assert "pytest_attn" + os.sep not in text and "test_correctness.py" not in text and "tensor(" not in text, text
     if where == "own test":  # the user's own test is theirs to see
         assert "test_mine.py:4: in test_case" in lines, text

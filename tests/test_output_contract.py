@@ -48,8 +48,9 @@ def test_a_view_of_out_with_another_shape_fails_naming_both_shapes(case_name):
 
 def test_the_failure_names_the_case_the_layer_the_cache_and_the_step():
     message = contract_error(ReturnsViewOfOut(), "llm-mixed-nhd")
-    assert message.startswith("llm-mixed-nhd (causal mask, scale 0.08839, 16/4 heads x 128, bfloat16, paged NHD "
-                              "cache, page 16): step 0: backend 'viewout'"), message
+    assert message.startswith("backend 'viewout' (planted_backends.ReturnsViewOfOut): forward() returned "), message
+    assert message.endswith(" Case llm-mixed-nhd (causal mask, scale 0.08839, 16/4 heads x 128, bfloat16, paged NHD "
+                            "cache, page 16), step 0."), message
 
 
 @pytest.mark.parametrize("make, expected", [
