@@ -277,7 +277,7 @@ def run_case(backend: Backend, case: BatchCase, *, device="cpu", seed: int = 0) 
         for layer_idx in range(case.num_layers):
             try:
                 results.append(_run_layer(backend, case, metadata, layer_idx, index, history, device, seed))
-            except (guard.BackendError, AttnCheckFailure) as exc:  # the backend broke the contract here
+            except (guard.BackendError, AttnCheckFailure) as exc:  # raised on this step: say which
                 name_the_step(exc, case, metadata, index, layer_idx)
                 raise
         for rid in step.finished:
