@@ -147,7 +147,8 @@ def run_forward(backend: Backend, q, k, v, metadata: AttentionMetadata, layer: L
     mismatches = guard.readback(backend, plan)
     if mismatches:
         raise AttnCheckFailure(f"backend {backend.name!r}: its plan and the live kernel disagree on "
-                               f"{metadata.describe()}:\n- " + "\n- ".join(mismatches),
+                               f"{metadata.describe()}, layer {layer.describe()}:\n- "
+                               + "\n- ".join(mismatches),
                                summary=f"plan and live kernel disagree: {mismatches[0]}")
     return Forward(plan, out, lse)
 
@@ -277,7 +278,7 @@ def run_case(backend: Backend, case: BatchCase, *, device="cpu", seed: int = 0) 
         for layer_idx in range(case.num_layers):
             try:
                 results.append(_run_layer(backend, case, metadata, layer_idx, index, history, device, seed))
-            except (guard.BackendError, AttnCheckFailure) as exc:  # raised on this step: say which
+            except guard.BackendError as exc:  # raised on this step: say which
                 name_the_step(exc, case, metadata, index, layer_idx)
                 raise
         for rid in step.finished:
@@ -371,16 +372,11 @@ def verdict_prefix(case: BatchCase, layer: LayerSpec, metadata: AttentionMetadat
 
 
 def name_the_step(exc: Exception, case: BatchCase, metadata: AttentionMetadata, index: int, layer_idx: int) -> None:
-    """Name the case, layer and step in an error raised while running a step (the same exception,
-    so its chain to the backend's own exception stays): a failed check starts with them, as every
-    verdict on a step does; a backend's error keeps its own start ("backend 'x' ...") and ends with them."""
-    if isinstance(exc, AttnCheckFailure):
-        prefix = verdict_prefix(case, case.layer(layer_idx), metadata, index, layer_idx)
-        exc.args, exc.summary = (prefix + str(exc),), prefix + exc.summary
-    else:
-        layer = layer_and_cache(case.layer(layer_idx), metadata)
-        message = str(exc).rstrip(".")
-        exc.args = (f"{message}. Case {case.name} ({layer}), {step_label(case, index, layer_idx)}.",)
+    """End a backend's error raised while running a step with the case, layer and step (the same
+    exception, so its chain to the backend's own exception stays; its first words stay its own)."""
+    layer = layer_and_cache(case.layer(layer_idx), metadata)
+    message = str(exc).rstrip(".")
+    exc.args = (f"{message}. Case {case.name} ({layer}), {step_label(case, index, layer_idx)}.",)
 
 
 def assert_case_passes(results: list[StepResult], backend: Backend, case: BatchCase) -> None:

@@ -199,3 +199,21 @@ def test_the_rerun_command_reruns_exactly_that_test_from_where_pytest_ran(pytest
     assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-2000:]
     assert re.search(r"^=+ 1 failed(, \d+ deselected)? in ", again.stdout, re.M), again.stdout[-2000:]
     assert verdicts(again.stdout) == verdicts(first.stdout.str()) != [], again.stdout[-3000:]
+
+
+def test_a_plan_the_live_kernel_disagrees_with_names_the_batch_and_the_layer():
+    """A readback mismatch is a failed check on a step: its message names the batch and the layer;
+    its one line stays what the differential prints ("plan and live kernel disagree: ...")."""
+    from planted_backends import Einsum
+
+    class Liar(Einsum):
+        def readback(self, plan):
+            return ["the live kernel ran with window_left 63, the plan said -1"]
+
+    backend, case = Liar(), CATALOG["llm-mixed-nhd"]
+    with pytest.raises(AttnCheckFailure) as info:
+        run_case(backend, case, seed=0)
+    assert info.value.summary == "plan and live kernel disagree: the live kernel ran with window_left 63, the plan said -1"
+    assert str(info.value).startswith("backend 'einsum': its plan and the live kernel disagree on 2 requests (2 ctx, 0 "
+                                      "gen), seq_lens [50, 20], paged cache (NHD, page 16), layer causal mask, scale "
+                                      "0.08839, 16/4 heads x 128, bfloat16:\n- the live kernel ran with"), str(info.value)
