@@ -111,42 +111,76 @@ def tolerance(backend: Backend, dtype: str) -> Tolerance:
 
 
 def forward(backend: Backend, q, k, v, metadata, plan_: Plan, out, lse: Optional[Any] = None):
+    """``backend.forward`` into the buffers given, checking what comes back: ``out`` itself (its
+    shape, dtype, device and storage), and with ``lse`` a buffer it wrote."""
     __tracebackhide__ = True
     kwargs = {"out": out} if lse is None else {"out": out, "lse": lse}
     result = call(backend, "forward", q, k, v, metadata, plan_, **kwargs)
-    problems = returned_problems(result, out)
+    problems = returned_problems(result, out, lse)
     if problems:
         raise BackendError(f"{who(backend)}: forward() returned {'; '.join(problems)}. The contract: write into the "
-                           f"`out` it is given ({describe_tensor(out)}) and return it")
+                           f"`out` it is given ({describe_tensor(out)}) and return it"
+                           + ("" if lse is None else f", and write the log-sum-exp into `lse` ({describe_tensor(lse)})"))
+    if lse is not None and lse.numel() and bool(lse.isnan().all()):
+        raise BackendError(f"{who(backend)}: forward() left the `lse` buffer it was given ({describe_tensor(lse)}) "
+                           "all NaN, as the suite filled it: unwritten. The contract: write each query's log-sum-exp "
+                           "into that buffer, not into one of its own")
     return result
 
 
 def describe_tensor(t) -> str:
-    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
+    return f"{tuple(t.shape)} {_dtype_name(t.dtype)} on {t.device}"
 
 
-def returned_problems(result, out) -> list[str]:
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_tensor(obj) -> bool:
+    return all(hasattr(obj, a) for a in ("shape", "dtype", "device", "data_ptr", "stride"))
+
+
+def returned_problems(result, out, lse=None) -> list[str]:
     """How what forward() returned differs from the `out` buffer it was given: each a phrase naming
-    what was expected and what came back. Empty when it is `out` (or a view equal to it)."""
+    what was expected and what came back. Empty when it is `out` (or a view equal to it). A pair
+    returned where `lse` was given is named as such, with what each of its two differs in."""
     if result is out:
         return []
-    if result is None or not all(hasattr(result, a) for a in ("shape", "dtype", "device", "data_ptr")):
+    if lse is not None and isinstance(result, (tuple, list)) and len(result) == 2:
+        return ([f"a {type(result).__name__} of two (out, lse), not `out` alone (the suite reads the log-sum-exp from "
+                 "the `lse` buffer it gives)"]
+                + [f"its first {p}" for p in _buffer_problems(result[0], out, "out")]
+                + [f"its second {p}" for p in _buffer_problems(result[1], lse, "lse")])
+    return _buffer_problems(result, out, "out")
+
+
+def _buffer_problems(result, buffer, name: str) -> list[str]:
+    if result is buffer:
+        return []
+    if not _is_tensor(result):
         return [f"{_describe(result)}, not a tensor"]
     problems = []
-    if tuple(result.shape) != tuple(out.shape):
-        problems.append(f"shape {tuple(result.shape)}, expected {tuple(out.shape)}")
-    if result.dtype != out.dtype:
-        problems.append(f"dtype {str(result.dtype).removeprefix('torch.')}, expected "
-                        f"{str(out.dtype).removeprefix('torch.')}")
-    if result.device != out.device:
-        problems.append(f"device {result.device}, expected {out.device}")
-    if not problems and (result.data_ptr() != out.data_ptr() or tuple(result.stride()) != tuple(out.stride())):
-        problems.append("a tensor that is not the `out` buffer it was given (another buffer, or a view of it laid "
-                        "out otherwise): the caller reads `out`")
+    if tuple(result.shape) != tuple(buffer.shape):
+        same_memory = result.device == buffer.device and result.data_ptr() == buffer.data_ptr()
+        problems.append(f"shape {tuple(result.shape)}, expected {tuple(buffer.shape)}"
+                        + (f" (a view of `{name}` with another shape: return `{name}` itself)" if same_memory else ""))
+    if result.dtype != buffer.dtype:
+        problems.append(f"dtype {_dtype_name(result.dtype)}, expected {_dtype_name(buffer.dtype)}")
+    if result.device != buffer.device:
+        problems.append(f"device {result.device}, expected {buffer.device}")
+    if not problems and (result.data_ptr() != buffer.data_ptr() or tuple(result.stride()) != tuple(buffer.stride())):
+        problems.append(f"a tensor that is not the `{name}` buffer it was given (another buffer, or a view of it laid "
+                        f"out otherwise): the caller reads `{name}`")
     return problems
 
 
 def _describe(obj) -> str:
+    """What came back, in a few words: a tensor by its shape, dtype and device, never its values."""
+    if _is_tensor(obj):
+        return f"a tensor {describe_tensor(obj)}"
+    if isinstance(obj, (tuple, list)):
+        shown = ", ".join(_describe(x) for x in obj[:3]) + (", ..." if len(obj) > 3 else "")
+        return f"a {type(obj).__name__} of {len(obj)} ({shown})"
     text = repr(obj)
     return text if len(text) <= 60 else text[:57] + "..."
 

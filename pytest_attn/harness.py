@@ -147,7 +147,8 @@ def run_forward(backend: Backend, q, k, v, metadata: AttentionMetadata, layer: L
     mismatches = guard.readback(backend, plan)
     if mismatches:
         raise AttnCheckFailure(f"backend {backend.name!r}: its plan and the live kernel disagree on "
-                               f"{metadata.describe()}:\n- " + "\n- ".join(mismatches),
+                               f"{metadata.describe()}, layer {layer.describe()}:\n- "
+                               + "\n- ".join(mismatches),
                                summary=f"plan and live kernel disagree: {mismatches[0]}")
     return Forward(plan, out, lse)
 
@@ -282,7 +283,11 @@ def run_case(backend: Backend, case: BatchCase, *, device="cpu", seed: int = 0) 
                     history[(layer_idx, new)] = ([_cat(ks)[:tokens]], [_cat(vs)[:tokens]])
             metadata = manager.prepare(step.seq_lens, step.request_ids, step.num_contexts)
         for layer_idx in range(case.num_layers):
-            results.append(_run_layer(backend, case, metadata, layer_idx, index, history, device, seed))
+            try:
+                results.append(_run_layer(backend, case, metadata, layer_idx, index, history, device, seed))
+            except guard.BackendError as exc:  # raised on this step: say which
+                name_the_step(exc, case, metadata, index, layer_idx)
+                raise
         for rid in step.finished:
             for layer_idx in range(case.num_layers):
                 history.pop((layer_idx, rid), None)
@@ -356,6 +361,31 @@ def _eps(t) -> float:
 MAX_STEPS_SHOWN = 3  # failing steps a report details; the rest are counted
 
 
+def layer_and_cache(layer: LayerSpec, metadata: AttentionMetadata) -> str:
+    """What a failure names beside the case: the layer (mask, window, soft-cap, sinks, scale, heads,
+    dtypes) and, with a cache, its layout and page size."""
+    if metadata.has_cache:
+        return f"{layer.describe()}, paged {metadata.kv_cache_manager.layout} cache, page {metadata.page_size}"
+    return layer.describe() + (", cross-attention" if metadata.is_cross else "")
+
+
+def step_label(case: BatchCase, index: int, layer_idx: int) -> str:
+    return f"step {index}" + (f", layer {layer_idx}" if case.num_layers > 1 else "")
+
+
+def verdict_prefix(case: BatchCase, layer: LayerSpec, metadata: AttentionMetadata, index: int, layer_idx: int) -> str:
+    """'case (layer, cache): step N: ', the start of every one-line verdict on a step."""
+    return f"{case.name} ({layer_and_cache(layer, metadata)}): {step_label(case, index, layer_idx)}: "
+
+
+def name_the_step(exc: Exception, case: BatchCase, metadata: AttentionMetadata, index: int, layer_idx: int) -> None:
+    """End a backend's error raised while running a step with the case, layer and step (the same
+    exception, so its chain to the backend's own exception stays; its first words stay its own)."""
+    layer = layer_and_cache(case.layer(layer_idx), metadata)
+    message = str(exc).rstrip(".")
+    exc.args = (f"{message}. Case {case.name} ({layer}), {step_label(case, index, layer_idx)}.",)
+
+
 def assert_case_passes(results: list[StepResult], backend: Backend, case: BatchCase) -> None:
     """Raise AttnCheckFailure unless every step passed. Its first line is the one-line verdict (the
     case, the step, the layer, what failed); the next lines detail the first failing steps."""
@@ -364,15 +394,18 @@ def assert_case_passes(results: list[StepResult], backend: Backend, case: BatchC
     if not failures:
         return
     where = "step" if case.num_layers == 1 else "step/layer"
-    details, summary = [], None
+    details, summary, first_layer = [], None, None
     for r in failures:
-        label = f"step {r.index}" + (f", layer {r.layer_idx}" if case.num_layers > 1 else "")
         found = ([r.comparison.summary()] if not r.comparison.passed else []) + \
             [solo.message() for solo in r.solo if not solo.passed]
-        summary = summary or f"{case.name} ({r.plan.layer.describe()}): {label}: {found[0]}"
+        layer = case.layer(r.layer_idx)
+        summary = summary or verdict_prefix(case, layer, r.metadata, r.index, r.layer_idx) + found[0]
+        first_layer = first_layer or layer
         if len(details) < MAX_STEPS_SHOWN:
-            lines = [f"- {label}: {r.metadata.describe()}", f"  layer: {r.plan.layer.describe()}",
-                     f"  plan: {r.plan.describe()}"]
+            lines = [f"- {step_label(case, r.index, r.layer_idx)}: {r.metadata.describe()}"]
+            if layer != first_layer:  # the verdict's first line names the first failing step's layer
+                lines.append(f"  layer: {layer.describe()}")
+            lines.append(f"  plan: {r.plan.describe()}")
             if not r.comparison.passed:
                 lines.append("  " + r.comparison.message().replace("\n", "\n  "))
             lines += ["  " + solo.message() for solo in r.solo if not solo.passed]

@@ -382,3 +382,33 @@ def test_as_stored_in_cache_fp8_matches_torch_conversion_in_range(scale):
         got = as_stored_in_cache(t, layer, which)
         assert torch.equal(got, want)
         assert got.abs().max() <= 448 * s
+
+
+# -- the wording of a failure (issue 17) ---------------------------------------------------------------
+def test_a_masking_bug_is_not_summarised_as_a_scale():
+    """An output computed without the causal mask moves every row toward the mean of all values:
+    its slope along the answer is large (-0.77 on vit-causal, which the suite once printed as "the
+    output is scaled by about 0.23069"). Past the elementwise bound the slope says nothing the bound
+    does not: neither the summary nor the message mentions a bias or a scale."""
+    causal = LayerSpec(16, 16, 80, "bfloat16", "causal")
+    q, k, v = make_qkv(300, causal, "cpu", 3)
+    high = reference_attention(q, [k], [v], [300], causal)
+    low = reference_attention(q, [k], [v], [300], causal, precision="low")
+    unmasked = reference_attention(q, [k], [v], [300], LayerSpec(16, 16, 80, "bfloat16", "full"), precision="low")
+    result = compare(unmasked.to(torch.bfloat16), high, low, Tolerance())
+    assert not result.elementwise_passed and not result.bias_passed and result.bias < -0.5  # the slope is there
+    assert result.summary().startswith("max |out - ref| = ") and "EXCEEDS" in result.summary()
+    for text in (result.summary(), result.message()):
+        assert "bias" not in text and "scale" not in text and "factor" not in text, text
+
+
+def test_the_bias_line_names_a_scale_only_within_the_elementwise_bound():
+    layer = LayerSpec(16, 16, 80, "bfloat16", "full")
+    q, k, v = make_qkv(256, layer, "cpu", 7)
+    high = reference_attention(q, [k], [v], [256], layer)
+    low = reference_attention(q, [k], [v], [256], layer, precision="low")
+    slight = compare((high * 1.002).to(torch.bfloat16), high, low, Tolerance())
+    assert slight.elementwise_passed and "within the elementwise bound" in slight.summary()
+    assert "as from a wrong scale" in slight.summary() and slight.message().count("systematic bias") == 1
+    gross = compare((high * 0.5).to(torch.bfloat16), high, low, Tolerance())
+    assert not gross.elementwise_passed and "systematic bias" not in gross.message()
