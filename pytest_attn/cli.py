@@ -283,7 +283,7 @@ def _seed_backend_names(args) -> tuple[list[str], bool]:
 def _seed_backends(args, registry) -> SeedBackends:
     """The backends to time; those that are unavailable here or broken, with the reason."""
     from . import guard
-    from .differential import broken_reason
+    from .registry import broken_reason
 
     names, given = _seed_backend_names(args)
     backends = _resolve(names, registry) if given else [registry.get(n) for n in names if n in registry.names]

@@ -124,20 +124,10 @@ def backend_trace(exc: BaseException) -> str:
     return "".join(found.format())
 
 
-def broken_reason(backend: Backend, availability: Availability) -> str:
-    """Why a backend cannot be used at all (its package failed to import, it names no Backend, or
-    its available() raised or returned the wrong kind); "" for a usable one, available or not."""
-    from .guard import BrokenAvailability
-    from .registry import UnusableBackend
-
-    if isinstance(availability, BrokenAvailability) or isinstance(backend, UnusableBackend):
-        return availability.reason
-    return ""
-
-
 def run_backend(backend: Backend, case: BatchCase, availability: Availability, *, device, seed: int) -> BackendRun:
     """One backend's row: skipped (unavailable, or cannot run the case), broken, or its outputs."""
     from .harness import run_case
+    from .registry import broken_reason
 
     run = BackendRun(backend.name)
     broken = broken_reason(backend, availability)

@@ -81,7 +81,7 @@ def report(registry) -> list[str]:
     """The environment, then every registered backend (a broken one with what broke, the others
     all the same), then the registry's problems (a name registered twice)."""
     from . import guard
-    from .differential import broken_reason
+    from .registry import broken_reason
 
     lines = environment_lines() + [""]
     for backend in registry.resolve(["all"]):

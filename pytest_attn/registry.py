@@ -68,6 +68,14 @@ class UnusableBackend(Backend):
         raise guard.BackendError(self.reason)
 
 
+def broken_reason(backend: Backend, availability: Availability) -> str:
+    """Why a backend cannot be used at all (its package failed to import, it names no Backend, or
+    its available() raised or returned the wrong kind); "" for a usable one, available or not."""
+    if isinstance(availability, guard.BrokenAvailability) or isinstance(backend, UnusableBackend):
+        return availability.reason
+    return ""
+
+
 class _NotABackend(Exception):
     pass
 

@@ -17,7 +17,7 @@ from . import guard
 from .contract import Availability, Backend
 from .errors import AttnInputError
 from .layer import dtype_name
-from .registry import Registry, UnusableBackend
+from .registry import Registry, broken_reason
 
 CPU_MAX_TOKENS = 2048  # default --attn-max-tokens on CPU: keeps the reference quick
 
@@ -89,9 +89,9 @@ class AttnSession:
         """A named backend that is broken (its package fails to import, names no Backend, or its
         available() raises) is a usage error, not a skip: the run would test nothing of it."""
         for backend in self.named:
-            availability = self.availability(backend)
-            if isinstance(availability, guard.BrokenAvailability) or isinstance(backend, UnusableBackend):
-                raise AttnInputError(f"--attn-backend={backend.name} cannot be used: {availability.reason}")
+            problem = broken_reason(backend, self.availability(backend))
+            if problem:
+                raise AttnInputError(f"--attn-backend={backend.name} cannot be used: {problem}")
 
     def selects(self, prefix: str) -> bool:
         """Whether a selected backend is named ``prefix`` or ``prefix-...`` (a variant)."""
