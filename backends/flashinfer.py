@@ -27,11 +27,11 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from pytest_attn import torch_build
-from pytest_attn.contract import Availability, Backend, Capabilities, LayerSpec, Plan
-from pytest_attn.errors import AttnInputError, UnsupportedCase
-from pytest_attn.metadata import AttentionMetadata
-from pytest_attn.packages import flashinfer_version
+from pytest_attn.env import torch_build
+from pytest_attn.core.contract import Availability, Backend, Capabilities, LayerSpec, Plan
+from pytest_attn.core.errors import AttnInputError, UnsupportedCase
+from pytest_attn.core.metadata import AttentionMetadata
+from pytest_attn.env.packages import flashinfer_version
 
 RAGGED = "BatchPrefillWithRaggedKVCacheWrapper"
 PAGED_PREFILL = "BatchPrefillWithPagedKVCacheWrapper"

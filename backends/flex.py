@@ -33,10 +33,10 @@ from __future__ import annotations
 import sys
 import warnings
 
-from pytest_attn import torch_build
-from pytest_attn.contract import (FUSED_FLOAT32_TOLERANCE, Availability, Backend, Capabilities, LayerSpec, Plan,
+from pytest_attn.env import torch_build
+from pytest_attn.core.contract import (FUSED_FLOAT32_TOLERANCE, Availability, Backend, Capabilities, LayerSpec, Plan,
                                   Tolerance)
-from pytest_attn.metadata import AttentionMetadata
+from pytest_attn.core.metadata import AttentionMetadata
 
 #: The torch release that first shipped torch.nn.attention.flex_attention.
 MIN_TORCH = "2.5"

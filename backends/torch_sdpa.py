@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pytest_attn import torch_build
-from pytest_attn.contract import (FUSED_FLOAT32_TOLERANCE, Availability, Backend, Capabilities, LayerSpec, Plan,
+from pytest_attn.env import torch_build
+from pytest_attn.core.contract import (FUSED_FLOAT32_TOLERANCE, Availability, Backend, Capabilities, LayerSpec, Plan,
                                   Tolerance)
-from pytest_attn.metadata import AttentionMetadata
+from pytest_attn.core.metadata import AttentionMetadata
 
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 _HALF = ("float16", "bfloat16")

@@ -1,45 +1,29 @@
 """pytest-attn: a pytest plugin and validation suite for attention backends.
 
 The public names are imported lazily, so ``import pytest_attn`` (and loading the plugin) imports
-neither torch nor any backend library.
+neither torch nor any backend library. ARCHITECTURE.md maps the subpackages.
 """
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Backend": "contract", "Plan": "contract", "Capabilities": "contract", "LayerSpec": "contract",
-    "Tolerance": "contract", "FUSED_FLOAT32_TOLERANCE": "contract", "Availability": "contract",
-    "AttentionMetadata": "metadata", "PagedKVCacheManager": "kv_cache",
-    "AttnError": "errors", "AttnInputError": "errors", "UnsupportedCase": "errors", "CacheFullError": "errors",
-    "UnknownBackendError": "errors", "AttnCheckFailure": "errors", "AttnDeprecationWarning": "errors",
-    "BatchCase": "cases", "CATALOG": "catalog", "select": "catalog",
-    "reference_attention": "reference", "compare": "reference", "POISON": "reference",
-    "run_case": "harness", "assert_case_passes": "harness", "run_forward": "harness",
-    "compare_with_reference": "harness", "Forward": "harness", "Registry": "registry",
+    "Backend": "core.contract", "Plan": "core.contract", "Capabilities": "core.contract",
+    "LayerSpec": "core.contract", "Tolerance": "core.contract", "FUSED_FLOAT32_TOLERANCE": "core.contract",
+    "Availability": "core.contract", "AttentionMetadata": "core.metadata", "PagedKVCacheManager": "core.kv_cache",
+    "AttnError": "core.errors", "AttnInputError": "core.errors", "UnsupportedCase": "core.errors",
+    "CacheFullError": "core.errors", "UnknownBackendError": "core.errors", "AttnCheckFailure": "core.errors",
+    "AttnDeprecationWarning": "core.errors",
+    "BatchCase": "cases.case", "CATALOG": "cases.catalog", "select": "cases.catalog",
+    "reference_attention": "check.reference", "compare": "check.reference", "POISON": "check.reference",
+    "run_case": "check.harness", "assert_case_passes": "check.harness", "run_forward": "check.harness",
+    "compare_with_reference": "check.harness", "Forward": "check.harness", "Registry": "env.registry",
 }
 # The names and the signatures a backend author calls are listed in docs/api.md and snapshotted by
 # tests/test_api_surface.py: a change there is a deliberate edit with a CHANGELOG.md line.
 __all__ = sorted(_EXPORTS)
-
-
-class _Package(types.ModuleType):
-    """The package, whose exported names keep their meaning: importing the submodule
-    ``pytest_attn.compare`` (saved benchmark runs, for the CLI) would otherwise set the package's
-    ``compare`` to that module, replacing the exported ``reference.compare`` depending on what was
-    imported first. ``from pytest_attn.compare import ...`` still reads the submodule."""
-
-    def __setattr__(self, name, value):
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):

@@ -6,7 +6,7 @@ import textwrap
 
 #: A test file for pytester runs: every selected backend on every selected catalog case.
 CASE_TEST = """
-from pytest_attn.harness import assert_case_passes, run_case
+from pytest_attn.check.harness import assert_case_passes, run_case
 
 def test_case(attn_backend, attn_case, attn_device, attn_seed):
     assert_case_passes(run_case(attn_backend, attn_case, device=attn_device, seed=attn_seed), attn_backend, attn_case)
@@ -31,7 +31,7 @@ def write_backend_package(pytester, module: str, source: str, entry_points: dict
 # A backend that delegates to the torch backend under another name, one that is never available,
 # one that supports only head_dim 64, and one that forgets to write its last request.
 DEMO_BACKENDS = '''
-from pytest_attn.contract import Availability, Capabilities
+from pytest_attn.core.contract import Availability, Capabilities
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 
 

@@ -27,8 +27,8 @@ def flex_compilation_imported():
     pytester takes its snapshot of sys.modules), and what it imports stays for every inner run."""
     import warnings
 
-    from pytest_attn.catalog import CATALOG
-    from pytest_attn.harness import run_case
+    from pytest_attn.cases.catalog import CATALOG
+    from pytest_attn.check.harness import run_case
     from pytest_attn_backends.flex import BACKENDS
 
     flex = BACKENDS[0]

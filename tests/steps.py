@@ -2,8 +2,8 @@
 every GPU backend's plan for a step must pass."""
 import pytest
 
-from pytest_attn.errors import UnsupportedCase
-from pytest_attn.kv_cache import PagedKVCacheManager
+from pytest_attn.core.errors import UnsupportedCase
+from pytest_attn.core.kv_cache import PagedKVCacheManager
 
 
 def paged_step(seq_lens, cached_lens, *, layout="NHD", kv_heads=8, head_dim=128, page_size=16, dtype="bfloat16"):

@@ -20,7 +20,7 @@ API_DOC = ROOT / "docs" / "api.md"
 CHANGELOG = ROOT / "CHANGELOG.md"
 
 #: (module, class or function) a backend author calls, beyond the classes pytest_attn exports.
-EXTRA = (("pytest_attn.reference", "as_stored_in_cache"), ("pytest_attn.reference", "Comparison"))
+EXTRA = (("pytest_attn.check.reference", "as_stored_in_cache"), ("pytest_attn.check.reference", "Comparison"))
 
 
 def _default(value) -> str:
@@ -118,7 +118,7 @@ def test_the_api_surface_matches_its_snapshot():
 
 
 def test_a_changed_signature_fails_with_what_to_do(monkeypatch):
-    import pytest_attn.harness as harness
+    import pytest_attn.check.harness as harness
 
     def compare_with_reference(backend, out, q, keys, values, metadata, layer):  # the form before 0.2
         pass
@@ -155,9 +155,8 @@ def test_the_changelog_has_an_unreleased_section_naming_each_deprecation():
 
 def test_an_exported_name_keeps_its_meaning_whatever_was_imported_first():
     import pytest_attn
-    import pytest_attn.compare  # noqa: F401  (the saved-runs module, whose name is an export's)
-    from pytest_attn.compare import load_runs  # noqa: F401  (the submodule still imports)
-    from pytest_attn.reference import compare
+    import pytest_attn.bench.compare  # noqa: F401  (the saved-runs module, once pytest_attn.compare)
+    from pytest_attn.check.reference import compare
 
     assert pytest_attn.compare is compare
 

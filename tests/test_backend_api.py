@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from pytest_attn import CATALOG, AttentionMetadata, Backend, Capabilities, LayerSpec, Plan, assert_case_passes, run_case
-from pytest_attn.batch import build_batch
-from pytest_attn.errors import AttnDeprecationWarning
-from pytest_attn.harness import compare_with_reference, run_forward
-from pytest_attn.registry import Registry
+from pytest_attn.check.batch import build_batch
+from pytest_attn.core.errors import AttnDeprecationWarning
+from pytest_attn.check.harness import compare_with_reference, run_forward
+from pytest_attn.env.registry import Registry
 
 
 def test_with_a_cache_kv_rows_follow_the_new_tokens_and_cu_kv_lens_count_cached_plus_new():

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from pytest_attn.bench import (BenchSettings, ReplayClock, attended_pairs, attention_flops, bench_max_tokens,
+from pytest_attn.bench.measure import (BenchSettings, ReplayClock, attended_pairs, attention_flops, bench_max_tokens,
                                compare_machine_info, machine_key)
-from pytest_attn.contract import LayerSpec
-from pytest_attn.metadata import AttentionMetadata
-from pytest_attn.timing import GRAPH_MODES, measure_call
+from pytest_attn.core.contract import LayerSpec
+from pytest_attn.core.metadata import AttentionMetadata
+from pytest_attn.bench.timing import GRAPH_MODES, measure_call
 
 FAST = ["--attn-bench-iters=5", "--attn-bench-warmup=1", "-p", "no:cacheprovider"]
 
@@ -22,8 +22,8 @@ SLEEPY_TEST = '''
 import os
 import time
 
-from pytest_attn.contract import Backend, Plan
-from pytest_attn.fixtures import build_batch
+from pytest_attn.core.contract import Backend, Plan
+from pytest_attn.plugin.fixtures import build_batch
 
 CALLS = []
 
@@ -121,7 +121,7 @@ def test_replay_clock_moves_only_by_samples():
     clock = ReplayClock([0.5, 0.25], "cuda-graph")
     before = clock()
     clock.advance()
-    assert clock() - before == 0.5 and clock.__name__ == "pytest_attn.timing[cuda-graph]"
+    assert clock() - before == 0.5 and clock.__name__ == "pytest_attn.bench.timing[cuda-graph]"
 
 
 def test_bench_max_tokens_is_small_on_cpu_unless_asked():
@@ -164,7 +164,7 @@ def test_rows_hold_device_time_and_extra_info(pytester, monkeypatch):
     assert data["machine_info"]["attn"]["device"] == "cpu" and data["machine_info"]["attn"]["torch"]
     (row,) = data["benchmarks"]
     info, stats = row["extra_info"], row["stats"]
-    assert stats["rounds"] == 5 and row["options"]["timer"] == "pytest_attn.timing[wall-clock]"
+    assert stats["rounds"] == 5 and row["options"]["timer"] == "pytest_attn.bench.timing[wall-clock]"
     assert info["backend"] == "sleepy" and info["plan"] == "sleep[python] NHD tokens no cache"
     assert info["plan_dict"]["kernel"] == "sleep" and info["plan_dict"]["layer"]["head_dim"] == 8
     assert info["seq_lens"] == [8, 4] and info["tokens"] == 12 and info["dtype"] == "bfloat16"
@@ -209,8 +209,8 @@ def test_disabled_benchmarks_run_the_call_once(pytester, monkeypatch):
 
 def test_unsupported_case_skips_with_the_reason(pytester):
     pytester.makepyfile(test_unsupported='''
-        from pytest_attn.contract import Backend, Capabilities
-        from pytest_attn.fixtures import build_batch
+        from pytest_attn.core.contract import Backend, Capabilities
+        from pytest_attn.plugin.fixtures import build_batch
 
         class CudaOnly(Backend):
             name = "cuda-only"
@@ -233,7 +233,7 @@ def test_gate_refuses_a_baseline_from_another_gpu(pytester, monkeypatch):
     pytester.makeconftest(CHEAP_MACHINE_INFO + '''
 
 def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
-    from pytest_attn.bench import compare_machine_info
+    from pytest_attn.bench.measure import compare_machine_info
 
     compare_machine_info(config, benchmarksession, machine_info, compared_benchmark)
 ''')
@@ -265,7 +265,7 @@ NOT_ASKING = ([], ["--benchmark-skip"], ["--benchmark-skip", "--benchmark-json=x
                                     ["--benchmark-save=base"], ["--benchmark-skip", "--benchmark-only"],
                                     ["-m", "attn_bench", "--benchmark-skip"]])
 def test_which_options_ask_for_benchmarks(pytester, asking):
-    from pytest_attn.bench import benchmarks_asked
+    from pytest_attn.bench.measure import benchmarks_asked
 
     assert benchmarks_asked(pytester.parseconfigure(*asking)) == (asking not in NOT_ASKING)
 
@@ -299,7 +299,7 @@ def test_without_pytest_benchmark_the_attention_benchmarks_are_skipped_with_the_
 BROKEN_BACKENDS = '''
 import torch
 
-from pytest_attn.contract import Backend, Plan
+from pytest_attn.core.contract import Backend, Plan
 
 
 class Copies(Backend):
@@ -339,9 +339,9 @@ def broken_backends():
 
 @pytest.mark.parametrize("breaks", BREAKS)
 def test_measure_backend_names_a_broken_backend(broken_backends, breaks):
-    from pytest_attn.bench import measure_backend
-    from pytest_attn.batch import build_batch
-    from pytest_attn.guard import BackendError
+    from pytest_attn.bench.measure import measure_backend
+    from pytest_attn.check.batch import build_batch
+    from pytest_attn.core.calls import BackendError
 
     batch = build_batch([8, 4], num_heads=2, head_dim=8)
     with pytest.raises(BackendError) as raised:
@@ -355,7 +355,7 @@ def test_a_broken_backend_fails_its_benchmark_with_its_name(pytester):
     pytester.makepyfile(test_broken=BROKEN_BACKENDS + '''
 
 import pytest
-from pytest_attn.batch import build_batch
+from pytest_attn.check.batch import build_batch
 
 @pytest.mark.parametrize("breaks", [None, "later-forward"])
 def test_speed(attn_benchmark, breaks):

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backend_packages import write_backend_package
-from pytest_attn import cli
-from pytest_attn.catalog import CATALOG
-from pytest_attn.differential import differential
+from pytest_attn.cli import main as cli
+from pytest_attn.cases.catalog import CATALOG
+from pytest_attn.check.differential import differential
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 
 CASE = CATALOG["hd64-ragged"]
@@ -141,7 +141,7 @@ def test_random_bad_cli_arguments_are_one_line_and_exit_4(capsys, args):
     (["differential", "hd64-ragged", "--backends", ""], "pytest-attn differential: argument --backends: is empty"),
 ])
 def test_the_reported_bad_arguments_exit_4_in_one_line_from_a_real_process(argv, message):
-    done = subprocess.run([sys.executable, "-m", "pytest_attn.cli", *argv, "--device", "cpu"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "pytest_attn.cli.main", *argv, "--device", "cpu"], capture_output=True,
                           text=True)
     assert done.returncode == 4, done.stderr
     assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr

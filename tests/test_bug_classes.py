@@ -2,8 +2,8 @@
 
 Each test builds a deliberately buggy backend that reproduces the *mechanism* of a real bug from
 ``shared/research/bug-corpus.md`` (section 1 rows #N; "also seen" items from section 2), runs the
-catalog case named for that bug class through :func:`~pytest_attn.harness.run_case` and
-:func:`~pytest_attn.harness.assert_case_passes`, and requires it to FAIL, by the check the test
+catalog case named for that bug class through :func:`~pytest_attn.check.harness.run_case` and
+:func:`~pytest_attn.check.harness.assert_case_passes`, and requires it to FAIL, by the check the test
 names, on every seed it is given, while a correct backend passes the same case with the same
 seed: the case discriminates. Where it helps, a test also runs the mutant on a case
 that cannot show its bug (plain decode for a speculative-decoding bug, one KV head for a GQA
@@ -29,13 +29,13 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-from pytest_attn.catalog import CATALOG  # noqa: E402
-from pytest_attn.errors import AttnCheckFailure, AttnError  # noqa: E402
-from pytest_attn.guard import BackendError  # noqa: E402
-from pytest_attn.harness import assert_case_passes, run_case  # noqa: E402
-from pytest_attn.kv_cache import PagedKVCacheManager  # noqa: E402
-from pytest_attn.layer import torch_dtype  # noqa: E402
-from pytest_attn.metadata import pages_for  # noqa: E402
+from pytest_attn.cases.catalog import CATALOG  # noqa: E402
+from pytest_attn.core.errors import AttnCheckFailure, AttnError  # noqa: E402
+from pytest_attn.core.calls import BackendError  # noqa: E402
+from pytest_attn.check.harness import assert_case_passes, run_case  # noqa: E402
+from pytest_attn.core.kv_cache import PagedKVCacheManager  # noqa: E402
+from pytest_attn.core.layer import torch_dtype  # noqa: E402
+from pytest_attn.core.metadata import pages_for  # noqa: E402
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend  # noqa: E402
 
 SEEDS = (0, 1, 2)

@@ -3,11 +3,11 @@ import dataclasses
 
 import pytest
 
-from pytest_attn.cases import LAYER_OVERRIDABLE, BatchCase, Step, sink_logits
-from pytest_attn.catalog import CATALOG
-from pytest_attn.errors import AttnInputError
-from pytest_attn.harness import step_metadata
-from pytest_attn.layer import LayerSpec
+from pytest_attn.cases.case import LAYER_OVERRIDABLE, BatchCase, Step, sink_logits
+from pytest_attn.cases.catalog import CATALOG
+from pytest_attn.core.errors import AttnInputError
+from pytest_attn.check.harness import step_metadata
+from pytest_attn.core.layer import LayerSpec
 
 
 def schedule(case):

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from pytest_attn import cli, fidelity
-from pytest_attn.compare import Crossover, crossovers, load_runs
+from pytest_attn.cli import main as cli
+from pytest_attn.bench import fidelity
+from pytest_attn.bench.compare import Crossover, crossovers, load_runs
 
 SEQ = (128, 256, 512, 1024, 2048)
 H100 = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_capability": "9.0", "torch": "2.11.0", "cuda": "13.0",
@@ -147,7 +148,7 @@ def test_seed_table_names_the_registered_backends_for_an_unknown_one(capsys):
 
 
 def test_cases_lists_the_catalog_without_importing_torch():
-    code = ("import sys; from pytest_attn import cli; cli.main(['cases', 'vit']); "
+    code = ("import sys; from pytest_attn.cli.main import main; main(['cases', 'vit']); "
             "assert 'torch' not in sys.modules, 'pytest-attn cases imported torch'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -175,7 +176,8 @@ def test_flashinfer_unpacked_without_metadata_is_reported_by_its_module_version(
     # report and the benchmarks' machine_info must not say it is missing.
     from types import SimpleNamespace
 
-    from pytest_attn import info, packages
+    from pytest_attn.cli import backends_info as info
+    from pytest_attn.env import packages
 
     real_version = packages.version
 

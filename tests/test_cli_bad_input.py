@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_attn import cli
-from pytest_attn.catalog import CATALOG
-from pytest_attn.registry import Registry
+from pytest_attn.cli import main as cli
+from pytest_attn.cases.catalog import CATALOG
+from pytest_attn.env.registry import Registry
 
 REGISTERED = set(Registry.discover().names) | {"all"}
 KNOWN_CASE_WORDS = set(CATALOG) | {t for c in CATALOG.values() for t in c.tags}
@@ -129,7 +129,7 @@ def test_one_line_writes_out_every_line_break():
      "pytest-attn seed-table: --graph on times CUDA-graph replays and a CPU has none; leave it out"),
 ])
 def test_a_real_process_exits_4_with_one_line(argv, message, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pytest_attn.cli", *argv], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "pytest_attn.cli.main", *argv], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 4, done.stderr
     assert re.fullmatch(r"[^\n]+\n", done.stderr) and done.stderr.startswith(message), done.stderr

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from pytest_attn.contract import LayerSpec, Tolerance
-from pytest_attn.errors import AttnInputError
-from pytest_attn.harness import make_qkv
-from pytest_attn.reference import POISON, compare, compare_lse, reference_attention
+from pytest_attn.core.contract import LayerSpec, Tolerance
+from pytest_attn.core.errors import AttnInputError
+from pytest_attn.check.harness import make_qkv
+from pytest_attn.check.reference import POISON, compare, compare_lse, reference_attention
 
 
 def refs(dtype="bfloat16", tokens=64, heads=4, dim=32, seed=1, **layer_kw):

@@ -9,13 +9,13 @@ import pytest
 import torch
 from backend_packages import CASE_TEST
 
-from pytest_attn import harness
-from pytest_attn.contract import LayerSpec
+from pytest_attn.check import harness
+from pytest_attn.core.contract import LayerSpec
 
 RECORD_INPUTS = """
 import hashlib, json, os
 import pytest
-from pytest_attn import harness
+from pytest_attn.check import harness
 
 @pytest.fixture(autouse=True)
 def record_inputs(monkeypatch, request):

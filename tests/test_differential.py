@@ -6,10 +6,10 @@ import math
 import pytest
 
 from backend_packages import write_backend_package
-from pytest_attn import cli
-from pytest_attn.catalog import CATALOG
-from pytest_attn.contract import Availability
-from pytest_attn.differential import differential
+from pytest_attn.cli import main as cli
+from pytest_attn.cases.catalog import CATALOG
+from pytest_attn.core.contract import Availability
+from pytest_attn.check.differential import differential
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 
 CASE = CATALOG["hd64-ragged"]
@@ -99,7 +99,7 @@ def test_every_backend_keeps_its_row_in_order_unavailable_skipped_and_broken_ava
 
 # -- the suite's test_backends_agree ---------------------------------------------------------------------------
 PLANTED = """
-from pytest_attn.contract import Availability
+from pytest_attn.core.contract import Availability
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 
 class AssertsInForward(TorchSDPABackend):

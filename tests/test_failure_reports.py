@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 from backend_packages import CASE_TEST  # noqa: E402
 from planted_backends import IgnoresCausalMask, write_planted_package  # noqa: E402
 
-from pytest_attn.catalog import CATALOG  # noqa: E402
-from pytest_attn.errors import AttnCheckFailure  # noqa: E402
-from pytest_attn.harness import assert_case_passes, run_case  # noqa: E402
+from pytest_attn.cases.catalog import CATALOG  # noqa: E402
+from pytest_attn.core.errors import AttnCheckFailure  # noqa: E402
+from pytest_attn.check.harness import assert_case_passes, run_case  # noqa: E402
 
 SUITE = ("--attn-suite=on", "-p", "no:cacheprovider", "-k", "not test_backends_agree")  # the differential aside
 
@@ -93,7 +93,7 @@ def test_a_backend_exception_shows_the_backends_frames_and_the_verdict_not_the_h
     assert re.search(r"planted_backends\.py:\d+: in forward\n    reshape_heads\(q\)", text), text
     assert re.search(r"planted_backends\.py:\d+: in reshape_heads\n    return q\.view\(-1, 7, 13\)", text), text
     assert "E   RuntimeError: shape '[-1, 7, 13]' is invalid" in text
-    assert ("E   pytest_attn.guard.BackendError: backend 'raises' (package planted_attn 0.1, entry point 'planted = "
+    assert ("E   pytest_attn.core.calls.BackendError: backend 'raises' (package planted_attn 0.1, entry point 'planted = "
             "planted_attn:BACKENDS') raised in forward(): RuntimeError: shape '[-1, 7, 13]' is invalid") in text
     assert "(the traceback above shows where). Case hd64-ragged (causal mask, scale 0.125, 8/8 heads x 64, " \
         "bfloat16), step 0." in text
@@ -108,7 +108,7 @@ def test_full_trace_still_shows_everything(pytester, planted):
     pytester.makepyfile(test_mine=CASE_TEST)
     short = pytester.runpytest("--attn-backend=raises", "--attn-cases=hd64-ragged").stdout.str()
     full = pytester.runpytest("--attn-backend=raises", "--attn-cases=hd64-ragged", "--full-trace").stdout.str()
-    assert "harness.py" not in short and "harness.py" in full and "guard.py" in full
+    assert "harness.py" not in short and "harness.py" in full and "calls.py" in full
 
 
 # -- the closing section and pytest's short summary ------------------------------------------------------
@@ -130,7 +130,7 @@ def test_the_short_summary_gives_one_line_per_failure_and_the_closing_section_th
     failed = [line for line in short.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 3 and len(short.strip().splitlines()) == 1 + 3 + 1, short  # nothing but those lines
     for line in failed:
-        assert re.search(r"::test_case\[nocausal-(\S+)\] - pytest_attn\.errors\.AttnCheckFailure: \1 \(causal mask, "
+        assert re.search(r"::test_case\[nocausal-(\S+)\] - pytest_attn\.AttnCheckFailure: \1 \(causal mask, "
                          r".*\): step 0: max \|out - ref\| = \S+ EXCEEDS the allowed \S+; relative L2 error \S+$", line)
     reruns = [line for line in closing.splitlines() if line.startswith("  rerun: ")]
     assert [r.split("[")[1].split("]")[0] for r in reruns] == [f"nocausal-{c}" for c in CAUSAL_CASES.split(",")]
@@ -143,7 +143,7 @@ def test_the_short_summary_gives_one_line_per_failure_and_the_closing_section_th
 def test_with_tb_no_the_closing_section_lists_every_rerun(pytester, planted, monkeypatch):
     """Past MAX_FAILURES_SHOWN the section points at the reports' own rerun commands; with --tb=no
     there are no reports, so it lists them all."""
-    monkeypatch.setattr("pytest_attn.summary.MAX_FAILURES_SHOWN", 1)
+    monkeypatch.setattr("pytest_attn.plugin.summary.MAX_FAILURES_SHOWN", 1)
     pytester.makepyfile(test_mine=CASE_TEST)
     capped = pytester.runpytest("--attn-backend=nocausal", f"--attn-cases={CAUSAL_CASES}")
     assert capped.stdout.str().count("  rerun: ") == 1

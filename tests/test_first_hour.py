@@ -79,7 +79,7 @@ UNRELATED_CONFTEST = """
 import sys
 
 def pytest_sessionfinish(session):
-    leaked = [m for m in ("torch", "pytest_attn_backends", "pytest_attn.session") if m in sys.modules]
+    leaked = [m for m in ("torch", "pytest_attn_backends", "pytest_attn.plugin.session") if m in sys.modules]
     with open("imported.txt", "w") as f:
         f.write(",".join(leaked))
 """
@@ -181,7 +181,7 @@ def test_the_closing_section_counts_groups_skip_reasons_and_names_failures(pytes
         "test_case[[]forgets-hd64-ragged[]]' --attn-backend=forgets --attn-cases=hd64-ragged --attn-seed=20261125",
     ])
     # the one-line cause is pytest's own short summary's, not repeated in the closing section
-    result.stdout.fnmatch_lines(["FAILED *::test_case[[]forgets-hd64-ragged[]] - pytest_attn.errors.AttnCheckFailure: "
+    result.stdout.fnmatch_lines(["FAILED *::test_case[[]forgets-hd64-ragged[]] - pytest_attn.AttnCheckFailure: "
                                  "hd64-ragged (causal mask, scale 0.125, 8/8 heads x 64, bfloat16): step 0: * output "
                                  "elements never written*"])
     assert result.stdout.str().count("elements never written (still the poison value") == 3 + 3  # report, summary
@@ -195,7 +195,7 @@ def test_a_failure_leads_with_the_comparison_not_the_harness(pytester, demo_back
     failure = text.split("test_case[forgets-vit-ragged-mix] _")[1].split("= pytest-attn =")[0]
     lines = failure.strip("_ \n").splitlines()
     assert lines[0] == "test_a_failure_leads_with_the_comparison_not_the_harness.py:4: in test_case", lines
-    assert lines[2].startswith("E   pytest_attn.errors.AttnCheckFailure: vit-ragged-mix (full mask, scale 0.1118, "
+    assert lines[2].startswith("E   pytest_attn.AttnCheckFailure: vit-ragged-mix (full mask, scale 0.1118, "
                                "16/16 heads x 80, bfloat16): step 0: 1280 of 2458880 output elements never written")
     assert "pytest_attn/" not in failure and "tensor(" not in failure and len(lines) < 20, failure
     assert "pytest-attn: rerun this test" in failure  # and how to rerun exactly it

@@ -8,12 +8,12 @@ import sys
 import pytest
 import steps
 
-from pytest_attn.catalog import CATALOG
-from pytest_attn.contract import LayerSpec
-from pytest_attn.errors import AttnInputError, UnsupportedCase
-from pytest_attn.harness import assert_case_passes, first_step, run_case, step_metadata
-from pytest_attn.metadata import AttentionMetadata
-from pytest_attn.packages import flashinfer_version
+from pytest_attn.cases.catalog import CATALOG
+from pytest_attn.core.contract import LayerSpec
+from pytest_attn.core.errors import AttnInputError, UnsupportedCase
+from pytest_attn.check.harness import assert_case_passes, first_step, run_case, step_metadata
+from pytest_attn.core.metadata import AttentionMetadata
+from pytest_attn.env.packages import flashinfer_version
 from pytest_attn_backends import flashinfer as fi
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 

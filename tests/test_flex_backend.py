@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 import steps
 
-from pytest_attn.catalog import CATALOG
-from pytest_attn.contract import LayerSpec
-from pytest_attn.harness import assert_case_passes, first_step, make_qkv, run_case
-from pytest_attn.metadata import AttentionMetadata
-from pytest_attn.session import CPU_MAX_TOKENS
+from pytest_attn.cases.catalog import CATALOG
+from pytest_attn.core.contract import LayerSpec
+from pytest_attn.check.harness import assert_case_passes, first_step, make_qkv, run_case
+from pytest_attn.core.metadata import AttentionMetadata
+from pytest_attn.plugin.session import CPU_MAX_TOKENS
 from pytest_attn_backends import flex
 
 BACKEND = flex.FlexAttentionBackend()
@@ -230,7 +230,7 @@ def test_cpu_runs_compile_nothing_and_warn_nothing(torch, monkeypatch):
 # -- the log-sum-exp against the reference -----------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_lse_is_the_references_with_the_sink_in_it(torch, dtype):
-    from pytest_attn.reference import reference_attention
+    from pytest_attn.check.reference import reference_attention
 
     layer = LayerSpec(8, 2, 32, dtype, "causal", window_left=9, logits_soft_cap=5.0,
                       sinks=(-2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0), return_lse=True)

@@ -10,8 +10,8 @@ import pytest
 
 from backend_packages import CASE_TEST, write_backend_package
 from pytest_attn import CATALOG, Capabilities
-from pytest_attn.layer import DTYPES, KV_DTYPES, KV_LAYOUTS, MASKS
-from pytest_attn.session import CPU_MAX_TOKENS
+from pytest_attn.core.layer import DTYPES, KV_DTYPES, KV_LAYOUTS, MASKS
+from pytest_attn.plugin.session import CPU_MAX_TOKENS
 
 SOURCE = pathlib.Path(__file__).with_name("full_featured_backend.py")
 ENTRY_POINTS = {"full-featured": "full_featured_attn:BACKENDS"}

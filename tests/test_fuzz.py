@@ -7,8 +7,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from pytest_attn.fixtures import build_batch  # noqa: E402
-from pytest_attn.registry import Registry  # noqa: E402
+from pytest_attn.plugin.fixtures import build_batch  # noqa: E402
+from pytest_attn.env.registry import Registry  # noqa: E402
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_attn import gpu_workers
-from pytest_attn.gpu_workers import XdistHooks
+from pytest_attn.plugin.xdist import gpu_workers
+from pytest_attn.plugin.xdist.gpu_workers import XdistHooks
 
 
 class FakeConfig:

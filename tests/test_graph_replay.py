@@ -3,9 +3,9 @@ decoder that raises, or is not one, fails with a BackendError naming its backend
 guard does for the backend's own methods; None is 'not offered' (a skip)."""
 import pytest
 
-from pytest_attn.errors import UnsupportedCase
-from pytest_attn.graphs import SCENARIOS, graph_decoder, run_graph_decode, stale_plan
-from pytest_attn.guard import BackendError
+from pytest_attn.core.errors import UnsupportedCase
+from pytest_attn.check.graph_replay import SCENARIOS, graph_decoder, run_graph_decode, stale_plan
+from pytest_attn.core.calls import BackendError
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 
 SCENARIO = SCENARIOS["decode-gqa4-hd128"]

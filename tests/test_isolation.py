@@ -9,7 +9,7 @@ import sys
 import pytest
 from backend_packages import write_backend_package
 
-from pytest_attn import isolation
+from pytest_attn.plugin import isolation
 
 CRASHERS = '''
 import ctypes
@@ -229,7 +229,7 @@ def test_xdist_survives_a_crash_and_replaces_a_poisoned_worker(pytester, crasher
 
 @pytest.mark.skipif(sys.platform == "win32", reason="signals")
 def test_poisoned_context_markers_match_cuda_errors():
-    from pytest_attn.gpu_workers import poisoned_context_reason
+    from pytest_attn.plugin.xdist.gpu_workers import poisoned_context_reason
 
     assert poisoned_context_reason("torch.AcceleratorError: CUDA error: an illegal memory access was encountered")
     assert poisoned_context_reason("RuntimeError: CUDA_ERROR_ILLEGAL_ADDRESS") == "cuda_error_illegal_address"

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pytest_attn.errors import AttnInputError, CacheFullError
-from pytest_attn.kv_cache import K_POISON, V_POISON, PagedKVCacheManager
+from pytest_attn.core.errors import AttnInputError, CacheFullError
+from pytest_attn.core.kv_cache import K_POISON, V_POISON, PagedKVCacheManager
 
 
 def make(layout="NHD", num_pages=16, page_size=4, **kw):
@@ -102,9 +102,9 @@ def test_decode_fills_the_last_page_before_taking_a_new_one():
 def test_reading_an_unwritten_slot_fails_but_masked_padding_does_not():
     """A backend that attends one slot past a request's length (still inside its last page) must
     fail; the same page's padding, masked, must not matter."""
-    from pytest_attn.contract import LayerSpec, Tolerance
-    from pytest_attn.harness import make_qkv
-    from pytest_attn.reference import compare, reference_attention
+    from pytest_attn.core.contract import LayerSpec, Tolerance
+    from pytest_attn.check.harness import make_qkv
+    from pytest_attn.check.reference import compare, reference_attention
 
     cache = PagedKVCacheManager(num_kv_heads=2, head_dim=8, page_size=4, num_pages=4, dtype="float32")
     layer = LayerSpec(2, 2, 8, "float32", "full")

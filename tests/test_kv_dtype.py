@@ -8,11 +8,11 @@ backend that kept the fp16 K/V instead of what its cache held passed.
 import pytest
 import torch
 
-import pytest_attn.harness as harness
+import pytest_attn.check.harness as harness
 from pytest_attn import CATALOG, LayerSpec
-from pytest_attn.harness import assert_case_passes, run_case
-from pytest_attn.reference import as_stored_in_cache
-from pytest_attn.registry import Registry
+from pytest_attn.check.harness import assert_case_passes, run_case
+from pytest_attn.check.reference import as_stored_in_cache
+from pytest_attn.env.registry import Registry
 
 from backends.torch_sdpa import TorchSDPABackend
 

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 from planted_backends import (Einsum, IgnoresCausalMask, ReturnsOutAndLse, ReturnsOwnTensor,  # noqa: E402
                               ReturnsViewOfOut, WritesOwnLse)
 
-from pytest_attn.catalog import CATALOG  # noqa: E402
-from pytest_attn.guard import BackendError, returned_problems  # noqa: E402
-from pytest_attn.harness import assert_case_passes, run_case  # noqa: E402
+from pytest_attn.cases.catalog import CATALOG  # noqa: E402
+from pytest_attn.core.calls import BackendError, returned_problems  # noqa: E402
+from pytest_attn.check.harness import assert_case_passes, run_case  # noqa: E402
 
 CASES = ("hd64-ragged", "llm-mixed-nhd")  # no cache; a paged cache with prefill and decode steps
 

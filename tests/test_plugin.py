@@ -27,7 +27,7 @@ def test_header_names_backends_device_dtypes_and_seed(pytester):
 
 
 def attn_available_builtins():
-    from pytest_attn.registry import builtin_backends
+    from pytest_attn.env.registry import builtin_backends
 
     return [b for b in builtin_backends() if b.available()]
 
@@ -138,7 +138,7 @@ def test_attn_cases_marker_narrows_the_catalog(pytester):
         def test_decode_only(attn_case):
             assert attn_case.decode_steps > 0
     """)
-    from pytest_attn.catalog import select
+    from pytest_attn.cases.catalog import select
 
     result = pytester.runpytest("-q", "--attn-backend=torch")
     result.assert_outcomes(passed=len(select(["decode"])))

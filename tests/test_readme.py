@@ -53,8 +53,8 @@ def test_the_backend_in_writing_a_backend_is_a_package_that_passes_the_whole_cat
     `pytest --attn-backend=mykernel` from a project of the user's own: the bundled suite runs every
     catalog case this CPU runs (the default 2048-token limit) against it, each passing or skipped with
     the reason its capabilities give, and nothing fails."""
-    from pytest_attn.catalog import CATALOG
-    from pytest_attn.session import CPU_MAX_TOKENS
+    from pytest_attn.cases.catalog import CATALOG
+    from pytest_attn.plugin.session import CPU_MAX_TOKENS
 
     name, package = writing_a_backend_package(tmp_path / "mykernel")
     site = tmp_path / "site"

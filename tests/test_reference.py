@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from pytest_attn.contract import FUSED_FLOAT32_TOLERANCE, LayerSpec, Tolerance
-from pytest_attn.harness import make_qkv
-from pytest_attn.reference import POISON, as_stored_in_cache, compare, reference_attention
+from pytest_attn.core.contract import FUSED_FLOAT32_TOLERANCE, LayerSpec, Tolerance
+from pytest_attn.check.harness import make_qkv
+from pytest_attn.check.reference import POISON, as_stored_in_cache, compare, reference_attention
 
 
 def naive(q, k, v, layer):
@@ -36,7 +36,7 @@ def test_reference_is_textbook_attention_with_gqa_and_bottom_right_causal(mask):
 
 
 def test_reference_chunks_long_sequences_without_changing_the_answer(monkeypatch):
-    import pytest_attn.reference as reference
+    import pytest_attn.check.reference as reference
 
     layer = LayerSpec(2, 2, 8, "float32", "causal")
     q, k, v = make_qkv(50, layer, "cpu", 3)
@@ -122,9 +122,9 @@ def test_the_reference_is_float32_for_16_bit_inputs_and_float64_for_float32_on_c
 def test_comparing_imports_neither_sympy_nor_torch_fx():
     """torch.unravel_index would: it costs 0.3 s to 2 s in every process that checks an output."""
     code = ("import sys, torch\n"
-            "from pytest_attn.contract import LayerSpec, Tolerance\n"
-            "from pytest_attn.harness import make_qkv\n"
-            "from pytest_attn.reference import compare, reference_attention\n"
+            "from pytest_attn.core.contract import LayerSpec, Tolerance\n"
+            "from pytest_attn.check.harness import make_qkv\n"
+            "from pytest_attn.check.reference import compare, reference_attention\n"
             "layer = LayerSpec(2, 2, 8, 'bfloat16', 'causal')\n"
             "q, k, v = make_qkv(6, layer, 'cpu', 1)\n"
             "hi = reference_attention(q, [k], [v], [6], layer)\n"

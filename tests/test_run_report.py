@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from backend_packages import write_backend_package
 
-from pytest_attn.catalog import CATALOG
-from pytest_attn.run_report import classify_reason, classify_reasons
+from pytest_attn.cases.catalog import CATALOG
+from pytest_attn.plugin.run_report import classify_reason, classify_reasons
 
 PLANTED = '''
 import os
 
-from pytest_attn.contract import Availability, Capabilities
+from pytest_attn.core.contract import Availability, Capabilities
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 
 
@@ -68,7 +68,7 @@ PLANTED_ENTRY_POINTS = {name: f"planted_attn:{name}" for name in ("good", "narro
 BACKENDS = "--attn-backend=good,narrow,forgets,risky,ghost"
 CASES = "--attn-cases=hd64-ragged,hd80-ragged,swa-full-ragged,softcap-30-low-logits"
 TESTS = """
-from pytest_attn.harness import assert_case_passes, run_case
+from pytest_attn.check.harness import assert_case_passes, run_case
 
 def test_case(attn_backend, attn_case, attn_device, attn_seed):
     assert_case_passes(run_case(attn_backend, attn_case, device=attn_device, seed=attn_seed), attn_backend, attn_case)
@@ -384,7 +384,7 @@ def test_a_skip_that_is_not_a_backend_answer_is_other():
 
 def test_the_built_in_backends_hazards_are_hazards_and_their_budgets_budgets():
     """The rule read against the reasons the GPU backends really give (decided without a GPU)."""
-    from pytest_attn.layer import LayerSpec
+    from pytest_attn.core.layer import LayerSpec
     from pytest_attn_backends import flashinfer
 
     hd80 = LayerSpec(num_heads=16, num_kv_heads=16, head_dim=80, dtype="bfloat16", mask="full")
@@ -427,7 +427,7 @@ def test_hazards_are_marked_apart_from_unsupported_cases_in_the_html(pytester, p
     assert "skip" in soft_cap["cells"][risky][1]["class"] and "⊘1" in soft_cap["cells"][risky][0]
     assert "fail" in swa["cells"][header.index("forgets")][1]["class"]
     # and `pytest-attn report` rebuilds the very same report from the .json
-    from pytest_attn.cli import main
+    from pytest_attn.cli.main import main
 
     for suffix in (".html", ".md", ".json"):
         out = pytester.path / f"again{suffix}"
@@ -516,7 +516,7 @@ def test_a_benchmark_run_reports_the_seed_table_crossovers_plot_and_spread(pytes
     """The bundled seed benchmarks on CPU (small sizes, few samples), torch and flex."""
     import base64
 
-    from pytest_attn.compare import load_run, pair_lines, sweeps
+    from pytest_attn.bench.compare import load_run, pair_lines, sweeps
 
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # else pytest-benchmark switches itself off
 
@@ -552,7 +552,7 @@ def test_a_benchmark_run_reports_the_seed_table_crossovers_plot_and_spread(pytes
     assert "![µs per token against seq_len](r.png)" in (pytester.path / "r.md").read_text()
     assert (pytester.path / "r.png").read_bytes()[:4] == b"\x89PNG"
     # and `pytest-attn report` reads pytest-benchmark's own file
-    from pytest_attn.cli import main
+    from pytest_attn.cli.main import main
 
     assert main(["report", str(pytester.path / "b.json"), "-o", str(pytester.path / "from-bench.html")]) == 0
     assert "Benchmarks" in (pytester.path / "from-bench.html").read_text()
@@ -574,7 +574,7 @@ def test_two_runs_side_by_side_mark_the_cells_that_changed(pytester, planted, mo
     cells_a, cells_b = normalise(matrix_from_json(a)), normalise(matrix_from_json(b))
     changed = {key for key in set(cells_a) | set(cells_b) if cells_a.get(key) != cells_b.get(key)}
     assert changed and {backend for _, backend in changed} == {"forgets"}
-    from pytest_attn.cli import main
+    from pytest_attn.cli.main import main
 
     assert main(["report", str(pytester.path / "a.json"), str(pytester.path / "b.json"), "--labels", "v1,v2",
                  "-o", str(pytester.path / "d.html")]) == 0
@@ -598,7 +598,7 @@ def test_two_runs_side_by_side_mark_the_cells_that_changed(pytester, planted, mo
     (["a.json", "a.json", "--benchmarks", "x"], "--benchmarks adds benchmark rows to one run"),
 ])
 def test_command_errors_are_one_line_and_exit_4(tmp_path, monkeypatch, capsys, args, message):
-    from pytest_attn.cli import main
+    from pytest_attn.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "not-a-run.json").write_text('{"hello": 1}')
@@ -611,7 +611,7 @@ def test_command_errors_are_one_line_and_exit_4(tmp_path, monkeypatch, capsys, a
 
 def test_a_markdown_report_lists_the_first_failures_and_says_how_many_more():
     """A pull-request comment has a size limit; the .html and .json keep every failure."""
-    from pytest_attn.report_render import MD_FAILURES_SHOWN, render_text
+    from pytest_attn.report.render import MD_FAILURES_SHOWN, render_text
 
     tests = [{"nodeid": f"t.py::test[x-{i}]", "test": "test", "backend": "x", "case": None, "tags": [],
               "outcome": "failed", "failure": {"summary": f"wrong {i}"}, "rerun": f"python -m pytest t.py -k {i}"}
@@ -646,7 +646,7 @@ def test_without_the_option_nothing_is_collected_or_written(pytester, planted):
 # -- pytest-html ---------------------------------------------------------------------------------------
 def test_the_matrix_goes_into_pytest_htmls_summary_through_its_hook(pytester, planted):
     """The hook itself, as pytest-html calls it (whether or not pytest-html is installed here)."""
-    from pytest_attn.run_report import RunReport
+    from pytest_attn.plugin.run_report import RunReport
 
     captured = {}
 

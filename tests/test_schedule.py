@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_attn import schedule
-from pytest_attn.catalog import CATALOG
+from pytest_attn.plugin.xdist import schedule
+from pytest_attn.cases.catalog import CATALOG
 
 
 class FakeItem:

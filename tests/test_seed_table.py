@@ -7,13 +7,13 @@ import json
 import pytest
 
 from backend_packages import write_backend_package
-from pytest_attn import cli
-from pytest_attn.compare import crossovers, describe_pair, load_runs, report
+from pytest_attn.cli import main as cli
+from pytest_attn.bench.compare import crossovers, describe_pair, load_runs, report
 
 FAST = ["--iters", "4", "--warmup", "0", "--no-mix", "--device", "cpu"]
 
 PLANTED = """
-from pytest_attn.contract import Availability
+from pytest_attn.core.contract import Availability
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 
 class LongOnly(TorchSDPABackend):

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from pytest_attn import torch_build
-from pytest_attn.torch_build import TorchBuild
+from pytest_attn.env import torch_build
+from pytest_attn.env.torch_build import TorchBuild
 
 CPU_BUILD = """from typing import Optional
 
@@ -41,7 +41,7 @@ def test_only_cuda_and_rocm_builds_have_a_gpu_runtime():
 def test_the_installed_build_is_what_torch_itself_says():
     import torch
 
-    code = ("import sys; from pytest_attn import torch_build; b = torch_build.installed_build(); "
+    code = ("import sys; from pytest_attn.env import torch_build; b = torch_build.installed_build(); "
             "print(b.version, b.cuda, torch_build.cuda_available(), 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     version, cuda, available, imported = done.stdout.split()

@@ -8,11 +8,11 @@ import pytest
 import steps
 from steps import paged_step as paged  # requests with cached tokens decode
 
-from pytest_attn.catalog import CATALOG
-from pytest_attn.contract import LayerSpec
-from pytest_attn.errors import UnsupportedCase
-from pytest_attn.harness import first_step, step_metadata
-from pytest_attn.metadata import AttentionMetadata
+from pytest_attn.cases.catalog import CATALOG
+from pytest_attn.core.contract import LayerSpec
+from pytest_attn.core.errors import UnsupportedCase
+from pytest_attn.check.harness import first_step, step_metadata
+from pytest_attn.core.metadata import AttentionMetadata
 from pytest_attn_backends import trtllm as t
 
 ALL = t.Budget(None, None)

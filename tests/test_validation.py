@@ -6,15 +6,15 @@ import re
 import pytest
 import torch
 
-from pytest_attn.cases import BatchCase
-from pytest_attn.catalog import select
-from pytest_attn.contract import Capabilities, LayerSpec, Plan, dtype_name
-from pytest_attn.errors import AttnInputError, CacheFullError, UnknownBackendError, UnsupportedCase
-from pytest_attn.harness import run_forward
-from pytest_attn.kv_cache import PagedKVCacheManager
-from pytest_attn.metadata import AttentionMetadata, check_qkv, lengths_from_offsets
-from pytest_attn.reference import reference_attention
-from pytest_attn.registry import Registry
+from pytest_attn.cases.case import BatchCase
+from pytest_attn.cases.catalog import select
+from pytest_attn.core.contract import Capabilities, LayerSpec, Plan, dtype_name
+from pytest_attn.core.errors import AttnInputError, CacheFullError, UnknownBackendError, UnsupportedCase
+from pytest_attn.check.harness import run_forward
+from pytest_attn.core.kv_cache import PagedKVCacheManager
+from pytest_attn.core.metadata import AttentionMetadata, check_qkv, lengths_from_offsets
+from pytest_attn.check.reference import reference_attention
+from pytest_attn.env.registry import Registry
 from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 
 LAYER = LayerSpec(4, 2, 16, "float32", "causal")

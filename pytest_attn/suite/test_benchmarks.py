@@ -1,5 +1,5 @@
 """How fast is the backend? The seed's microbenchmark (one ViT sequence, 128 to 8192 tokens) and
-ragged ViT batches, recorded by pytest-benchmark (see pytest_attn.bench): device time under CUDA-
+ragged ViT batches, recorded by pytest-benchmark (see pytest_attn.bench.measure): device time under CUDA-
 graph replay by default, eager wall time per call with --attn-bench-metric=eager (both: device,eager).
 
 Run serially: pytest-benchmark turns itself off under xdist (-n), and then each benchmark runs its
@@ -7,17 +7,17 @@ call once, untimed. On CPU the sizes stop at CPU_BENCH_MAX_TOKENS unless --attn-
 """
 import pytest
 
-from pytest_attn.batch import build_batch
-from pytest_attn.bench import SEED_SEQ_LENS, SEED_SERIES, VIT_MIXES, bench_max_tokens
-from pytest_attn.cases import VIT_HEAD_DIM, VIT_HEADS
+from pytest_attn.check.batch import build_batch
+from pytest_attn.bench.measure import SEED_SEQ_LENS, SEED_SERIES, VIT_MIXES, bench_max_tokens
+from pytest_attn.cases.case import VIT_HEAD_DIM, VIT_HEADS
 
 pytestmark = pytest.mark.attn_bench
 
 
 def pytest_generate_tests(metafunc):
     """Sizes depend on the device (small on CPU), so they are chosen at collection."""
-    from pytest_attn.options import bench_metrics
-    from pytest_attn.session import attn_session_of
+    from pytest_attn.plugin.options import bench_metrics
+    from pytest_attn.plugin.session import attn_session_of
 
     limit = bench_max_tokens(attn_session_of(metafunc.config))
     if "seed_seq_len" in metafunc.fixturenames:

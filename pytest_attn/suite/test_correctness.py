@@ -1,5 +1,5 @@
 """Does the backend compute attention? Every catalog case, every step and layer, against the reference."""
-from pytest_attn.harness import assert_case_passes, run_case
+from pytest_attn.check.harness import assert_case_passes, run_case
 
 
 def test_output_matches_reference(attn_backend, attn_case, attn_device, attn_seed):

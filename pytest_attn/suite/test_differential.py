@@ -4,8 +4,8 @@ junit properties. It fails when a backend fails the reference or breaks (raises,
 contract), naming that backend alone: the others' rows and comparisons are still in the table."""
 import pytest
 
-from pytest_attn.catalog import CATALOG
-from pytest_attn.differential import differential
+from pytest_attn.cases.catalog import CATALOG
+from pytest_attn.check.differential import differential
 
 #: One case per family of kernels: the ViT seed, a mixed paged step, a window, sinks, an FP8 cache,
 #: the LSE and a 192/128 head-dim pair (where cutlass and fa2 disagreed, flashinfer #1663).

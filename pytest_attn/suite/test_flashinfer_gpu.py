@@ -70,7 +70,7 @@ def test_hnd_layout_given_to_the_cudnn_ragged_wrapper_is_caught(flashinfer_backe
     run(): NotImplementedError "cuDNN ragged prefill backend requires kv_layout='NHD'", before any
     launch. A version without that guard reads the wrong memory and the output check raises
     AssertionError. Either way the bug cannot pass."""
-    from pytest_attn.guard import BackendError
+    from pytest_attn.core.calls import BackendError
 
     bad = _variant(flashinfer_backend, "flashinfer-bug-hnd-layout", ragged_kv_layout="HND")
     batch = make_attn_batch(SEED_LENS, **SEED)
@@ -89,7 +89,7 @@ def test_offsets_in_the_wrong_units_are_caught(flashinfer_backend, make_attn_bat
 
     real = flashinfer_backend.version()
     wrong = "0.6.18" if fi.cudnn_index_units(real) == "tokens" else fi.PINNED_VERSION
-    from pytest_attn.guard import BackendError
+    from pytest_attn.core.calls import BackendError
 
     bad = _variant(flashinfer_backend, "flashinfer-bug-units", version=lambda self: wrong)
     batch = make_attn_batch(SEED_LENS, **SEED)
@@ -133,7 +133,7 @@ def test_a_feature_passed_at_run_time_but_not_at_plan_time_fails(attn_session, m
     """sglang #33915 and PR #31501: the soft-cap or window is specialised at plan(); a backend that
     plans without it fails, whether FlashInfer's own run() check, the read-back of the live wrapper
     against the plan, or the output check catches it first."""
-    from pytest_attn.errors import AttnCheckFailure
+    from pytest_attn.core.errors import AttnCheckFailure
 
     backend = _flashinfer(attn_session)
 

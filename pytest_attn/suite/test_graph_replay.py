@@ -3,10 +3,10 @@ lengths grow, pages are allocated and a request finishes (a smaller, padded live
 compared with the reference; and a decoder that keeps its capture-time plan must fail (TensorRT-LLM
 PR #18769). For backends that offer a graph decoder (Backend.graph_decoder); GPU only. Each test is
 one backend's: a backend whose graph decoder raises or breaks its contract fails its own tests, named
-(pytest_attn.graphs checks every call into it), and no other backend's."""
+(pytest_attn.check.graph_replay checks every call into it), and no other backend's."""
 import pytest
 
-from pytest_attn.graphs import SCENARIOS, run_graph_decode, stale_plan
+from pytest_attn.check.graph_replay import SCENARIOS, run_graph_decode, stale_plan
 
 pytestmark = pytest.mark.attn_gpu
 

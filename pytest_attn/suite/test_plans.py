@@ -1,9 +1,9 @@
 """Does the backend's plan describe what it runs? Checked without running anything."""
 import pytest
 
-from pytest_attn import guard
-from pytest_attn.contract import KV_LAYOUTS
-from pytest_attn.harness import first_step
+from pytest_attn.core import calls as guard
+from pytest_attn.core.contract import KV_LAYOUTS
+from pytest_attn.check.harness import first_step
 
 INDEX_UNITS = ("tokens", "elements", "pages")
 

@@ -43,7 +43,7 @@ def test_mixed_step_goes_through_fmha_v2_then_xqa(trtllm, make_attn_batch):
 def test_a_window_planned_but_not_given_to_the_kernel_fails(trtllm, make_attn_batch):
     """The plan says sliding window; a forward that calls FMHAv2 without it must fail, by the read-back
     of the call against the plan or by the output."""
-    from pytest_attn.errors import AttnCheckFailure
+    from pytest_attn.core.errors import AttnCheckFailure
     from pytest_attn_backends import trtllm as t
 
     class DropsTheWindow(t.TrtllmBackend):

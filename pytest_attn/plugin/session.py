@@ -1,0 +1,145 @@
+"""Per-run state: which backends run, on which device, with which dtypes and seed.
+
+Built on first use (:func:`attn_session_of`): at configure time when the run gave any pytest-attn
+option, else only when a collected test asks for pytest-attn's fixtures, so that in a project that
+does not use it the plugin imports no backend. torch is imported only when a test needs it, or
+when the device is a GPU: the header of a CPU run reads torch's build off disk (torch_build).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from pytest_attn.core import calls as guard
+from pytest_attn.core.contract import Availability, Backend
+from pytest_attn.core.errors import AttnInputError
+from pytest_attn.core.layer import dtype_name
+from pytest_attn.env.registry import Registry, broken_reason
+
+CPU_MAX_TOKENS = 2048  # default --attn-max-tokens on CPU: keeps the reference quick
+
+SESSION_KEY = pytest.StashKey["AttnSession"]()
+
+
+def attn_session_of(config) -> "AttnSession":
+    """The run's session, made on first use (see the module docstring)."""
+    if SESSION_KEY not in config.stash:
+        config.stash[SESSION_KEY] = AttnSession.from_config(config)
+    return config.stash[SESSION_KEY]
+
+
+@dataclass
+class AttnSession:
+    registry: Registry
+    requested: list[str]  # raw --attn-backend values; empty: every available backend
+    device_option: Optional[str]
+    dtypes: list[str]  # empty: each case's own dtype
+    seed: int
+    strict: bool
+    case_filter: list[str]
+    max_tokens_option: Optional[int]
+    allow_unavailable: bool = False
+    _availability: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config) -> "AttnSession":
+        from pytest_attn.cases.catalog import select
+        from pytest_attn.plugin.options import allow_unavailable, seed, split_list
+
+        opt = config.getoption
+        dtypes = [dtype_name(d) for d in split_list(config, "attn_dtype")]
+        cases = split_list(config, "attn_cases")
+        select(cases)  # an unknown case name or tag is a usage error now, not at collection
+        return cls(Registry.discover(), split_list(config, "attn_backend"), opt("attn_device"), dtypes, seed(config),
+                   bool(opt("attn_strict")), cases, opt("attn_max_tokens"), allow_unavailable(config))
+
+    # -- backends -------------------------------------------------------------------------------
+    def availability(self, backend: Backend) -> Availability:
+        if backend.name not in self._availability:
+            self._availability[backend.name] = guard.availability(backend)
+        return self._availability[backend.name]
+
+    def require_available(self, backend: Backend) -> Backend:
+        """The backend, or a skip with the reason it is unavailable (a failure under --attn-strict)."""
+        availability = self.availability(backend)
+        if not availability:
+            message = f"backend {backend.name!r} is unavailable here: {availability.reason}"
+            if self.strict:
+                pytest.fail(message + " (--attn-strict)", pytrace=False)
+            pytest.skip(message)
+        return backend
+
+    @functools.cached_property
+    def selected(self) -> list[Backend]:
+        """Backends the tests are parametrized with: the requested ones (even if unavailable, so
+        they report a skip with the reason), or by default every available one."""
+        if self.requested:
+            return self.registry.resolve(self.requested)
+        return [b for b in self.registry.resolve(["all"]) if self.availability(b)]
+
+    @functools.cached_property
+    def named(self) -> list[Backend]:
+        """Backends named one by one with --attn-backend (not through 'all'): a run must test them."""
+        return self.registry.resolve([n for n in self.requested if n != "all"])
+
+    def check_named(self) -> None:
+        """A named backend that is broken (its package fails to import, names no Backend, or its
+        available() raises) is a usage error, not a skip: the run would test nothing of it."""
+        for backend in self.named:
+            problem = broken_reason(backend, self.availability(backend))
+            if problem:
+                raise AttnInputError(f"--attn-backend={backend.name} cannot be used: {problem}")
+
+    def selects(self, prefix: str) -> bool:
+        """Whether a selected backend is named ``prefix`` or ``prefix-...`` (a variant)."""
+        return any(b.name == prefix or b.name.startswith(prefix + "-") for b in self.selected)
+
+    @property
+    def unavailable(self) -> list[tuple[str, str]]:
+        return [(b.name, self.availability(b).reason) for b in self.registry.resolve(["all"]) if not self.availability(b)]
+
+    # -- device ---------------------------------------------------------------------------------
+    @functools.cached_property
+    def device(self) -> str:
+        from pytest_attn.env import torch_build
+
+        wanted = self.device_option or ("cuda" if torch_build.cuda_available() else "cpu")
+        kind, _, index = wanted.partition(":")
+        if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
+            raise AttnInputError(f"--attn-device={wanted}: use cpu, cuda or cuda:N")
+        if kind == "cuda" and not torch_build.cuda_available():
+            raise AttnInputError(f"--attn-device={wanted} but torch {torch_build.version()} sees no CUDA device; "
+                                 "use --attn-device=cpu, or install a CUDA build of torch on a GPU machine")
+        if kind == "cuda":
+            import torch
+
+            count = torch.cuda.device_count()
+            if index and int(index) >= count:
+                raise AttnInputError(f"--attn-device={wanted} but torch sees {count} GPU(s): use cuda:0 to "
+                                     f"cuda:{count - 1}")
+            if not index:
+                wanted = f"cuda:{torch.cuda.current_device()}"
+        return wanted
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def max_tokens(self) -> Optional[int]:
+        """Cases longer than this are deselected; 0 means no limit."""
+        if self.max_tokens_option is not None:
+            return self.max_tokens_option or None
+        return CPU_MAX_TOKENS if self.device_type == "cpu" else None
+
+    def describe_device(self) -> str:
+        from pytest_attn.env import torch_build
+
+        if self.device_type == "cuda":
+            import torch
+
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)}), torch {torch.__version__}"
+        return f"cpu, torch {torch_build.version()}"
