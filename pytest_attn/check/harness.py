@@ -260,7 +260,7 @@ def _no_cache_metadata(case: BatchCase, step) -> AttentionMetadata:
 def _cache_for(case: BatchCase, device, backend: Optional[Backend], seed: Optional[int]) -> PagedKVCacheManager:
     layer = case.layer(0)
     nan = bool(backend is not None and backend.capabilities.never_reads_masked_slots)
-    return PagedKVCacheManager(num_layers=case.num_layers, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
+    return PagedKVCacheManager(num_layers=case.num_layers, num_kv_heads=case.layer_spec.num_kv_heads, head_dim=case.layer_spec.head_dim,
                                head_dim_v=layer.head_dim_v, page_size=case.page_size, num_pages=case.pages_needed(),
                                dtype=layer.cache_dtype, device=device, layout=case.kv_layout, nan_poison=nan,
                                scramble_seed=0 if seed is None else derive_seed(seed, case.name, "pages"))

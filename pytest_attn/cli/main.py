@@ -552,9 +552,10 @@ def cases_command(args) -> int:
     except AttnInputError as exc:
         raise UsageError(str(exc)) from None
     for case in chosen:
-        heads = f"{case.num_heads}/{case.num_kv_heads}x{case.head_dim}"
+        spec = case.layer_spec
+        heads = f"{spec.num_heads}/{spec.num_kv_heads}x{spec.head_dim}"
         cache = f"paged {case.kv_layout} page {case.page_size}, {case.decode_steps} decode steps" if case.cache else "no cache"
-        print(f"{case.name:<22} {heads:<10} {case.dtype:<9} {case.mask:<6} seq_lens={list(case.seq_lens)} {cache}"
+        print(f"{case.name:<22} {heads:<10} {spec.dtype:<9} {spec.mask:<6} seq_lens={list(case.seq_lens)} {cache}"
               f"  [{', '.join(case.tags)}]{'  ' + case.description if case.description else ''}")
     return 0
 

@@ -32,7 +32,7 @@ def parametrize(metafunc, session) -> None:
             return
         if session.dtypes:
             params = [c.with_dtype(d) for c in cases for d in session.dtypes]
-            ids = [f"{c.name}-{c.dtype}" for c in params]
+            ids = [f"{c.name}-{c.layer_spec.dtype}" for c in params]
         else:
             params, ids = cases, [c.name for c in cases]
         metafunc.parametrize("attn_case", params, ids=ids, indirect=True)
