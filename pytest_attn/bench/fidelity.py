@@ -95,7 +95,7 @@ def check(backend_names: Sequence[str], seq_lens: Sequence[int], device: Optiona
           tolerance_pct: float, warmup: int, iters: int, graph: str) -> int:
     from pytest_attn.bench.measure import BenchSettings, measure_backend
     from pytest_attn.cases.case import VIT_HEAD_DIM, VIT_HEADS
-    from pytest_attn.cli.main import _device
+    from pytest_attn.env import devices
     from pytest_attn.core.errors import AttnError, UnsupportedCase
     from pytest_attn.check.batch import build_batch
     from pytest_attn.env.registry import Registry
@@ -106,8 +106,10 @@ def check(backend_names: Sequence[str], seq_lens: Sequence[int], device: Optiona
     except AttnError as exc:
         print(f"pytest_attn.bench.fidelity: {exc}", file=sys.stderr)
         return 2
-    device = _device(device)
-    if device is None:
+    try:
+        device = devices.resolve(device, "--device")
+    except AttnError as exc:
+        print(f"pytest_attn.bench.fidelity: {exc}", file=sys.stderr)
         return 2
     settings = BenchSettings(warmup, iters, graph, False)
     started = time.perf_counter()

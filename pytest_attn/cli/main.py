@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from pytest_attn.core.errors import AttnInputError
+
 
 USAGE = 4  # a bad argument: the exit status pytest gives a bad option, with one line saying what to do
 FAILED = 1  # the command ran and found a failure: a backend broke, disagrees, or was named and did not run
@@ -74,10 +76,12 @@ def _names(text: str) -> list[str]:
 
 def _device_name(text: str) -> str:
     """An argparse type: cpu, cuda or cuda:N (whether that device exists is asked of torch later)."""
-    kind, colon, index = text.strip().partition(":")
-    if kind not in ("cpu", "cuda") or (colon and (kind == "cpu" or not index.isdigit())):
-        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:N")
-    return text.strip()
+    from pytest_attn.env import devices
+
+    try:
+        return devices.parse(text, "--device")
+    except AttnInputError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:N") from exc
 
 
 def _plot_path(text: str) -> str:
@@ -213,20 +217,13 @@ def _failed(command: str, problems: Sequence[str]) -> int:
 
 
 def _device(option: Optional[str]) -> str:
-    """The device to run on: the option (cpu, cuda, cuda:N: checked by _device_name) if torch has
-    it, else a UsageError; by default cuda where available."""
-    import torch
+    """The device to run on (``--device``), or a UsageError naming the fix."""
+    from pytest_attn.env import devices
 
-    wanted = option or ("cuda" if torch.cuda.is_available() else "cpu")
-    if wanted == "cpu":
-        return wanted
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {wanted} but torch {torch.__version__} sees no CUDA device; use --device cpu")
-    count = torch.cuda.device_count()
-    _, _, index = wanted.partition(":")
-    if index and int(index) >= count:
-        raise UsageError(f"--device {wanted} but torch sees {count} GPU(s); use cuda:0 to cuda:{count - 1}")
-    return wanted if index else f"cuda:{torch.cuda.current_device()}"
+    try:
+        return devices.resolve(option, "--device")
+    except AttnInputError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _resolve(names: Sequence[str], registry) -> list:

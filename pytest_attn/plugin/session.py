@@ -104,29 +104,15 @@ class AttnSession:
     # -- device ---------------------------------------------------------------------------------
     @functools.cached_property
     def device(self) -> str:
-        from pytest_attn.env import torch_build
+        from pytest_attn.env import devices
 
-        wanted = self.device_option or ("cuda" if torch_build.cuda_available() else "cpu")
-        kind, _, index = wanted.partition(":")
-        if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
-            raise AttnInputError(f"--attn-device={wanted}: use cpu, cuda or cuda:N")
-        if kind == "cuda" and not torch_build.cuda_available():
-            raise AttnInputError(f"--attn-device={wanted} but torch {torch_build.version()} sees no CUDA device; "
-                                 "use --attn-device=cpu, or install a CUDA build of torch on a GPU machine")
-        if kind == "cuda":
-            import torch
-
-            count = torch.cuda.device_count()
-            if index and int(index) >= count:
-                raise AttnInputError(f"--attn-device={wanted} but torch sees {count} GPU(s): use cuda:0 to "
-                                     f"cuda:{count - 1}")
-            if not index:
-                wanted = f"cuda:{torch.cuda.current_device()}"
-        return wanted
+        return devices.resolve(self.device_option)
 
     @property
     def device_type(self) -> str:
-        return self.device.split(":")[0]
+        from pytest_attn.env import devices
+
+        return devices.kind(self.device)
 
     @property
     def max_tokens(self) -> Optional[int]:
