@@ -382,6 +382,7 @@ def _resolved_backend(wrapper) -> str:
 
 
 class FlashInferBackend(Backend):
+    suite_modules = ("pytest_attn_backends.suites.test_flashinfer_gpu",)
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({"float16", "bfloat16"}), max_head_dim=MAX_HEAD_DIM,
         sliding_window=True, soft_cap=True, sinks=True, head_dim_vo=True, cross_attention=True,

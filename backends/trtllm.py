@@ -325,6 +325,7 @@ def _buffer(kind: str, device, nbytes: int):
 
 
 class TrtllmBackend(Backend):
+    suite_modules = ("pytest_attn_backends.suites.test_trtllm_gpu",)
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({"float16", "bfloat16"}), sliding_window=True, soft_cap=True,
         sinks=True, lse_base="e", chunked_prefill=True, multi_token_generation=True,

@@ -197,6 +197,9 @@ class Backend(abc.ABC):
     name: str = ""
     description: str = ""
     capabilities: Capabilities = Capabilities()
+    #: Dotted names of test modules that test this backend alone (its own suite, kept beside it):
+    #: a run that selects this backend collects them; a run that does not leaves them out.
+    suite_modules: tuple[str, ...] = ()
     #: K/V layouts of the paged cache this backend reads; the cache fixture builds one per layout.
     requires_contiguous: bool = True
 

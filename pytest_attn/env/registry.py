@@ -176,7 +176,7 @@ def builtin_backends() -> list[Backend]:
         return []
     found = []
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
+        if info.name.startswith("_") or info.ispkg:  # one module per backend; packages hold their suites
             continue
         origin = Origin("built in", f"backends/{info.name}.py")
         module_name = f"{BUILTIN_PACKAGE}.{info.name}"

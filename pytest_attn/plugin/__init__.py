@@ -21,10 +21,33 @@ _SUITE_ADDED = pytest.StashKey[bool]()
 MARKERS = (
     "attn_cases(*names_or_tags): run this test on these catalog cases only (pytest-attn)",
     "attn_gpu: needs a CUDA device; skipped with a reason on CPU, failed under --attn-strict (pytest-attn)",
+    "attn_graph_replay: replays a captured CUDA graph; deselected for a backend without a graph decoder (pytest-attn)",
+    "attn_differential: compares this run's backends; deselected when fewer than two run, or its case is outside "
+    "--attn-cases (pytest-attn)",
     "attn_bench: a pytest-attn timing benchmark (pytest-benchmark); runs serially, and only when asked for "
     "(-m attn_bench, --benchmark-only, a --benchmark-save/autosave/json/compare option, or --benchmark-disable: "
     "once, untimed; --benchmark-skip leaves them out)",
 )
+
+
+def pytest_addhooks(pluginmanager):
+    from pytest_attn.plugin import hookspec
+
+    pluginmanager.add_hookspecs(hookspec)
+
+
+def pytest_attn_suite_modules(config, backends):
+    """The suite modules backends declare themselves (``Backend.suite_modules``)."""
+    return [name for backend in backends for name in getattr(backend, "suite_modules", ())]
+
+
+def pytest_ignore_collect(collection_path, config):
+    """A backend's own suite module is left out of a run that selects none of its backends."""
+    if not configured(config):
+        return None
+    from pytest_attn.plugin.session import attn_session_of
+
+    return True if collection_path.resolve() in attn_session_of(config).unselected_suite_files else None
 
 
 def pytest_addoption(parser):
@@ -83,7 +106,10 @@ def _start(config) -> None:
     except (UnknownBackendError, AttnInputError) as exc:
         raise pytest.UsageError(f"pytest-attn: {exc}") from None
     check_options(config)  # an unknown --attn-isolate name is a usage error now, not at the first test
-    config.stash[_SUITE_ADDED] = bundled.add_to_run(config)
+    try:
+        config.stash[_SUITE_ADDED] = bundled.add_to_run(config)
+    except AttnInputError as exc:  # a backend's suite module that cannot run
+        raise pytest.UsageError(f"pytest-attn: {exc}") from None
     _register_summary(config)
     run_report.configure(config)  # --attn-report: a bad suffix is a usage error now
 
@@ -143,6 +169,7 @@ def pytest_collection_modifyitems(config, items):
 
     limit_serial_threads(config)
     from pytest_attn.bench.measure import deselect_unasked_benchmarks
+    from pytest_attn.plugin.bundled_suite import deselect_inapplicable
     from pytest_attn.plugin.fixtures import deselect_oversized
     from pytest_attn.plugin.collected import label
     from pytest_attn.plugin.xdist.schedule import order_for_workers
@@ -151,6 +178,7 @@ def pytest_collection_modifyitems(config, items):
     label(attention)
     deselect_unasked_benchmarks(config, items)
     deselect_oversized(config, items, attn_session_of(config))
+    deselect_inapplicable(config, items)
     if configured(config):
         order_for_workers(config, items)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
@@ -42,6 +42,7 @@ class AttnSession:
     case_filter: list[str]
     max_tokens_option: Optional[int]
     allow_unavailable: bool = False
+    config: Any = field(default=None, repr=False, compare=False)  # the pytest config (its hooks)
     _availability: dict = field(default_factory=dict)
 
     @classmethod
@@ -54,7 +55,8 @@ class AttnSession:
         cases = split_list(config, "attn_cases")
         select(cases)  # an unknown case name or tag is a usage error now, not at collection
         return cls(Registry.discover(), split_list(config, "attn_backend"), opt("attn_device"), dtypes, seed(config),
-                   bool(opt("attn_strict")), cases, opt("attn_max_tokens"), allow_unavailable(config))
+                   bool(opt("attn_strict")), cases, opt("attn_max_tokens"), allow_unavailable(config),
+                   config=config)
 
     # -- backends -------------------------------------------------------------------------------
     def availability(self, backend: Backend) -> Availability:
@@ -92,6 +94,19 @@ class AttnSession:
             problem = broken_reason(backend, self.availability(backend))
             if problem:
                 raise AttnInputError(f"--attn-backend={backend.name} cannot be used: {problem}")
+
+    @functools.cached_property
+    def backend_suite_files(self) -> frozenset:
+        """Every registered backend's own suite modules (files)."""
+        from pytest_attn.plugin.bundled_suite import backend_suite_files
+
+        return frozenset(backend_suite_files(self.config, self.registry.resolve(["all"])))
+
+    @functools.cached_property
+    def unselected_suite_files(self) -> frozenset:
+        from pytest_attn.plugin.bundled_suite import backend_suite_files
+
+        return self.backend_suite_files - set(backend_suite_files(self.config, self.selected))
 
     def selects(self, prefix: str) -> bool:
         """Whether a selected backend is named ``prefix`` or ``prefix-...`` (a variant)."""

@@ -8,7 +8,7 @@ import pytest
 
 from pytest_attn.check.graph_replay import SCENARIOS, run_graph_decode, stale_plan
 
-pytestmark = pytest.mark.attn_gpu
+pytestmark = [pytest.mark.attn_gpu, pytest.mark.attn_graph_replay]
 
 
 def _run(backend, scenario, device, seed, hook=None):
