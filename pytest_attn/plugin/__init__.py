@@ -1,6 +1,12 @@
-"""pytest-attn's hooks. They stay thin: the work is in the modules they call (options, session,
-bundled, fixtures, harness, summary, and the feature modules for benchmarks, isolation, GPU
-pinning and scheduling).
+"""pytest-attn's hooks (this module) and the pytest side of the project, by concern: the options
+(``options``), per-run state (``session``), fixtures and parametrization (``fixtures``), what a
+collected test is to us (``collected``), the bundled suite and backends' own suites
+(``bundled_suite``, hooks for extensions in ``hookspec``), --attn-isolate (``isolation``), the
+header and closing section (``header``, ``summary``), rerun commands (``rerun``), whether a run
+tested what it named (``run_verdict``), --attn-report (``run_report``), the garbage collector
+(``gc_freeze``), and pytest-xdist (``xdist/``). The hooks stay thin: the work is in those modules.
+
+Imports: every subpackage except ``cli``; nothing imports the plugin but the suite.
 
 The plugin is loaded in every pytest run of an environment where pytest-attn is installed, so it
 does nothing until asked: a run that gives no ``--attn-*`` option and collects no test that uses
