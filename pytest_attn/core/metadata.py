@@ -188,7 +188,11 @@ class AttentionMetadata:
         """Most new tokens of any generation request: 1 for plain decode, more for speculative."""
         return max(self.seq_lens[self.num_contexts:], default=0)
 
-    seq_lens_kv = kv_lens  # TensorRT-LLM's name
+    @property
+    def seq_lens_kv(self) -> tuple[int, ...]:
+        """Deprecated (removed in the release after next): a second name of :attr:`kv_lens`."""
+        warn_deprecated("AttentionMetadata.seq_lens_kv", "kv_lens")
+        return self.kv_lens
 
     @property
     def qo_indptr(self) -> tuple[int, ...]:
