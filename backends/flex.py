@@ -239,9 +239,6 @@ class FlexAttentionBackend(Backend):
 
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
         layer, out = self.start_forward(q, k, v, metadata, plan, out)
-        manager = metadata.kv_cache_manager
-        if manager is not None:
-            manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
         params = self._layer_tensors(layer, q.device)
         q_off = metadata.qo_indptr
         for i, n in enumerate(metadata.seq_lens):

@@ -164,9 +164,6 @@ class TorchSDPABackend(Backend):
         layer, out = self.start_forward(q, k, v, metadata, plan, out)
         if plan.kernel == "varlen_attn":
             return self._varlen(q, k, v, metadata, layer, out)
-        manager = metadata.kv_cache_manager
-        if manager is not None:
-            manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         sdpa_backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
