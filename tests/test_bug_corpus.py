@@ -138,7 +138,8 @@ def test_every_mutation_test_the_document_names_exists(corpus_text):
 
 
 def test_every_bug_entry_has_its_fields(corpus):
-    assert sorted(corpus.bugs) == list(range(1, 41)), "the corpus numbers its bugs #1..#40, without gaps"
+    assert len(corpus.bugs) >= 40 and sorted(corpus.bugs) == list(range(1, len(corpus.bugs) + 1)), (
+        "the corpus numbers its bugs #1, #2, ... without gaps (a code, once cited, keeps its meaning)")
     for number, entry in corpus.bugs.items():
         for name in ("Class", "Upstream", "Dimensions", "Cases"):
             assert entry.fields.get(name, "").strip(), f"#{number} has no {name}"
@@ -149,7 +150,7 @@ def test_every_bug_entry_has_its_fields(corpus):
 
 def test_bugs_and_dimensions_name_each_other(corpus):
     """A bug filed under DN is listed under DN, and the other way round."""
-    assert sorted(corpus.dimensions) == list(range(1, 27))
+    assert len(corpus.dimensions) >= 26 and sorted(corpus.dimensions) == list(range(1, len(corpus.dimensions) + 1))
     bug_to_dims = {n: {int(d) for d in DIMENSION_REF.findall(e.fields["Dimensions"])}
                    for n, e in corpus.bugs.items()}
     dim_to_bugs = {d: {int(b) for b in re.findall(r"#(\d+)", e.fields["Bugs"])} for d, e in corpus.dimensions.items()}
