@@ -164,9 +164,9 @@ def decode_hazards(kernel_backend: str, tensor_cores: bool, layer: LayerSpec, sm
     reasons = []
     if layer.group_size not in CUDA_CORE_DECODE_GROUPS:
         reasons.append(f"CUDA-core decode supports query groups {CUDA_CORE_DECODE_GROUPS}, not {layer.group_size}")
-    if layer.head_dim not in FA3_HEAD_DIMS:  # conservative: same kernel family as #4299
+    if layer.head_dim not in FA3_HEAD_DIMS:  # conservative: same kernel family as FlashInfer #4299
         # Measured on an H100 (FlashInfer 0.7.2.post1): at head_dim 80 this kernel returns wrong
-        # outputs (relative error 0.6-0.8) without any error; its tensor-core form crashes (#4299).
+        # outputs (relative error 0.6-0.8) without any error; its tensor-core form crashes (FlashInfer #4299).
         reasons.append(f"CUDA-core decode is not trusted at head_dim {layer.head_dim}: only 64/128/256 are "
                        "known good; at head_dim 80 it silently returns wrong outputs (relative error 0.6-0.8 "
                        "measured on an H100) and fa2-family kernels crash there (FlashInfer issue #4299)")

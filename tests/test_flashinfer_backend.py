@@ -252,7 +252,7 @@ def test_forward_refuses_cpu_tensors():
         backend.forward(q, k, v, md, backend.plan(md, layer, device="cuda"))
 
 
-# -- the output check catches the #13190 class of bug ------------------------------------------------
+# -- the output check catches the TRT-LLM #13190 class of bug (bug corpus #1) -------------------------
 class _ClaimsCudnnRagged(TorchSDPABackend):
     """Computes with torch but plans like the FlashInfer policy: every field a plan-only test
     (PR #12911's ``wrapper._backend == "cudnn"``) looks at says cuDNN ragged, NHD, tokens."""
@@ -268,7 +268,7 @@ class _ClaimsCudnnRagged(TorchSDPABackend):
 
 
 class ReadsRaggedKVAsHND(_ClaimsCudnnRagged):
-    """The #13190 bug: ragged K/V are NHD ([tokens, heads, dim]) but the kernel reads them as HND."""
+    """The TRT-LLM #13190 bug: ragged K/V are NHD ([tokens, heads, dim]) but the kernel reads them as HND."""
 
     def forward(self, q, k, v, metadata, plan, out=None):
         def as_hnd(t):  # the same memory, indexed as [heads, tokens, dim]

@@ -50,8 +50,9 @@ def test_vit_seed_plan_wrapper_and_output(flashinfer_backend, make_attn_batch):
 
 
 def test_ragged_kv_reinterpreted_as_hnd_fails_the_output_check(flashinfer_backend, make_attn_batch):
-    """The #13190 bug itself: NHD memory read as HND. cuDNN cannot tell, so only the output check
-    catches it: AssertionError from the comparison with the reference."""
+    """TRT-LLM PR #13190's bug itself (bug corpus #1, docs/bug-corpus.md): NHD memory read as HND.
+    cuDNN cannot tell, so only the output check catches it: AssertionError from the comparison with
+    the reference."""
 
     def ragged_run_reading_hnd(self, wrapper, q, k, v, out, layer):
         def as_hnd(t):  # the same memory indexed as [heads, tokens, dim], made contiguous again

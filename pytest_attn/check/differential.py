@@ -1,6 +1,6 @@
 """One case through every backend: each output against the reference and against each other, so a
 user sees which backends disagree and by how much (the route that found flashinfer #1193, a soft-cap
-regression seen as fa2 against fa3 and triton, and #1663, cutlass against fa2 at head dim 192/128).
+regression seen as fa2 against fa3 and triton, and flashinfer #1663, cutlass against fa2 at head dim 192/128).
 
 ``pytest-attn differential CASE`` prints the table; the suite's ``test_differential`` runs it for a
 few cases with every backend of the run.
