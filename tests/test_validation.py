@@ -8,7 +8,8 @@ import torch
 
 from pytest_attn.cases.case import BatchCase
 from pytest_attn.cases.catalog import select
-from pytest_attn.core.contract import Capabilities, LayerSpec, Plan, dtype_name
+from pytest_attn.core.contract import Capabilities, Plan
+from pytest_attn.core.layer import LayerSpec, dtype_name
 from pytest_attn.core.errors import AttnInputError, CacheFullError, UnknownBackendError, UnsupportedCase
 from pytest_attn.check.harness import run_forward
 from pytest_attn.core.kv_cache import PagedKVCacheManager

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from pytest_attn.core.errors import AttnInputError
-# LayerSpec and the dtype helpers live in .layer (below the metadata and the cache); they are
-# re-exported here, where backends have always imported them from.
-from pytest_attn.core.layer import DTYPES, KV_LAYOUTS, LSE_BASES, MASKS, LayerSpec, dtype_name, torch_dtype  # noqa: F401
+from pytest_attn.core.layer import DTYPES, KV_LAYOUTS, MASKS, LayerSpec
 
 if TYPE_CHECKING:  # torch is imported lazily: loading the plugin must not import it
     import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_attn.check.batch import AttnBatch, build_batch  # noqa: F401  (AttnBatch: re-exported)
+from pytest_attn.check.batch import AttnBatch, build_batch
 from pytest_attn.cases.catalog import select
 from pytest_attn.core.contract import Backend
 from pytest_attn.plugin.collected import case_of

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import pytest
 
-from pytest_attn.core import calls as guard
+from pytest_attn.core import calls
 from pytest_attn.core.contract import Availability, Backend
 from pytest_attn.core.errors import AttnInputError
 from pytest_attn.core.layer import dtype_name
@@ -61,7 +61,7 @@ class AttnSession:
     # -- backends -------------------------------------------------------------------------------
     def availability(self, backend: Backend) -> Availability:
         if backend.name not in self._availability:
-            self._availability[backend.name] = guard.availability(backend)
+            self._availability[backend.name] = calls.availability(backend)
         return self._availability[backend.name]
 
     def require_available(self, backend: Backend) -> Backend:

@@ -1,8 +1,7 @@
 """Does the backend's plan describe what it runs? Checked without running anything."""
-import pytest
 
-from pytest_attn.core import calls as guard
-from pytest_attn.core.contract import KV_LAYOUTS
+from pytest_attn.core import calls
+from pytest_attn.core.layer import KV_LAYOUTS
 from pytest_attn.check.harness import first_step
 
 INDEX_UNITS = ("tokens", "elements", "pages")
@@ -10,8 +9,8 @@ INDEX_UNITS = ("tokens", "elements", "pages")
 
 def test_plan_matches_the_batch(attn_backend, attn_case, attn_device):
     metadata, layer = first_step(attn_case, attn_device)
-    guard.require_supported(attn_backend, layer, metadata, attn_device)
-    plan = guard.plan(attn_backend, metadata, layer, attn_device)
+    calls.require_supported(attn_backend, layer, metadata, attn_device)
+    plan = calls.plan(attn_backend, metadata, layer, attn_device)
     assert plan.backend == attn_backend.name
     assert plan.layer == layer, "the plan must carry the layer it was made for"
     for part in plan.launches:
@@ -30,6 +29,6 @@ def test_plan_matches_the_batch(attn_backend, attn_case, attn_device):
         assert layouts == {"NHD"}, (
             f"without a cache K/V are the inputs, [tokens, kv_heads, head_dim] (NHD), but the plan reads them "
             f"as {layouts}: the TensorRT-LLM #13190 bug")
-    again = guard.plan(attn_backend, metadata, layer, attn_device)
+    again = calls.plan(attn_backend, metadata, layer, attn_device)
     assert again == plan, "planning the same batch twice gave different plans"
 
