@@ -18,6 +18,8 @@ import importlib.util
 from pathlib import Path
 from typing import Optional
 
+import pytest
+
 SUITE_PACKAGE = "pytest_attn.suite"
 
 
@@ -110,13 +112,18 @@ def add_to_run(config) -> bool:
     return not included
 
 
-def unselected_suite_files(config) -> set[Path]:
-    """Backend suite modules that no selected backend brings: a run leaves them out."""
-    from pytest_attn.plugin.session import attn_session_of
+_SUITE_FILES = pytest.StashKey[tuple]()
 
-    session = attn_session_of(config)
-    every = backend_suite_files(config, session.registry.resolve(["all"]))
-    return set(every) - set(backend_suite_files(config, session.selected))
+
+def suite_files(config) -> tuple[frozenset, frozenset]:
+    """(every registered backend's own suite files, those no selected backend brings), once a run."""
+    if _SUITE_FILES not in config.stash:
+        from pytest_attn.plugin.session import attn_session_of
+
+        session = attn_session_of(config)
+        every = frozenset(backend_suite_files(config, session.registry.resolve(["all"])))
+        config.stash[_SUITE_FILES] = (every, every - set(backend_suite_files(config, session.selected)))
+    return config.stash[_SUITE_FILES]
 
 
 def header_line(config, added: bool) -> Optional[str]:
@@ -158,7 +165,7 @@ def _ours(item, session) -> bool:
     """A test of the bundled suite or of a backend's own suite (a user's own GPU test is skipped
     with its reason instead, by the plugin)."""
     path = Path(item.path).resolve()
-    return suite_dir() in path.parents or path in session.backend_suite_files
+    return suite_dir() in path.parents or path in suite_files(item.config)[0]
 
 
 def deselect_inapplicable(config, items) -> None:

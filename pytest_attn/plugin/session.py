@@ -95,19 +95,6 @@ class AttnSession:
             if problem:
                 raise AttnInputError(f"--attn-backend={backend.name} cannot be used: {problem}")
 
-    @functools.cached_property
-    def backend_suite_files(self) -> frozenset:
-        """Every registered backend's own suite modules (files)."""
-        from pytest_attn.plugin.bundled_suite import backend_suite_files
-
-        return frozenset(backend_suite_files(self.config, self.registry.resolve(["all"])))
-
-    @functools.cached_property
-    def unselected_suite_files(self) -> frozenset:
-        from pytest_attn.plugin.bundled_suite import backend_suite_files
-
-        return self.backend_suite_files - set(backend_suite_files(self.config, self.selected))
-
     def selects(self, prefix: str) -> bool:
         """Whether a selected backend is named ``prefix`` or ``prefix-...`` (a variant)."""
         return any(b.name == prefix or b.name.startswith(prefix + "-") for b in self.selected)
