@@ -240,7 +240,7 @@ class TorchSDPABackend(Backend):
         cuda_kernels = {"flash": (r"flash_fwd",),
                         "efficient": (r"fmha_cutlassF", r"AttentionKernel", r"attention_kernel"),
                         "cudnn": (r"(?i)cudnn", r"(?i)sdpa", r"flash_fprop"),
-                        "math": (r"(?i)gemm", r"(?i)gemv", r"xmma", r"(?i)cutlass", r"nvjet", r"(?i)cublas")}
+                        "math": (r"(?i)gemm", r"(?i)gemv", r"xmma", r"nvjet", r"(?i)cublas")}  # not "cutlass": FA2 names it in its template arguments
         device_type = str(plan.device).split(":")[0]
         implementation = "flash" if plan.kernel == "varlen_attn" else plan.kernel_backend
         names = cpu_ops if device_type == "cpu" else cuda_kernels
