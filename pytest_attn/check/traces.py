@@ -283,3 +283,19 @@ def assert_traces_match(backend, case, steps: list[TracedStep]) -> None:
                + "\n    ".join(s.trace.lines()) for s in bad]
     raise AttnCheckFailure("\n".join([summary, f"backend {backend.name!r} launched kernels its plan does not declare "
                                                f"on case {case.name!r}:", *details]), summary=summary)
+
+
+#: Turns the trace tests off where --attn-trace is not defined (an older plugin): "off".
+TRACE_ENV = "PYTEST_ATTN_TRACE"
+
+
+def tracing_enabled(config) -> tuple[bool, str]:
+    """(whether this run traces kernels, why not): ``--attn-trace=off`` or ``$PYTEST_ATTN_TRACE=off``."""
+    import os
+
+    option = config.getoption("attn_trace", None) if config is not None else None
+    if option == "off":
+        return False, "kernel traces are off (--attn-trace=off)"
+    if option is None and os.environ.get(TRACE_ENV, "on").strip().lower() == "off":
+        return False, f"kernel traces are off (${TRACE_ENV}=off)"
+    return True, ""
