@@ -7,7 +7,7 @@ import json
 import pytest
 from test_properties import RunDependentOrder
 
-from backends.torch_sdpa import TorchSDPABackend
+from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 from pytest_attn.cli.main import main
 from pytest_attn.env.registry import Registry
 

@@ -84,7 +84,7 @@ def test_flashinfer_fa3_and_forced_fa2_decode_families():
 
 
 def test_trtllm_fmha_and_xqa_families():
-    from backends.trtllm import FMHA, XQA as XQA_KERNEL
+    from pytest_attn_backends.trtllm import FMHA, XQA as XQA_KERNEL
     from pytest_attn.core.contract import Plan
 
     b = backend("trtllm")
@@ -150,7 +150,7 @@ def test_cpu_traces_of_the_builtin_backends_match_their_declaration(name, op):
 
 
 def test_a_backend_whose_plan_says_flash_while_it_runs_math_fails_naming_the_kernel():
-    from backends.torch_sdpa import TorchSDPABackend
+    from pytest_attn_backends.torch_sdpa import TorchSDPABackend
 
     class SaysFlashRunsMath(TorchSDPABackend):
         def forward(self, q, k, v, metadata, plan, out=None, lse=None):
