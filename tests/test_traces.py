@@ -163,3 +163,23 @@ def test_a_backend_whose_plan_says_flash_while_it_runs_math_fails_naming_the_ker
         assert_traces_match(liar, case, steps)
     assert "aten::_scaled_dot_product_attention_math" in str(failure.value)
     assert "SDPA flash (cpu)" in str(failure.value)
+
+
+class _Config:
+    def __init__(self, trace=None):
+        self.trace = trace
+
+    def getoption(self, name, default=None):
+        assert name == "attn_trace"
+        return self.trace if self.trace is not None else default
+
+
+def test_traces_are_on_unless_the_option_or_the_environment_turns_them_off(monkeypatch):
+    from pytest_attn.check.traces import TRACE_ENV, tracing_enabled
+
+    monkeypatch.delenv(TRACE_ENV, raising=False)
+    assert tracing_enabled(_Config()) == (True, "")
+    assert tracing_enabled(_Config("off")) == (False, "kernel traces are off (--attn-trace=off)")
+    monkeypatch.setenv(TRACE_ENV, "off")
+    assert tracing_enabled(_Config()) == (False, "kernel traces are off ($PYTEST_ATTN_TRACE=off)")
+    assert tracing_enabled(_Config("on"))[0]  # the option wins over the environment
