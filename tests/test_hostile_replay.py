@@ -124,7 +124,7 @@ def test_a_correct_decoder_passes_plain_and_hostile_replay():
     replays = run_graph_decode(OffersTableDecoder(), HOSTILE, device="cpu")
     assert all(r.passed for r in replays)
     kinds = [r.kind for r in replays]
-    assert kinds.count("eager between plan and replay") == HOSTILE.steps and kinds.count("replay") == HOSTILE.steps + 1  # and the prefill
+    assert kinds.count("eager between plan and replay") == HOSTILE.steps + 1 and kinds.count("replay") == HOSTILE.steps + 1  # and the prefill
 
 
 def test_a_plan_kept_in_a_shared_workspace_fails_only_when_another_plan_comes_between():

@@ -103,6 +103,8 @@ def run_graph_decode(backend: Backend, scenario: GraphScenario, *, device, seed:
     result = run_forward(backend, q, k, v, prefill, layer, device)
     comparison = compare_to(backend, result, _refs(q, history, prefill, layer), prefill, layer)
     replays = [Replay(0, len(ids), comparison)]
+    if scenario.hostile:  # the workspace the decoder is built over has served another plan already
+        replays.append(interleaved_batch(backend, scenario, 0, device, seed))
     decoder = graph_decoder(backend, manager, layer, scenario.max_batch, device)
     if decoder_hook is not None:
         decoder = decoder_hook(decoder)
