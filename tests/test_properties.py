@@ -160,3 +160,27 @@ def test_the_builtin_cpu_backends_are_measured_with_their_kernels(name):
     row = measure(Registry.discover().get(name), FAMILY["decode"], device="cpu")
     assert row.deterministic.holds is True and row.batch_invariant.holds is True, row.as_dict()
     assert ("flash_attention_for_cpu" if name == "torch" else "FlexAttention") in row.kernels
+
+
+def test_each_catalog_case_maps_to_the_family_of_its_steps():
+    from pytest_attn.cases.catalog import CATALOG
+    from pytest_attn.check.properties import family_of_case
+
+    assert family_of_case(CATALOG["vit-1img-224"]) == "prefill"
+    assert family_of_case(CATALOG["llm-decode-gqa-nhd"]) == "decode"
+    assert family_of_case(CATALOG["llm-mixed-nhd"]) == "mixed"
+    assert family_of_case(CATALOG["spec-decode-q4"]) == "spec-decode"
+    assert {family_of_case(c) for c in CATALOG.values()} == set(FAMILIES)
+
+
+def test_per_case_measurements_catch_the_planted_backends():
+    from pytest_attn.cases.catalog import CATALOG
+    from pytest_attn.check.properties import measure_case_batch_invariance, measure_case_determinism
+
+    case = CATALOG["llm-decode-gqa-hnd"]
+    assert measure_case_determinism(Declares(), case, device="cpu").holds is True
+    assert measure_case_batch_invariance(Declares(), case, device="cpu").holds is True
+    det = measure_case_determinism(RunDependentOrder(), case, device="cpu")
+    assert det.failed and "differ between two runs" in det.differences[0]
+    inv = measure_case_batch_invariance(SplitByBatchSize(), case, device="cpu")
+    assert inv.failed and inv.family == "llm-decode-gqa-hnd (decode batches)"

@@ -16,6 +16,7 @@ decode, mixed prefill + decode, and speculative decoding (several new tokens per
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -269,7 +270,7 @@ def measure_determinism(backend: Backend, family: Family, *, device, seed: int =
 
 
 def measure_batch_invariance(backend: Backend, family: Family, *, device, seed: int = 0,
-                             layer: Optional[LayerSpec] = None) -> Measurement:
+                             layer: Optional[LayerSpec] = None, layout: str = "NHD") -> Measurement:
     """The needle's rows in every batch of the family against its rows alone, bitwise; each batch
     planned anew and its pages placed differently."""
     declared = backend.capabilities.batch_invariant
@@ -278,7 +279,7 @@ def measure_batch_invariance(backend: Backend, family: Family, *, device, seed: 
     reasons = []
     for index, requests in enumerate(family.batches):
         batch = compose(requests, layer, cache=family.cache, device=device, seed=seed, page_size=family.page_size,
-                        scramble=index)
+                        layout=layout, scramble=index)
         try:
             plan, out, _ = run_composed(backend, batch, layer, device)
         except UnsupportedCase as exc:
@@ -379,3 +380,49 @@ def assert_property(m: Measurement) -> None:
     if m.failed:
         summary = f"{m.backend} declares {m.prop}={m.declared} but {m.family}: {m.differences[0]}"
         raise AttnCheckFailure("\n".join([summary, *(f"- {d}" for d in m.differences)]), summary=summary)
+
+
+# -- per catalog case (the suite) ----------------------------------------------------------------------
+def family_of_case(case) -> str:
+    """The family whose batches a catalog case's kind of step fits: no cache -> prefill; speculative
+    or mixed steps -> spec-decode or mixed; decode steps -> decode; otherwise a paged prefill."""
+    tags = set(case.tags)
+    if not case.cache:
+        return "prefill"
+    if "spec-decode" in tags:
+        return "spec-decode"
+    if "mixed" in tags:
+        return "mixed"
+    return "decode" if case.decode_steps else "paged-prefill"
+
+
+def measure_case_determinism(backend: Backend, case, *, device, seed: int = 0) -> Measurement:
+    """Every step of ``case`` run twice (a cache built anew each time), output and LSE compared
+    bitwise step by step. UnsupportedCase propagates: the case cannot run at all."""
+    from pytest_attn.check.case_steps import forward_steps
+
+    first = [(s.out.clone(), None if s.lse is None else s.lse.clone()) for s in
+             forward_steps(backend, case, device=device, seed=seed)]
+    differences, plans = [], []
+    for i, step in enumerate(forward_steps(backend, case, device=device, seed=seed)):
+        plans.append(step.plan.describe())
+        for what, a, b in (("output", first[i][0], step.out), ("LSE", first[i][1], step.lse)):
+            if a is None or b is None:
+                continue
+            count, biggest = bitwise_diff(a, b)
+            if count:
+                differences.append(f"step {step.index}{f' layer {step.layer_idx}' if step.layer_idx else ''}: "
+                                   f"{count} {what} element(s) differ between two runs (max |diff| {biggest:.3e})")
+    return Measurement(backend.name, case.name, "deterministic", not differences, backend.capabilities.deterministic,
+                       differences, plans=list(dict.fromkeys(plans)))
+
+
+def measure_case_batch_invariance(backend: Backend, case, *, device, seed: int = 0) -> Measurement:
+    """The batches of the case's family (:func:`family_of_case`) with the case's layer, the needle's
+    rows compared bitwise with its rows alone."""
+    long = 2048 if str(device).startswith("cuda") else 96
+    family = dataclasses.replace(families(long)[family_of_case(case)], page_size=case.page_size if case.cache else 16)
+    layer = case.layer(0)
+    m = measure_batch_invariance(backend, family, device=device, seed=seed, layer=layer, layout=case.kv_layout)
+    m.family = f"{case.name} ({family.name} batches)"
+    return m

@@ -1,33 +1,18 @@
 """Does the backend give the same bits twice (deterministic), and a request the same bits whatever
-else is in its batch (batch-invariant)? Measured on five case families (pytest_attn.check.properties)
-for every backend and recorded in the test's properties; required only where the backend declares
-them (Capabilities.deterministic, Capabilities.batch_invariant), where a difference fails with where
-it was found. `pytest-attn properties` prints the table."""
-import pytest
-
-from pytest_attn.check.properties import (FAMILIES, assert_property, families, measure_batch_invariance,
-                                          measure_determinism)
-
-
-def _family(name, device):
-    return families(long=2048 if str(device).startswith("cuda") else 96)[name]
+else is in its batch (batch-invariant)? For each catalog case: its steps run twice, output and LSE
+compared bitwise; and a needle request with the case's layer placed in the batches of the case's
+family (pytest_attn.check.properties: beside short and long requests, among decodes), each planned
+anew, its rows compared bitwise with its rows alone. Both are measured for every backend and
+recorded in the test's properties (--junitxml, --attn-report); they are required only where the
+backend declares them (Capabilities.deterministic, Capabilities.batch_invariant), and a difference
+then fails with where it was found. `pytest-attn properties` prints the table per case family."""
+from pytest_attn.check.properties import assert_property, measure_case_batch_invariance, measure_case_determinism
 
 
-def _check(measurement, request):
-    request.node.user_properties.append((f"attn_{measurement.prop}", measurement.as_dict()))
-    if measurement.holds is None:
-        from pytest_attn.core.errors import UnsupportedCase
-
-        raise UnsupportedCase(measurement.backend, [measurement.reason or "cannot run this family"])
-    assert_property(measurement)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_deterministic(attn_backend, family, attn_device, attn_seed, request):
-    _check(measure_determinism(attn_backend, _family(family, attn_device), device=attn_device, seed=attn_seed), request)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_invariant(attn_backend, family, attn_device, attn_seed, request):
-    _check(measure_batch_invariance(attn_backend, _family(family, attn_device), device=attn_device, seed=attn_seed),
-           request)
+def test_same_bits_twice_and_in_any_batch(attn_backend, attn_case, attn_device, attn_seed, request):
+    deterministic = measure_case_determinism(attn_backend, attn_case, device=attn_device, seed=attn_seed)
+    invariant = measure_case_batch_invariance(attn_backend, attn_case, device=attn_device, seed=attn_seed)
+    for measurement in (deterministic, invariant):
+        request.node.user_properties.append((f"attn_{measurement.prop}", measurement.as_dict()))
+    assert_property(deterministic)
+    assert_property(invariant)
