@@ -107,6 +107,9 @@ def families(long: int = 512) -> dict:
 
 
 FAMILIES = tuple(families())
+#: The long requests of the suite's per-case batches on a GPU (the command's default is 2048): each of
+#: the catalog's cases runs them on every backend, and their inputs are drawn on the CPU.
+SUITE_LONG_CUDA = 512
 
 
 def default_layer(device, return_lse: bool = False) -> LayerSpec:
@@ -420,7 +423,7 @@ def measure_case_determinism(backend: Backend, case, *, device, seed: int = 0) -
 def measure_case_batch_invariance(backend: Backend, case, *, device, seed: int = 0) -> Measurement:
     """The batches of the case's family (:func:`family_of_case`) with the case's layer, the needle's
     rows compared bitwise with its rows alone."""
-    long = 2048 if str(device).startswith("cuda") else 96
+    long = SUITE_LONG_CUDA if str(device).startswith("cuda") else 96
     family = dataclasses.replace(families(long)[family_of_case(case)], page_size=case.page_size if case.cache else 16)
     layer = case.layer(0)
     m = measure_batch_invariance(backend, family, device=device, seed=seed, layer=layer, layout=case.kv_layout)
