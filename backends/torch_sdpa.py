@@ -237,7 +237,7 @@ class TorchSDPABackend(Backend):
 
         cpu_ops = {"flash": (r"^aten::_scaled_dot_product_flash_attention_for_cpu$",),
                    "math": (r"^aten::_scaled_dot_product_attention_math$",)}
-        cuda_kernels = {"flash": (r"flash_fwd",),
+        cuda_kernels = {"flash": (r"flash_fwd", r"FlashAttnFwd"),  # FlashAttention-2, or 3 where torch activates it
                         "efficient": (r"fmha_cutlassF", r"AttentionKernel", r"attention_kernel"),
                         "cudnn": (r"(?i)cudnn", r"(?i)sdpa", r"flash_fprop"),
                         "math": (r"(?i)gemm", r"(?i)gemv", r"xmma", r"nvjet", r"(?i)cublas")}  # not "cutlass": FA2 names it in its template arguments
