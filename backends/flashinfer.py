@@ -607,6 +607,35 @@ class FlashInferBackend(Backend):
         replay. None where this variant's decode route cannot run the layer."""
         return GraphDecoder(self, manager, layer, max_batch, device)
 
+    # -- what runs, as the profiler names it ----------------------------------------------------------
+    def expected_kernels(self, plan: Plan) -> list:
+        """Per part, the kernels of the backend it resolved to (read from FlashInfer 0.7.2.post1's
+        sources): cuDNN's generated SDPA kernels; fa2's ``flashinfer::BatchPrefillWithRaggedKVCacheKernel``,
+        ``BatchPrefillWithPagedKVCacheKernel`` (paged prefill, the sink wrapper, tensor-core decode)
+        and ``BatchDecodeWithPagedKVCacheKernel`` (CUDA-core decode); fa3's Hopper
+        ``PrefillWithKVCacheKernel``; and the split-KV merge kernels (``MergeStates*``,
+        ``VariableLengthMergeStates*``, ``AttentionSum*``), which may run or not."""
+        from pytest_attn.check.traces import KernelFamily
+
+        cudnn = (r"(?i)cudnn", r"(?i)sdpa", r"flash_fprop")
+        fa3 = (r"\b(FP8)?PrefillWithKVCacheKernel",)
+        families = []
+        for part in plan.parts or (plan,):
+            backend = part.detail("resolved_backend") or part.detail("predicted_backend") or part.kernel_backend
+            if part.kernel == DECODE and not part.detail("tensor_cores"):
+                patterns, what = (r"BatchDecodeWithPagedKVCacheKernel",), "fa2 decode (CUDA cores)"
+            elif backend == "cudnn":
+                patterns, what = cudnn, "cuDNN SDPA"
+            elif backend == "fa3":
+                patterns, what = fa3, "fa3 prefill (Hopper)"
+            elif part.kernel == RAGGED:
+                patterns, what = (r"BatchPrefillWithRaggedKVCacheKernel",), "fa2 ragged prefill"
+            else:
+                patterns, what = (r"BatchPrefillWithPagedKVCacheKernel",), "fa2 paged prefill"
+            families.append(KernelFamily(f"{part.kernel}: {what}", patterns))
+        families.append(KernelFamily("FlashInfer split-KV merge", (r"MergeState", r"AttentionSum"), required=False))
+        return families
+
 
 _MISSING = object()
 _SINKS: dict = {}

@@ -298,6 +298,18 @@ class FlexAttentionBackend(Backend):
         o = o[0].transpose(0, 1)  # [Lq, H, Dv]
         return o, (row_lse[0].transpose(0, 1) if want_lse else None)
 
+    # -- what runs, as the profiler names it ----------------------------------------------------------
+    def expected_kernels(self, plan: Plan) -> list:
+        """Eager (CPU): flex's unfused implementation under its operator (``FlexAttentionAutogradOp``
+        or ``flex_attention``), never an SDPA kernel. Compiled (CUDA): the Triton flex_attention
+        template kernel (``triton_tem_fused_*``); Inductor's pointwise and reduction kernels and the
+        block mask's ATen kernels are data movement."""
+        from pytest_attn.check.traces import KernelFamily
+
+        if plan.kernel_backend == "compiled":
+            return [KernelFamily("flex_attention Triton template", (r"^triton_tem_",))]
+        return [KernelFamily("flex_attention eager", (r"FlexAttention", r"flex_attention"))]
+
 
 def _run_flex(qh, kh, vh, kwargs: dict, want_lse: bool, compiled: bool):
     """flex_attention, compiled or eager, -> (out, natural-log LSE or None): through

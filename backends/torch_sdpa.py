@@ -223,6 +223,29 @@ class TorchSDPABackend(Backend):
         out.copy_(varlen_attn(q, k, v, cu, cu, metadata.max_seq_len_q, metadata.max_seq_len_q, **kwargs))
         return out
 
+    # -- what runs, as the profiler names it ----------------------------------------------------------
+    def expected_kernels(self, plan: Plan) -> list:
+        """The SDPA implementation the plan names, and only it, so a fallback to another fails the
+        trace. CPU: its operator. CUDA: FlashAttention-2 in ``pytorch_flash::`` (split-KV and its
+        combine kernel included; varlen_attn runs it too), the memory-efficient CUTLASS kernels
+        (``fmha_cutlassF_*``), cuDNN's generated SDPA kernels, or the math path's GEMMs (its softmax
+        and masking are ATen kernels, allowed as data movement)."""
+        from pytest_attn.check.traces import KernelFamily
+
+        cpu_ops = {"flash": (r"^aten::_scaled_dot_product_flash_attention_for_cpu$",),
+                   "math": (r"^aten::_scaled_dot_product_attention_math$",)}
+        cuda_kernels = {"flash": (r"flash_fwd", r"FlashAttnFwd"),  # FlashAttention-2, or 3 where torch activates it
+                        "efficient": (r"fmha_cutlassF", r"AttentionKernel", r"attention_kernel"),
+                        "cudnn": (r"(?i)cudnn", r"(?i)sdpa", r"flash_fprop"),
+                        "math": (r"(?i)gemm", r"(?i)gemv", r"xmma", r"nvjet", r"(?i)cublas")}  # not "cutlass": FA2 names it in its template arguments
+        device_type = str(plan.device).split(":")[0]
+        implementation = "flash" if plan.kernel == "varlen_attn" else plan.kernel_backend
+        names = cpu_ops if device_type == "cpu" else cuda_kernels
+        families = [KernelFamily(f"SDPA {implementation} ({device_type})", names[implementation])]
+        if device_type == "cpu":  # the dispatcher's own operator, above whichever implementation runs
+            families.append(KernelFamily("SDPA dispatcher", (r"^aten::scaled_dot_product_attention$",), required=False))
+        return families
+
 
 BACKENDS = [TorchSDPABackend(), *(TorchSDPABackend(name, kernel=kernel, use_varlen=False)
                                    for name, kernel in FORCED.items())]

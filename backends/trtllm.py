@@ -553,6 +553,21 @@ class TrtllmBackend(Backend):
         trtllm_batch_decode_with_kv_cache(q, pool, _buffer("xqa", device, WORKSPACE_BYTES), index["block_tables"],
                                           index["seq_lens"], out=out, **kwargs)
 
+    # -- what runs, as the profiler names it ----------------------------------------------------------
+    def expected_kernels(self, plan: Plan) -> list:
+        """Per part: FMHAv2's generated kernels, ``fmha_v2_[il_]flash_attention_<dtype>_..._sm90_kernel``
+        (the names FlashInfer's fmha_v2 generator gives them), or XQA's ``kernel_mha`` (csrc/xqa);
+        FMHAv2's tile-counter memset is data movement."""
+        from pytest_attn.check.traces import KernelFamily
+
+        families = []
+        for part in plan.parts or (plan,):
+            if part.kernel == FMHA:
+                families.append(KernelFamily("FMHAv2 (TensorRT-LLM context attention)", (r"fmha_v2_",)))
+            else:
+                families.append(KernelFamily("XQA (TensorRT-LLM generation)", (r"kernel_mha",)))
+        return families
+
 
 def _built_modules() -> Optional[set]:
     """The JIT modules FlashInfer has generated in this process (None where this version does not say,

@@ -6,6 +6,8 @@
   pytest-attn backends                              every registered backend: origin, availability, support
   pytest-attn differential CASE                     one case through every backend, compared with each other
   pytest-attn report RUN.json [B.json] -o OUT.html  a run's report from saved results, or two runs side by side
+  pytest-attn trace CASE --backends a,b             the kernels each backend launched, against its declaration
+  pytest-attn properties [--json PATH]              deterministic? batch-invariant? per backend and case family
 
 Exit status: 0 when all is well; 1 when a command ran and found a failure (a backend broke or
 disagrees, or one named on the command line did not run); 4 for a bad argument, said in one line on
@@ -179,6 +181,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from pytest_attn.report.render import add_report_parser
 
     add_report_parser(sub)
+    from pytest_attn.cli import properties, trace
+
+    trace.add_parser(sub)
+    properties.add_parser(sub)
     return parser
 
 
@@ -202,6 +208,10 @@ def _run(args) -> int:
         return backends_command(args)
     if args.command == "differential":
         return differential_command(args)
+    if args.command in ("trace", "properties"):
+        from pytest_attn.cli import properties, trace
+
+        return {"trace": trace, "properties": properties}[args.command].command(args)
     if args.command == "report":
         from pytest_attn.report.render import report_command
 

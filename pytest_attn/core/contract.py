@@ -180,6 +180,14 @@ class Capabilities:
     #: Its kernels never load cache slots past a request's length: the cache's unused slots are then
     #: poisoned with NaN (which also catches a load multiplied by a zero weight), not a finite value.
     never_reads_masked_slots: bool = False
+    #: The same inputs give the same bits, output and LSE, every run (no run-dependent reduction
+    #: order: atomics, a split chosen by timing). None: not declared; measured and reported, not
+    #: required (``pytest-attn properties``). True: a run that differs fails.
+    deterministic: Optional[bool] = None
+    #: A request's rows are the same bits whatever else is in its batch (its position, the batch's
+    #: size, long requests or decodes beside it), each batch planned anew: no split-KV or tile choice
+    #: that depends on the batch. None: measured and reported, not required. True: a difference fails.
+    batch_invariant: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -348,6 +356,16 @@ class Backend(abc.ABC):
         name) differs from the plan, one sentence each; [] when they agree. None (the default):
         nothing to read back. The suite checks it beside the output, so a feature passed at run time
         but not at plan time fails (sglang #33915, PR #31501)."""
+        return None
+
+    def expected_kernels(self, plan: Plan) -> Optional[list]:
+        """The kernel families a forward of ``plan`` launches, as
+        :class:`pytest_attn.check.traces.KernelFamily` objects (or regular-expression strings, each a
+        family of its own that need not launch), matched against the names a profiler records: CUDA
+        kernels on a GPU, operator names (``aten::...``) on CPU. A launch outside them (and outside
+        the data movement every backend does: copies, fills, indexing) fails the plan's trace test,
+        naming the kernel; a required family that launched nothing fails it too. None (the
+        default): no declaration, so traces are recorded and reported only."""
         return None
 
     def graph_decoder(self, manager, layer: LayerSpec, max_batch: int, device) -> Optional[Any]:
