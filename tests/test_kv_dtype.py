@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pytest_attn.check.harness as harness
+import pytest_attn.check.history as history
 from pytest_attn import CATALOG, LayerSpec
 from pytest_attn.check.harness import assert_case_passes, run_case
 from pytest_attn.check.reference import as_stored_in_cache
@@ -54,7 +55,7 @@ def _fp8_only_reference(t, layer, which, _stored=as_stored_in_cache):
 
 def test_the_old_reference_failed_a_right_backend_on_a_bf16_cache_under_fp16(monkeypatch, registry):
     backend, case = registry.get("torch"), CATALOG["kv-bf16-under-fp16"]
-    monkeypatch.setattr(harness, "as_stored_in_cache", _fp8_only_reference)
+    monkeypatch.setattr(history, "as_stored_in_cache", _fp8_only_reference)
     failed = [r for r in run_case(backend, case) if not r.passed]
     # measured: step 0 7.893e-03 against an allowed 7.743e-03, step 1 5.496e-03 against 3.250e-03
     assert failed and failed[0].comparison.max_abs_err > failed[0].comparison.allowed
@@ -85,7 +86,7 @@ class KeepsLayerDtypeKV(TorchSDPABackend):
 def test_a_backend_ignoring_what_its_cache_holds_fails_and_passed_the_old_reference(monkeypatch):
     case = CATALOG["kv-bf16-under-fp16"]
     assert not all(r.passed for r in run_case(KeepsLayerDtypeKV(), case))
-    monkeypatch.setattr(harness, "as_stored_in_cache", _fp8_only_reference)
+    monkeypatch.setattr(history, "as_stored_in_cache", _fp8_only_reference)
     assert all(r.passed for r in run_case(KeepsLayerDtypeKV(), case))
 
 

@@ -55,11 +55,9 @@ def build_batch(seq_lens: Sequence[int], *, num_heads: int = 16, num_kv_heads: O
     ``kv_lens`` (no cache) gives each request keys of its own: cross-attention. Other keywords
     (window_left, logits_soft_cap, sinks, sm_scale, head_dim_vo, kv_dtype, k_scale, v_scale,
     return_lse) go to the LayerSpec."""
-    import torch
-
-    from pytest_attn.check.harness import derive_seed, make_qkv, split_tokens
+    from pytest_attn.check.harness import derive_seed, make_qkv
+    from pytest_attn.check.history import KVHistory, split_tokens
     from pytest_attn.core.kv_cache import PagedKVCacheManager
-    from pytest_attn.check.reference import as_stored_in_cache
 
     layer = LayerSpec(num_heads, num_kv_heads or num_heads, head_dim, dtype, mask, **layer_options)
     if not cached_lens and kv_layout is None:
@@ -81,20 +79,17 @@ def build_batch(seq_lens: Sequence[int], *, num_heads: int = 16, num_kv_heads: O
                                   layout=kv_layout or "NHD")
     ids = tuple(range(len(seq_lens)))
     order = sorted(ids, key=lambda i: cached[i] > 0)  # context requests first
-    keys, values = {}, {}
+    history = KVHistory()
     scales = dict(k_scale=layer.k_scale, v_scale=layer.v_scale)
     if any(cached):  # fill the history of generation requests through the cache itself
         prior = [i for i in order if cached[i]]
         md0 = manager.prepare([cached[i] for i in prior], prior, num_contexts=len(prior))
         _, k0, v0 = make_qkv(md0.num_tokens, layer, device, derive_seed(seed, "history"))
         manager.write(0, md0, k0, v0, **scales)
-        for i, kk, vv in zip(prior, split_tokens(k0, md0.seq_lens), split_tokens(v0, md0.seq_lens)):
-            keys[i], values[i] = [as_stored_in_cache(kk, layer, "k")], [as_stored_in_cache(vv, layer, "v")]
+        history.add_rows(prior, md0.seq_lens, k0, v0, layer)
     contexts = sum(1 for i in order if not cached[i])
     metadata = manager.prepare([seq_lens[i] for i in order], order, num_contexts=contexts)
     q, k, v = make_qkv(metadata.num_tokens, layer, device, derive_seed(seed, "batch", tuple(seq_lens)))
-    for i, kk, vv in zip(order, split_tokens(k, metadata.seq_lens), split_tokens(v, metadata.seq_lens)):
-        keys.setdefault(i, []).append(as_stored_in_cache(kk, layer, "k"))
-        values.setdefault(i, []).append(as_stored_in_cache(vv, layer, "v"))
-    return AttnBatch(layer, metadata, q, k, v, [torch.cat(keys[i]) for i in order],
-                     [torch.cat(values[i]) for i in order], str(device))
+    history.add_rows(order, metadata.seq_lens, k, v, layer)
+    keys, values = history.keys_values(order)
+    return AttnBatch(layer, metadata, q, k, v, keys, values, str(device))

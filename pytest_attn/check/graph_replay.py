@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Optional
 from pytest_attn.core import calls as guard
 from pytest_attn.core.contract import Backend, LayerSpec
 from pytest_attn.core.errors import AttnError, UnsupportedCase
-from pytest_attn.check.harness import References, compare_to, derive_seed, make_qkv, references, run_forward, split_tokens
+from pytest_attn.check.harness import References, compare_to, derive_seed, make_qkv, references, run_forward
+from pytest_attn.check.history import KVHistory
 from pytest_attn.core.kv_cache import PagedKVCacheManager
 from pytest_attn.core.metadata import pages_for
 from pytest_attn.check.reference import Comparison
@@ -96,10 +97,10 @@ def run_graph_decode(backend: Backend, scenario: GraphScenario, *, device, seed:
                                   device=device, layout=scenario.kv_layout,
                                   scramble_seed=derive_seed(seed, scenario.name, "pages"))
     ids = list(range(len(scenario.prompts)))
-    history: dict[int, tuple[list, list]] = {}
+    history = KVHistory()  # request -> its K and V
     prefill = manager.prepare(scenario.prompts, ids, num_contexts=len(ids))
     q, k, v = make_qkv(prefill.num_tokens, layer, device, derive_seed(seed, scenario.name, "prefill"))
-    _remember(history, prefill, k, v)
+    history.add_rows(prefill.request_ids, prefill.seq_lens, k, v)
     result = run_forward(backend, q, k, v, prefill, layer, device)
     comparison = compare_to(backend, result, _refs(q, history, prefill, layer), prefill, layer)
     replays = [Replay(0, len(ids), comparison)]
@@ -115,7 +116,7 @@ def run_graph_decode(backend: Backend, scenario: GraphScenario, *, device, seed:
     for step in range(1, scenario.steps + 1):
         md = manager.prepare([1] * len(live), live, num_contexts=0)
         q, k, v = make_qkv(md.num_tokens, layer, device, derive_seed(seed, scenario.name, "decode", step))
-        _remember(history, md, k, v)
+        history.add_rows(md.request_ids, md.seq_lens, k, v)
         manager.write(layer.layer_idx, md, k, v)
         decoder.plan(md)  # outside the capture: the step's lengths and page table into fixed buffers
         if scenario.hostile:  # the backend plans and runs another batch before this plan's replay
@@ -129,12 +130,12 @@ def run_graph_decode(backend: Backend, scenario: GraphScenario, *, device, seed:
         graph.replay()
         _synchronize(device)
         out = out_static[: len(live)].clone()
-        comparison = compare_to(backend, _as_forward(md, out), _refs(q, history, md, layer), md, layer)
+        comparison = compare_to(backend, _as_forward(out), _refs(q, history, md, layer), md, layer)
         replays.append(Replay(step, len(live), comparison))
         if step == scenario.finish_after:  # a request finishes: the live batch shrinks, its pages go back
             gone = live.pop(1)
             manager.free(gone)
-            history.pop(gone)
+            history.drop(gone)
     return replays
 
 
@@ -185,22 +186,12 @@ def _probe_metadata(scenario: GraphScenario, device):
     return manager.prepare(scenario.prompts, list(range(len(scenario.prompts))))
 
 
-def _remember(history, metadata, k, v) -> None:
-    for rid, kk, vv in zip(metadata.request_ids, split_tokens(k, metadata.seq_lens), split_tokens(v, metadata.seq_lens)):
-        ks, vs = history.setdefault(rid, ([], []))
-        ks.append(kk)
-        vs.append(vv)
-
-
 def _refs(q, history, metadata, layer) -> References:
-    import torch
-
-    keys = [torch.cat(history[rid][0]) for rid in metadata.request_ids]
-    values = [torch.cat(history[rid][1]) for rid in metadata.request_ids]
+    keys, values = history.keys_values(metadata.request_ids)
     return references(q, keys, values, metadata, layer)
 
 
-def _as_forward(metadata, out):
+def _as_forward(out):
     from pytest_attn.check.harness import Forward
 
     return Forward(None, out)

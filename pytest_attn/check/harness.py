@@ -25,7 +25,8 @@ from pytest_attn.core.kv_cache import PagedKVCacheManager
 from pytest_attn.core.layer import torch_dtype
 from pytest_attn.core.metadata import AttentionMetadata
 from pytest_attn.core.poison import poisoned_like
-from pytest_attn.check.reference import Comparison, as_stored_in_cache, compare, reference_attention
+from pytest_attn.check.history import KVHistory
+from pytest_attn.check.reference import Comparison, compare, reference_attention
 
 if TYPE_CHECKING:
     import torch
@@ -90,16 +91,6 @@ def make_qkv(num_tokens: int, layer: LayerSpec, device, seed: int, *, num_kv_tok
                 fused[:, (h + hkv) * d:].unflatten(1, (hkv, dv)))
     dtype = torch_dtype(layer.dtype)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
-
-
-def split_tokens(t: "torch.Tensor", lens) -> list["torch.Tensor"]:
-    if sum(lens) != t.shape[0]:
-        raise AttnInputError(f"lengths add up to {sum(lens)} but the tensor has {t.shape[0]} rows")
-    out, start = [], 0
-    for n in lens:
-        out.append(t[start:start + n])
-        start += n
-    return out
 
 
 # -- one forward -----------------------------------------------------------------------------------
@@ -270,7 +261,7 @@ def run_case(backend: Backend, case: BatchCase, *, device="cpu", seed: int = 0) 
     """Every step and layer of a case through the backend, each compared with the reference."""
     __tracebackhide__ = True  # failures show the backend's frames and the verdict, not the harness
     manager = _cache_for(case, device, backend, seed) if case.cache else None
-    history: dict[tuple[int, int], tuple[list, list]] = {}  # (layer, request) -> K and V chunks
+    history = KVHistory()  # (layer, request) -> its K and V as the cache stores them
     results = []
     for index, step in enumerate(case.steps()):
         if manager is None:
@@ -279,8 +270,7 @@ def run_case(backend: Backend, case: BatchCase, *, device="cpu", seed: int = 0) 
             for new, source, tokens in step.shared:
                 manager.share_prefix(source, new, tokens)
                 for layer_idx in range(case.num_layers):
-                    ks, vs = history[(layer_idx, source)]
-                    history[(layer_idx, new)] = ([_cat(ks)[:tokens]], [_cat(vs)[:tokens]])
+                    history.share_prefix((layer_idx, new), (layer_idx, source), tokens)
             metadata = manager.prepare(step.seq_lens, step.request_ids, step.num_contexts)
         for layer_idx in range(case.num_layers):
             try:
@@ -290,16 +280,10 @@ def run_case(backend: Backend, case: BatchCase, *, device="cpu", seed: int = 0) 
                 raise
         for rid in step.finished:
             for layer_idx in range(case.num_layers):
-                history.pop((layer_idx, rid), None)
+                history.drop((layer_idx, rid))
             if manager is not None:
                 manager.free(rid)
     return results
-
-
-def _cat(chunks):
-    import torch
-
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 def _run_layer(backend, case: BatchCase, metadata: AttentionMetadata, layer_idx: int, index: int, history, device,
@@ -310,13 +294,9 @@ def _run_layer(backend, case: BatchCase, metadata: AttentionMetadata, layer_idx:
     q, k, v = make_qkv(metadata.num_tokens, layer, device, derive_seed(*parts), num_kv_tokens=metadata.num_kv_tokens,
                        input_scale=case.input_scale, logit_shift=case.logit_shift, strided=case.strided)
     kv_lens = metadata.seq_lens if metadata.has_cache else metadata.kv_seq_lens
-    for rid, kk, vv in zip(metadata.request_ids, split_tokens(k, kv_lens), split_tokens(v, kv_lens)):
-        ks, vs = history.setdefault((layer_idx, rid), ([], []))
-        ks.append(as_stored_in_cache(kk, layer, "k"))
-        vs.append(as_stored_in_cache(vv, layer, "v"))
+    history.add_rows([(layer_idx, rid) for rid in metadata.request_ids], kv_lens, k, v, layer)
     result = run_forward(backend, q, k, v, metadata, layer, device)
-    keys = [_cat(history[(layer_idx, rid)][0]) for rid in metadata.request_ids]
-    values = [_cat(history[(layer_idx, rid)][1]) for rid in metadata.request_ids]
+    keys, values = history.keys_values((layer_idx, rid) for rid in metadata.request_ids)
     refs = references(q, keys, values, metadata, layer)
     comparison = compare_to(backend, result, refs, metadata, layer)
     solo = solo_checks(backend, q, k, v, metadata, layer, device, result, refs) if case.check_solo else []
