@@ -89,14 +89,14 @@ def _case_from_json(data: dict) -> BatchCase:
     """The inverse of :func:`_case_to_json` (for replaying a recording)."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise AttnInputError(f"not a pytest-attn case of format {FORMAT}: {str(data)[:80]}")
-    fields = {k: v for k, v in data.items() if k not in ("format", "name", "layer_spec")}
-    for name in ("layer_overrides",):
-        if name in fields:
-            fields[name] = tuple(tuple(tuple(pair) for pair in layer) for layer in fields[name])
-    layer = dict(data["layer_spec"])
-    if "sinks" in layer:
-        layer["sinks"] = tuple(layer["sinks"])
+    fields = {k: _tuples(v) for k, v in data.items() if k not in ("format", "name", "layer_spec")}
+    layer = {k: _tuples(v) for k, v in data["layer_spec"].items()}
     return BatchCase(data["name"], layer_spec=LayerSpec(**layer), **fields)
+
+
+def _tuples(value):
+    """JSON's lists back to the tuples a case holds."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def load(path) -> list[BatchCase]:
