@@ -74,14 +74,18 @@ def _jsonable(value):
 
 
 def _case_to_json(case: BatchCase) -> dict:
-    """{"format": 1, "name", "layer_spec": {its non-default fields}, "seq_lens", the case's other
-    non-default fields}. The one writer of this module (the shared case serializer replaces it)."""
+    """{"format": 1, "name", "layer_spec": {its non-default fields but layer_idx}, "seq_lens", the
+    case's other non-default fields; layer_overrides as one object per layer}. The one writer of this
+    module (the shared case serializer, pytest_attn.cases.serialize, writes the same and replaces it)."""
     layer = {f.name: _jsonable(getattr(case.layer_spec, f.name)) for f in dataclasses.fields(LayerSpec)
-             if f.default is dataclasses.MISSING or getattr(case.layer_spec, f.name) != f.default}
+             if f.name != "layer_idx" and (f.default is dataclasses.MISSING
+                                           or getattr(case.layer_spec, f.name) != f.default)}
     out = {"format": FORMAT, "name": case.name, "layer_spec": layer, "seq_lens": list(case.seq_lens)}
     for f in dataclasses.fields(case):
         if f.name not in out and f.name != "layer_spec" and getattr(case, f.name) != f.default:
             out[f.name] = _jsonable(getattr(case, f.name))
+    if case.layer_overrides:
+        out["layer_overrides"] = [{k: _jsonable(v) for k, v in layer} for layer in case.layer_overrides]
     return out
 
 
@@ -89,7 +93,10 @@ def _case_from_json(data: dict) -> BatchCase:
     """The inverse of :func:`_case_to_json` (for replaying a recording)."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise AttnInputError(f"not a pytest-attn case of format {FORMAT}: {str(data)[:80]}")
-    fields = {k: _tuples(v) for k, v in data.items() if k not in ("format", "name", "layer_spec")}
+    fields = {k: _tuples(v) for k, v in data.items() if k not in ("format", "name", "layer_spec", "layer_overrides")}
+    if data.get("layer_overrides"):
+        fields["layer_overrides"] = tuple(tuple((k, _tuples(v)) for k, v in layer.items())
+                                          for layer in data["layer_overrides"])
     layer = {k: _tuples(v) for k, v in data["layer_spec"].items()}
     return BatchCase(data["name"], layer_spec=LayerSpec(**layer), **fields)
 

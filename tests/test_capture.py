@@ -326,6 +326,6 @@ def test_case_json_holds_only_non_default_fields_and_reads_back():
                      layer_overrides=((), (("window_left", -1),)), num_layers=2)
     data = capture._case_to_json(case)
     assert data == {"format": 1, "name": "c", "seq_lens": [5, 3], "cache": True, "decode_steps": 2, "page_size": 4,
-                    "num_layers": 2, "layer_overrides": [[], [["window_left", -1]]],
+                    "num_layers": 2, "layer_overrides": [{}, {"window_left": -1}],
                     "layer_spec": {"num_heads": 8, "num_kv_heads": 2, "head_dim": 64, "window_left": 7}}
     assert capture._case_from_json(json.loads(json.dumps(data))) == case

@@ -14,16 +14,6 @@ from pytest_attn.env import known_failures as known
 BUILTIN = Path(__file__).resolve().parents[1] / "backends" / "known_failures"
 
 
-@pytest.fixture
-def family_files():
-    """Restore the registered family files (a test may point a family at a file of its own)."""
-    saved = dict(known._FAMILY_FILES)
-    yield known._FAMILY_FILES
-    known._FAMILY_FILES.clear()
-    known._FAMILY_FILES.update(saved)
-    known._LOADED = None
-
-
 def write(tmp_path, text: str, name="known.toml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -90,7 +80,7 @@ def test_an_entry_holds_within_its_versions_architectures_and_backends(tmp_path)
 
 
 # -- the backends decide, the files hold the data ---------------------------------------------------------
-def test_flashinfer_hazards_cite_their_entries_and_follow_the_data(tmp_path, family_files):
+def test_flashinfer_hazards_cite_their_entries_and_follow_the_data(tmp_path, monkeypatch):
     from pytest_attn_backends import flashinfer as fi
 
     hd80, hd96 = LayerSpec(8, 8, 80), LayerSpec(8, 8, 96)
@@ -98,11 +88,13 @@ def test_flashinfer_hazards_cite_their_entries_and_follow_the_data(tmp_path, fam
     assert "#4299" in crash and "known failure flashinfer-4299: https://github.com/flashinfer-ai/flashinfer/issues/4299" in crash
     # the same decision on other data: a file that says multiples of 32 are safe
     text = (BUILTIN / "flashinfer.toml").read_text().replace("multiple_of = 64", "multiple_of = 32")
-    known.register_family("flashinfer", write(tmp_path, text, "flashinfer.toml"))
+    monkeypatch.setattr(fi.KNOWN, "path", write(tmp_path, text, "flashinfer.toml"))
     assert fi.kernel_hazards("fa2", hd80, (9, 0)) and fi.kernel_hazards("fa2", hd96, (9, 0)) == []
+    monkeypatch.undo()
+    assert fi.kernel_hazards("fa2", hd96, (9, 0))  # the built-in file again
 
 
-def test_an_entry_bounded_to_an_architecture_lapses_elsewhere(family_files):
+def test_an_entry_bounded_to_an_architecture_lapses_elsewhere():
     from pytest_attn_backends import flashinfer as fi
 
     layer = LayerSpec(8, 8, 192)
@@ -125,7 +117,7 @@ def test_trtllm_cross_and_sdpa_cudnn_one_key_cite_their_entries():
     assert torch_sdpa.forced_kernel_reasons("cudnn", layer, False, (1, 5), (10, 0)) == []
 
 
-def test_a_lifted_entry_is_not_refused_and_comes_back_after(family_files):
+def test_a_lifted_entry_is_not_refused_and_comes_back_after():
     from pytest_attn_backends import flashinfer as fi
 
     hd80 = LayerSpec(8, 8, 80)
@@ -134,11 +126,11 @@ def test_a_lifted_entry_is_not_refused_and_comes_back_after(family_files):
     assert fi.kernel_hazards("fa2", hd80, (9, 0))
 
 
-def test_a_condition_without_the_params_it_reads_names_the_entry(tmp_path, family_files):
+def test_a_condition_without_the_params_it_reads_names_the_entry(tmp_path, monkeypatch):
     from pytest_attn_backends import flashinfer as fi
 
     text = (BUILTIN / "flashinfer.toml").read_text().replace("params = { multiple_of = 64 }\n", "")
-    known.register_family("flashinfer", write(tmp_path, text, "flashinfer.toml"))
+    monkeypatch.setattr(fi.KNOWN, "path", write(tmp_path, text, "flashinfer.toml"))
     with pytest.raises(known.KnownFailuresFileError, match="entry flashinfer-4299: condition fa2-head-dim needs "
                                                            "params 'multiple_of'"):
         fi.kernel_hazards("fa2", LayerSpec(8, 8, 80), (9, 0))

@@ -255,13 +255,13 @@ def register_family(family: str, path) -> None:
 def use_user_files(paths: Iterable) -> None:
     """Files given with --attn-known-failures; each is checked now (KnownFailuresFileError)."""
     global _LOADED
-    paths = [Path(p) for p in paths]
-    for path in paths:
-        load_file(path)
+    paths = [Path(p) for p in paths]  # as given: errors name them so
     with _LOCK:
-        _USER_FILES[:] = paths
-        _LOADED = None
-    active()  # a duplicate id across files is an error now, not at the first test
+        known = KnownFailures()
+        for path in [*_FAMILY_FILES.values(), *paths]:  # every file checked, a duplicate id too, before any is used
+            known.extend(load_file(path))
+        _USER_FILES[:] = [p.resolve() for p in paths]  # a later reload may run in another directory
+        _LOADED = known
 
 
 def active() -> KnownFailures:
@@ -302,10 +302,11 @@ class Family:
     ``holds`` true, formatted with ``values``; [] when none does or it is lifted."""
 
     def __init__(self, family: str, path):
-        self.family = family
-        register_family(family, path)
+        self.family, self.path = family, Path(path)
+        register_family(family, self.path)
 
     def entries(self, condition: str, sm=None) -> list[KnownFailure]:
+        register_family(self.family, self.path)  # again: a module imported twice, or a test's file, may have replaced it
         return active().condition(condition, version_of=installed_version, arch=arch_name(sm) if sm else None)
 
     def reasons(self, condition: str, *, sm=None, holds=lambda params: True, **values) -> list[str]:

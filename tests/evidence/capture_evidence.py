@@ -108,7 +108,7 @@ class PagedEngine:
 def replay_with_the_case_file_option(path: Path) -> tuple[bool, str]:
     """(whether the option exists, the run's summary line)."""
     command = [sys.executable, "-m", "pytest", "pytest_attn/suite", "--attn-backend=flashinfer",
-               f"--attn-case-file={path}", "-q", "-p", "no:randomly"]
+               f"--attn-case-file={path}", "--attn-cases=captured", "-q", "-p", "no:randomly"]
     print("$", " ".join(command), flush=True)
     done = subprocess.run(command, capture_output=True, text=True)
     output = done.stdout + done.stderr
