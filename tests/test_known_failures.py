@@ -274,6 +274,29 @@ def test_an_entry_that_must_not_run_is_an_expected_failure_without_running(pytes
     assert not (planted / "crashes-ran").exists()
 
 
+PLAN_TEST = """
+from pytest_attn.check.harness import first_step
+from pytest_attn.core import calls
+
+def test_plan_only(attn_backend, attn_case, attn_device):
+    metadata, layer = first_step(attn_case, attn_device)
+    calls.require_supported(attn_backend, layer, metadata, attn_device)
+    calls.plan(attn_backend, metadata, layer, attn_device)
+"""
+
+
+def test_a_test_that_launches_nothing_neither_fails_nor_fixes_a_listed_case(pytester, planted):
+    """A plan check of a listed (backend, case) passes as it did (the kernel never ran, so nothing
+    is fixed), and one refused for a known failure is skipped as it was."""
+    pytester.makepyfile(test_plans_only=PLAN_TEST)
+    listed = pytester.runpytest("test_plans_only.py", "--attn-backend=wrongscale", "--attn-cases=hd64-ragged",
+                                "--attn-known-failures=user.toml")
+    listed.assert_outcomes(passed=1)
+    refused = pytester.runpytest("test_plans_only.py", "--attn-backend=fixedhd80", "--attn-cases=hd80-ragged", "-rs")
+    refused.assert_outcomes(skipped=1)
+    refused.stdout.fnmatch_lines(["*was wrong at head_dim 80 (known failure planted-fixed-hd80: *"])
+
+
 @pytest.mark.parametrize("content", ["[[failure]\n", "[[failure]]\nid = 'x'\nreason = 'r'\ncases = ['c']\n"])
 def test_a_malformed_user_file_is_a_one_line_usage_error(pytester, planted, content):
     (pytester.path / "bad.toml").write_text(content)

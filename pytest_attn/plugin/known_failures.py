@@ -8,6 +8,10 @@ A listed failure is a strict expected failure:
   crashes the process) are reported xfailed without running;
 - a test of a (backend, case) that an entry lists by name must fail the same way.
 
+Either way, only a test that launches the kernel (calls the backend's ``forward``) can show a
+listed failure or its fix: a plan-only test of a listed (backend, case) passes or fails as it
+always did, and one refused for a known failure is skipped as it always was.
+
 Anything not listed that fails is a regression: it fails as it always did.
 """
 from __future__ import annotations
@@ -70,23 +74,56 @@ def listed_for(item) -> list:
 
 
 @contextlib.contextmanager
+def _forward_calls(item):
+    """Counts the calls of this test's backend's forward (a list of one count) while it runs."""
+    from pytest_attn.plugin.collected import param
+
+    backend, calls = param(item, "attn_backend"), [0]
+    if backend is None:
+        yield calls
+        return
+    own = backend.__dict__.get("forward")
+    inner = getattr(backend, "forward")
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    try:
+        object.__setattr__(backend, "forward", counting)
+    except (AttributeError, TypeError):  # a backend with __slots__: assume every test launches
+        yield [1]
+        return
+    try:
+        yield calls
+    finally:
+        if own is None:
+            del backend.__dict__["forward"]
+        else:
+            object.__setattr__(backend, "forward", own)
+
+
+@contextlib.contextmanager
 def expected_failures(item):
-    """Around a test's call: a (backend, case) that an entry lists must fail."""
+    """Around a test's call: a (backend, case) that an entry lists must fail, when the test runs
+    its kernel."""
     entries = listed_for(item)
     if not entries:
         yield
         return
-    try:
-        yield
-    except (pytest.skip.Exception, pytest.xfail.Exception, pytest.exit.Exception, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        from pytest_attn.core.errors import UnsupportedCase
-
-        if isinstance(exc, UnsupportedCase):
+    with _forward_calls(item) as calls:
+        try:
+            yield
+        except (pytest.skip.Exception, pytest.xfail.Exception, pytest.exit.Exception, KeyboardInterrupt):
             raise
-        pytest.xfail(f"{_cite(entries)}: still fails: {_what_failed(exc)}")
-    _fixed(item, entries)
+        except Exception as exc:
+            from pytest_attn.core.errors import UnsupportedCase
+
+            if isinstance(exc, UnsupportedCase) or not calls[0]:
+                raise  # refused, or failed before any launch: not the listed failure
+            pytest.xfail(f"{_cite(entries)}: still fails: {_what_failed(exc)}")
+    if calls[0]:
+        _fixed(item, entries)
 
 
 def refused_as_known(item, refusal):
@@ -101,7 +138,7 @@ def refused_as_known(item, refusal):
     not_run = [e for e in cited if not e.run]
     if not_run:
         pytest.xfail(f"{_cite(not_run)}: not run (it crashes the process): {refusal.reasons[0]}")
-    with known.lift(e.id for e in cited):
+    with known.lift(e.id for e in cited), _forward_calls(item) as calls:
         try:
             item.runtest()
         except UnsupportedCase as again:
@@ -109,5 +146,9 @@ def refused_as_known(item, refusal):
         except (pytest.skip.Exception, pytest.xfail.Exception, pytest.exit.Exception, KeyboardInterrupt):
             raise
         except Exception as exc:
+            if not calls[0]:
+                return refusal  # failed before any launch: it says nothing of the known failure
             pytest.xfail(f"{_cite(cited)}: still fails: {_what_failed(exc)}")
+    if not calls[0]:
+        return refusal  # a test that launches nothing (a plan check): skipped as it always was
     _fixed(item, cited)
