@@ -36,7 +36,8 @@ class PagedEngine:
         self.k = [torch.zeros(shape, dtype=torch.bfloat16, device=device) for _ in range(LAYERS)]
         self.v = [torch.zeros(shape, dtype=torch.bfloat16, device=device) for _ in range(LAYERS)]
         workspace = torch.empty(128 << 20, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+        # fa2: the fa3 kernels of "auto" on Hopper take ~100 s to build (docs/measured.md)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
         self.tables, next_page = [], 0
         for n in PROMPTS:
