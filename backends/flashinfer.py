@@ -25,9 +25,10 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Optional
 
-from pytest_attn.env import torch_build
+from pytest_attn.env import known_failures, torch_build
 from pytest_attn.core.contract import Availability, Backend, BatchShape, Capabilities, LayerSpec, Plan
 from pytest_attn.core.errors import AttnInputError, UnsupportedCase
 from pytest_attn.core.metadata import AttentionMetadata
@@ -45,7 +46,6 @@ PINNED_VERSION = "0.7.2.post1"  # pyproject's flashinfer extra
 TOKEN_UNITS_SINCE = (0, 7)  # cuDNN paths took element offsets up to 0.6.18, token offsets from 0.7.0
 ASSUMED_SM = (9, 0)  # plans made where no GPU is visible assume an H100
 FA3_HEAD_DIMS = (64, 128, 256)
-FA2_SAFE_HEAD_DIM_MULTIPLE = 64  # FlashInfer #4299: other head dims crash or compute garbage
 CUDA_CORE_DECODE_GROUPS = (1, 2, 3, 4, 6, 8, 16)  # DISPATCH_GQA_GROUP_SIZE in decode.cuh
 MAX_HEAD_DIM = 256
 WORKSPACE_BYTES = 256 << 20
@@ -56,9 +56,9 @@ JIT_ENV = "PYTEST_ATTN_FLASHINFER_JIT"
 #: 220 s beside the other first-run builds on an H100, the longest wait of a first run.
 DEFAULT_FA3_FAMILIES = frozenset()
 
-_REASON_4299 = ("fa2 at head_dim {hd} is a known crash: head dims that are not multiples of 64 hit an "
-                "illegal memory access (multiples of 16) or give wrong results (others), which poisons the "
-                "CUDA context (FlashInfer issue #4299)")
+#: Known kernel failures: each decision below is Python; its data (thresholds, texts, versions,
+#: architectures, upstream threads) is in known_failures/flashinfer.toml.
+KNOWN = known_failures.Family("flashinfer", Path(__file__).parent / "known_failures" / "flashinfer.toml")
 
 
 # -- pure decisions ---------------------------------------------------------------------------------
@@ -125,12 +125,11 @@ def kernel_hazards(kernel_backend: str, layer: LayerSpec, sm: tuple[int, int],
         return [f"backend='auto' resolves to {resolved} here ({why}): {r}"
                 for r in kernel_hazards(resolved, layer, sm, fa3_budget)]
     if kernel_backend == "fa2":
-        if hd % FA2_SAFE_HEAD_DIM_MULTIPLE:
-            return [_REASON_4299.format(hd=hd)]
-        if hd == 192 and layer.head_dim_v == 192:
-            # measured on an H100 (0.7.2.post1): run() raises "Invalid configuration: NUM_MMA_D_QK=12 NUM_MMA_D_VO=12"
-            return ["fa2 has no valid tile configuration at head_dim 192 with head_dim_vo 192 (FlashInfer raises "
-                    "'Invalid configuration: NUM_MMA_D_QK=12 NUM_MMA_D_VO=12'; measured on an H100)"]
+        known = KNOWN.reasons("fa2-head-dim", sm=sm, holds=lambda p: hd % p["multiple_of"] != 0, hd=hd) or \
+            KNOWN.reasons("fa2-head-dim-pair", sm=sm,
+                          holds=lambda p: (hd, layer.head_dim_v) == (p["head_dim"], p["head_dim_vo"]))
+        if known:
+            return known
         return [] if hd <= MAX_HEAD_DIM else [f"fa2 supports head_dim up to {MAX_HEAD_DIM}, not {hd}"]
     if kernel_backend == "fa3":
         if sm[0] != 9:
@@ -164,16 +163,14 @@ def decode_hazards(kernel_backend: str, tensor_cores: bool, layer: LayerSpec, sm
     reasons = []
     if layer.group_size not in CUDA_CORE_DECODE_GROUPS:
         reasons.append(f"CUDA-core decode supports query groups {CUDA_CORE_DECODE_GROUPS}, not {layer.group_size}")
-    if layer.head_dim not in FA3_HEAD_DIMS:  # conservative: same kernel family as FlashInfer #4299
-        # Measured on an H100 (FlashInfer 0.7.2.post1): at head_dim 80 this kernel returns wrong
-        # outputs (relative error 0.6-0.8) without any error; its tensor-core form crashes (FlashInfer #4299).
-        reasons.append(f"CUDA-core decode is not trusted at head_dim {layer.head_dim}: only 64/128/256 are "
-                       "known good; at head_dim 80 it silently returns wrong outputs (relative error 0.6-0.8 "
-                       "measured on an H100) and fa2-family kernels crash there (FlashInfer issue #4299)")
+    # conservative: only the head dims known good run (at 80 it is wrong, measured on an H100)
+    reasons += KNOWN.reasons("cuda-core-decode-head-dim", sm=sm, holds=lambda p: layer.head_dim not in p["known_good"],
+                             hd=layer.head_dim)
     return reasons
 
 
-def feature_hazards(kernel_backend: str, kernel: str, layer: LayerSpec, metadata: AttentionMetadata) -> list[str]:
+def feature_hazards(kernel_backend: str, kernel: str, layer: LayerSpec, metadata: AttentionMetadata,
+                    sm: tuple[int, int] = ASSUMED_SM) -> list[str]:
     """What a FlashInfer kernel backend lacks of this layer's optional features (read from
     FlashInfer 0.7.2.post1's source; see the module docstring)."""
     reasons = []
@@ -192,15 +189,10 @@ def feature_hazards(kernel_backend: str, kernel: str, layer: LayerSpec, metadata
             reasons.append(f"fa3 has (head_dim, head_dim_vo) (64,64), (128,128), (256,256) and (192,128) only, not "
                            f"({layer.head_dim},{layer.head_dim_v})")
         if kernel in (PAGED_PREFILL, SINK) and layer.head_dim_v != layer.head_dim:
-            # measured on an H100: "K and V must have same page stride for sparse attention (24576 vs. 16384)"
-            reasons.append("fa3's paged kernel needs K and V pages of one stride, and a cache with V narrower than K "
-                           "has two (FlashInfer raises 'K and V must have same page stride'; measured on an H100)")
+            reasons += KNOWN.reasons("fa3-paged-head-dim-vo", sm=sm)
     if kernel_backend == "fa2" and kernel == PAGED_PREFILL and layer.window_left >= 0 and not layer.causal \
             and metadata.has_cached_context:
-        # measured on an H100 with swa-noncausal-chunked: relative L2 error 0.11 (FlashInfer #4972)
-        reasons.append("fa2's paged prefill gets a non-causal sliding window wrong on the first query tile when a "
-                       "request has more keys than queries (FlashInfer #4972; measured on an H100: relative L2 error "
-                       "0.11 on swa-noncausal-chunked)")
+        reasons += KNOWN.reasons("fa2-paged-noncausal-window-cached", sm=sm)
     if kernel == DECODE and layer.head_dim_v != layer.head_dim:
         reasons.append("the decode wrapper has one head dim for K and V")
     return reasons
@@ -219,7 +211,7 @@ class Route:
 
 def _hazards(kernel_backend: str, kernel: str, layer, metadata, sm, fa3_budget) -> list[str]:
     resolved = _predict(sm, layer) if kernel_backend == "auto" else kernel_backend
-    return kernel_hazards(kernel_backend, layer, sm, fa3_budget) + feature_hazards(resolved, kernel, layer, metadata)
+    return kernel_hazards(kernel_backend, layer, sm, fa3_budget) + feature_hazards(resolved, kernel, layer, metadata, sm)
 
 
 def _first_clean(candidates, kernel: str, layer, metadata, sm, fa3_budget) -> tuple[str, list[str]]:
@@ -283,7 +275,7 @@ def route(metadata: AttentionMetadata, layer: LayerSpec, variant: str, sm: tuple
         routes.append(decode)
         decode_reasons = decode_hazards(decode.kernel_backend, decode.tensor_cores, layer, sm, fa3_budget)
         if decode.tensor_cores:
-            decode_reasons += feature_hazards(decode.kernel_backend, DECODE, layer, metadata)
+            decode_reasons += feature_hazards(decode.kernel_backend, DECODE, layer, metadata, sm)
         reasons += [r for r in decode_reasons if r not in reasons]
     return routes, reasons, ""
 

@@ -15,9 +15,10 @@ logit soft-cap cannot be expressed (no score modification in SDPA): the ``flex``
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
-from pytest_attn.env import torch_build
+from pytest_attn.env import known_failures, torch_build
 from pytest_attn.core.contract import (FUSED_FLOAT32_TOLERANCE, Availability, Backend, Capabilities, LayerSpec, Plan,
                                   Tolerance)
 from pytest_attn.core.metadata import AttentionMetadata
@@ -54,14 +55,17 @@ def choose_sdpa_kernel(device_type: str, dtype: str, head_dim: int, explicit_mas
     return "math"
 
 
+#: Known kernel failures: the decisions are Python here, their data in known_failures/torch_sdpa.toml.
+KNOWN = known_failures.Family("torch_sdpa", Path(__file__).parent / "known_failures" / "torch_sdpa.toml")
+
+
 def forced_kernel_reasons(kernel: str, layer: LayerSpec, explicit_mask: bool,
-                          kv_lens: tuple[int, ...] = ()) -> list[str]:
-    """Why a forced SDPA kernel cannot run this layer on CUDA (the variants' ``unsupported``)."""
+                          kv_lens: tuple[int, ...] = (), sm: Optional[tuple[int, int]] = None) -> list[str]:
+    """Why a forced SDPA kernel cannot run this layer on CUDA (the variants' ``unsupported``);
+    ``sm``: the GPU's compute capability (None: not known, every architecture's entries hold)."""
     reasons = []
     if kernel == "cudnn" and 1 in kv_lens:
-        # measured on an H100 (torch 2.11, cuDNN 9.19): "No available kernel" for a one-token sequence
-        reasons.append("SDPA cudnn has no kernel for a sequence of one key (torch 2.11 with cuDNN 9.19 on an H100 "
-                       "raised 'No available kernel')")
+        reasons += KNOWN.reasons("sdpa-cudnn-one-key", sm=sm)
     if layer.head_dim_v != layer.head_dim:
         reasons.append(f"SDPA {kernel} needs one head dim for q, k and v, not {layer.head_dim}/{layer.head_dim_v}")
     if kernel in ("flash", "cudnn"):
@@ -97,6 +101,14 @@ def varlen_can_run(params: frozenset, layer: LayerSpec) -> bool:
     return "window_size" in params or "is_causal" in params
 
 
+def _compute_capability(device) -> Optional[tuple[int, int]]:
+    if not torch_build.cuda_available():
+        return None
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(device))
+
+
 class TorchSDPABackend(Backend):
     description = "PyTorch scaled_dot_product_attention (per sequence) / torch.nn.attention.varlen"
     capabilities = Capabilities(sliding_window=True, sinks=True, head_dim_vo=True, cross_attention=True,
@@ -130,7 +142,7 @@ class TorchSDPABackend(Backend):
         reasons = super().unsupported(layer, metadata, device)
         if str(device).startswith("cuda") and self._forced_kernel is not None:
             reasons += forced_kernel_reasons(self._forced_kernel, layer, needs_explicit_mask(metadata, layer),
-                                             metadata.kv_lens)
+                                             metadata.kv_lens, _compute_capability(device))
         return reasons
 
     def plan(self, metadata: AttentionMetadata, layer: LayerSpec, device: str = "cpu") -> Plan:

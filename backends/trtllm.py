@@ -40,9 +40,10 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Optional
 
-from pytest_attn.env import torch_build
+from pytest_attn.env import known_failures, torch_build
 from pytest_attn.core.contract import Availability, Backend, BatchShape, Capabilities, LayerSpec, Plan
 from pytest_attn.core.errors import AttnInputError, UnsupportedCase
 from pytest_attn.core.metadata import AttentionMetadata
@@ -58,6 +59,8 @@ FMHA_SM120_HEAD_DIMS = (64, 128, 256)
 XQA_PAGE_SIZES = (16, 32, 64, 128)
 XQA_MAX_GROUP = 32  # TensorRT-LLM's XQA dispatch limit (group x beam <= 32)
 WORKSPACE_BYTES = 128 << 20  # XQA: 8 MiB of semaphores, the rest scratch
+#: Known kernel failures: the decisions are Python here, their data in known_failures/trtllm.toml.
+KNOWN = known_failures.Family("trtllm", Path(__file__).parent / "known_failures" / "trtllm.toml")
 FMHA_WORKSPACE_BYTES = 1 << 20  # FMHAv2 keeps one tile counter in it (it memsets it every launch)
 _HALF = ("float16", "bfloat16")
 _DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "e4m3"}
@@ -159,9 +162,7 @@ def fmha_hazards(layer: LayerSpec, metadata: AttentionMetadata, sm, budget: Budg
         # relative L2 error 0.94 on cross-attn-gqa, 0.90 on cross-attn-hd32 (full), 0.92 on cross-attn-causal on
         # an H100 (0.90 on each on an H200): FlashInfer's SM90 ragged layouts size the K/V TMA descriptors by the
         # query tokens
-        reasons.append("FMHAv2's ragged layouts get cross-attention (keys other than the queries) wrong: relative L2 "
-                       "error 0.9 measured on an H100 and an H200 (cross-attn-gqa, -hd32, -causal; K/V descriptors "
-                       "sized by the query tokens, cf. TensorRT-LLM #10102)")
+        reasons += KNOWN.reasons("fmha-ragged-cross", sm=sm)
     if layer.return_lse:
         if layout != "CONTIGUOUS_Q_KV":
             reasons.append(f"FMHAv2 saves softmax statistics only from CONTIGUOUS_Q_KV; {layout} would exit(1) the "

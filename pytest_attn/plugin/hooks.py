@@ -85,7 +85,7 @@ def _start(config) -> None:
     """What a run that asked for pytest-attn gets at configure time."""
     from pytest_attn.plugin import bundled_suite as bundled
     from pytest_attn.plugin.xdist import gpu_workers
-    from pytest_attn.plugin import run_report
+    from pytest_attn.plugin import known_failures, run_report
     from pytest_attn.plugin.xdist import schedule
     from pytest_attn.core.errors import AttnInputError, UnknownBackendError
     from pytest_attn.plugin.isolation import check_options
@@ -104,6 +104,7 @@ def _start(config) -> None:
     except (UnknownBackendError, AttnInputError) as exc:
         raise pytest.UsageError(f"pytest-attn: {exc}") from None
     check_options(config)  # an unknown --attn-isolate name is a usage error now, not at the first test
+    known_failures.configure(config)  # --attn-known-failures: a malformed file is a usage error now
     try:
         config.stash[_SUITE_ADDED] = bundled.add_to_run(config)
     except AttnInputError as exc:  # a backend's suite module that cannot run
@@ -226,9 +227,13 @@ def pytest_runtest_call(item):
     from pytest_attn.core.errors import UnsupportedCase
     from pytest_attn.plugin.collected import UNSUPPORTED_PROPERTY
 
+    from pytest_attn.plugin.known_failures import expected_failures, refused_as_known
+
     try:
-        return (yield)
+        with expected_failures(item):  # a (backend, case) a known-failures file lists must fail
+            return (yield)
     except UnsupportedCase as exc:
+        exc = refused_as_known(item, exc)  # refused only for known failures: xfail, or run and expect failure
         from pytest_attn.plugin.session import attn_session_of
 
         message = f"{exc.backend}: " + "; ".join(exc.reasons)

@@ -95,6 +95,9 @@ def add_options(parser) -> None:
     group.addoption("--attn-trace", parse=_choice("on", "off"), default="on",
                     help="record each plan's kernels with torch.profiler and check them against the kernel families "
                          "the backend declares (Backend.expected_kernels): 'on' (default) or 'off'.")
+    group.addoption("--attn-known-failures", action="append", default=[], metavar="PATH",
+                    help="a known-failures file (TOML, docs/known-failures.md) added to the built-in ones: each "
+                         "(backend, case or condition) it lists must fail (strict xfail); repeatable.")
     group.addoption("--attn-gc-freeze", parse=_choice("on", "off"), default="on",
                     help="keep the garbage collector off the objects alive after collection and after "
                          "the last test (gc.freeze; default on).")
@@ -140,7 +143,8 @@ def _usage(message: str):
 DEFAULT_SEED = 20261125
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 #: Options that take comma lists: given but empty (an unset $VARIABLE) is a usage error, never "nothing".
-LIST_OPTIONS = ("attn_backend", "attn_cases", "attn_dtype", "attn_isolate", "attn_bench_metric", "attn_report")
+LIST_OPTIONS = ("attn_backend", "attn_cases", "attn_dtype", "attn_isolate", "attn_bench_metric", "attn_report",
+                "attn_known_failures")
 
 
 def split_list(config, dest: str) -> list[str]:
