@@ -56,6 +56,8 @@ def attn_options(item, seed: Optional[int]) -> list[str]:
         args.append("--attn-strict")
     if seed is not None:
         args.append(f"--attn-seed={seed}")
+    for path in split_list(config, "attn_known_failures"):  # the user's own entries make it the same test
+        args.append(f"--attn-known-failures={Path(path).resolve()}")
     return args
 
 

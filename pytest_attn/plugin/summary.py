@@ -57,6 +57,8 @@ class Summary:
             if seen.get(report.nodeid) != "failed":
                 seen[report.nodeid] = "failed"
                 self.failures[backend].append((report.nodeid, _property(report, RERUN_PROPERTY)))
+        elif hasattr(report, "wasxfail"):  # a listed known failure, failing as its entry says
+            seen[report.nodeid] = "xfailed"
         elif report.skipped:
             if report.nodeid not in seen:
                 seen[report.nodeid] = "skipped"
@@ -70,7 +72,7 @@ class Summary:
         out = []
         for backend, seen in self.outcomes.items():
             counts = Counter(seen.values())
-            parts = [f"{counts[k]} {k}" for k in ("passed", "failed", "skipped") if counts[k]]
+            parts = [f"{counts[k]} {k}" for k in ("passed", "failed", "xfailed", "skipped") if counts[k]]
             out.append(f"{backend}: {', '.join(parts) or 'nothing ran'}")
             for reason, n in self.skips[backend].most_common():
                 out.append(f"  skipped {n}: {reason}")
