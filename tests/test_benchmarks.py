@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from pytest_attn.bench.measure import (BenchSettings, ReplayClock, attended_pairs, attention_flops, bench_max_tokens,
-                               compare_machine_info, machine_key)
+from pytest_attn.bench.machine import machine_key
+from pytest_attn.bench.measure import BenchSettings, attended_pairs, attention_flops, bench_max_tokens
+from pytest_attn.plugin.benchmark import ReplayClock, compare_machine_info, settings_from_config
 from pytest_attn.core.contract import LayerSpec
 from pytest_attn.core.metadata import AttentionMetadata
 from pytest_attn.bench.timing import GRAPH_MODES, measure_call
@@ -138,7 +139,7 @@ def test_bench_max_tokens_is_small_on_cpu_unless_asked():
 def test_settings_come_from_the_options(pytester):
     config = pytester.parseconfigure("--attn-bench-iters=7", "--attn-bench-warmup=0", "--attn-bench-graph=off",
                                   "--attn-bench-cold-l2")
-    assert BenchSettings.from_config(config) == BenchSettings(0, 7, "off", True)
+    assert settings_from_config(config) == BenchSettings(0, 7, "off", True)
     bad = pytester.runpytest("--attn-bench-iters=0")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--attn-bench-iters must be >= 1*"])
@@ -233,7 +234,7 @@ def test_gate_refuses_a_baseline_from_another_gpu(pytester, monkeypatch):
     pytester.makeconftest(CHEAP_MACHINE_INFO + '''
 
 def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
-    from pytest_attn.bench.measure import compare_machine_info
+    from pytest_attn.plugin.benchmark import compare_machine_info
 
     compare_machine_info(config, benchmarksession, machine_info, compared_benchmark)
 ''')
@@ -265,7 +266,7 @@ NOT_ASKING = ([], ["--benchmark-skip"], ["--benchmark-skip", "--benchmark-json=x
                                     ["--benchmark-save=base"], ["--benchmark-skip", "--benchmark-only"],
                                     ["-m", "attn_bench", "--benchmark-skip"]])
 def test_which_options_ask_for_benchmarks(pytester, asking):
-    from pytest_attn.bench.measure import benchmarks_asked
+    from pytest_attn.plugin.benchmark import benchmarks_asked
 
     assert benchmarks_asked(pytester.parseconfigure(*asking)) == (asking not in NOT_ASKING)
 
