@@ -174,6 +174,11 @@ def test_rows_hold_device_time_and_extra_info(pytester, monkeypatch):
     assert info["us_per_token"] == pytest.approx(stats["median"] * 1e6 / 12)
     assert info["tflops"] == pytest.approx(info["flops"] / stats["median"] / 1e12)
     assert info["matmul_peak_tflops"] > 0 and info["pct_of_matmul_peak"] > 0
+    assert info["bytes"] > 0 and info["gbps"] == pytest.approx(info["bytes"] / stats["median"] / 1e9)
+    assert info["copy_peak_gbps"] > 0 and info["pct_of_copy_peak"] > 0
+    assert len(info["samples_s"]["device"]) == 5 and info["samples_s"]["device"] == sorted(
+        info["samples_s"]["device"], key=info["samples_s"]["device"].index)  # every sample, in timing order
+    assert info["device_spread"] is not None and info["eager_spread"] is not None
     for key in ("plan_ms", "plan_first_ms", "host_overhead_ms", "timer", "warmup", "iters"):
         assert key in info
     assert info["warmup"] == 1 and info["iters"] == 5

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from pytest_attn.bench.machine import attn_machine_info  # noqa: F401  (plugin.run_report imports it from here)
+from pytest_attn.bench.roofline import achieved, attended_pairs, attention_bytes, attention_flops  # noqa: F401
 from pytest_attn.core.contract import Backend
 
 if TYPE_CHECKING:
@@ -55,28 +56,6 @@ def bench_max_tokens(session) -> Optional[int]:
 
 
 # -- what a row records ------------------------------------------------------------------------------
-def attended_pairs(q_len: int, kv_len: int, causal: bool, window_left: int = -1) -> int:
-    """Unmasked (query, key) pairs of one request whose q_len queries are its last tokens."""
-    if window_left < 0:
-        if not causal:
-            return q_len * kv_len
-        # query i sits at position kv_len - q_len + i and sees keys 0..that position
-        return q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2
-    total = 0
-    for i in range(q_len):
-        pos = kv_len - q_len + i
-        last = pos if causal else kv_len - 1
-        total += max(0, last - max(0, pos - window_left) + 1)
-    return total
-
-
-def attention_flops(metadata, layer) -> int:
-    """Forward FLOPs: QK^T and PV, 2 FLOPs per multiply-add each, over unmasked pairs only."""
-    pairs = sum(attended_pairs(q, kv, layer.causal, layer.window_left)
-                for q, kv in zip(metadata.seq_lens, metadata.kv_lens))
-    return 4 * pairs * layer.head_dim * layer.num_heads
-
-
 def spread(samples) -> Optional[float]:
     """Interquartile range / median of ``samples``; None with fewer than MIN_SAMPLES_FOR_SPREAD."""
     import statistics
@@ -91,27 +70,24 @@ def spread(samples) -> Optional[float]:
 
 
 def row_info(backend: Backend, plan, batch: "AttnBatch", timing: "Timing", *, series: str, peak_tflops: float,
-             device: str, label: Optional[str] = None, metric: str = "device") -> dict:
+             device: str, label: Optional[str] = None, metric: str = "device", copy_peak_gbps: float = 0.0) -> dict:
     """Everything a benchmark row carries besides the device-time stats (all JSON-able)."""
     md, layer = batch.metadata, batch.layer
-    flops = attention_flops(md, layer)
     median = timing.device_median_s
-    tflops = flops / median / 1e12 if median > 0 else 0.0
+    roofline = achieved(attention_flops(md, layer), attention_bytes(md, layer), median, peak_tflops, copy_peak_gbps)
     info = {
         "backend": backend.name, "series": series, "label": label or series,
         "plan": plan.describe(), "plan_dict": plan.as_dict(),
         "seq_lens": list(md.seq_lens), "kv_lens": list(md.kv_lens), "tokens": md.num_tokens,
         "num_heads": layer.num_heads, "num_kv_heads": layer.num_kv_heads, "head_dim": layer.head_dim,
         "dtype": layer.dtype, "mask": layer.mask, "device": device,
-        "flops": flops, "tflops": tflops,
+        **roofline,  # flops, bytes, tflops, gbps and their share of the measured peaks (device time)
         "device_ms": median * 1e3, "eager_ms": timing.eager_median_s * 1e3,
         "host_overhead_ms": timing.host_overhead_s * 1e3, "host_call_ms": timing.host_median_s * 1e3,
         "metric": metric,  # which samples pytest-benchmark's statistics (and so the gate) hold
         "plan_ms": None if timing.plan_s is None else timing.plan_s * 1e3,
         "plan_first_ms": None if timing.plan_first_s is None else timing.plan_first_s * 1e3,
         "us_per_token": median * 1e6 / max(1, md.num_tokens),
-        "matmul_peak_tflops": peak_tflops,
-        "pct_of_matmul_peak": 100.0 * tflops / peak_tflops if peak_tflops else None,
         "timer": timing.method, "graph_fallback": timing.graph_fallback, "cold_l2": timing.cold_l2,
         "warmup": timing.warmup, "iters": timing.iters,
         # every timed sample of both regimes, in seconds: the gate's bootstrap reads these

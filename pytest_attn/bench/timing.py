@@ -339,3 +339,27 @@ def matmul_peak_tflops(device: Any = "cpu") -> float:
     _peaks[key] = 2.0 * n ** 3 / min(timing.device_s) / 1e12
     del a, b
     return _peaks[key]
+
+
+_copy_peaks: dict[str, float] = {}
+CPU_COPY_BYTES = 64 * 2**20
+CUDA_COPY_BYTES = 1 * 2**30
+
+
+def copy_peak_gbps(device: Any = "cpu") -> float:
+    """Memory bandwidth measured on this device (once per process and device): GB/s of a large
+    device-to-device copy, counting the bytes read and the bytes written, the yardstick for
+    "percent of peak bandwidth"."""
+    key = str(device)
+    if key in _copy_peaks:
+        return _copy_peaks[key]
+    import torch
+
+    cuda = device_type(device) == "cuda"
+    nbytes = CUDA_COPY_BYTES if cuda else CPU_COPY_BYTES
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    timing = measure_call(lambda: dst.copy_(src), device=device, warmup=3, iters=10 if cuda else 3, graph="off")
+    _copy_peaks[key] = 2.0 * nbytes / min(timing.device_s) / 1e9
+    del src, dst
+    return _copy_peaks[key]

@@ -480,8 +480,19 @@ def _time_one(backend, batch, label, lens, regimes, settings, table: SeedTable, 
     fallback = f" ({timing.graph_fallback})" if timing.graph_fallback and batch.device != "cpu" else ""
     last_timed[backend.name] = (f"{plan.describe()}; timed by {timing.method}{fallback}; at {label}: plan "
                                 f"{timing.plan_s * 1e3:.3f} ms, host overhead {timing.host_overhead_s * 1e3:.3f} ms "
-                                "per synchronised call")
+                                f"per synchronised call; {_roofline_text(batch, timing.device_median_s)}")
     return cells
+
+
+def _roofline_text(batch, seconds: float) -> str:
+    """Achieved TFLOP/s and GB/s at ``seconds`` per call, with their share of the peaks measured here."""
+    from pytest_attn.bench.roofline import achieved, attention_bytes, attention_flops
+    from pytest_attn.bench.timing import copy_peak_gbps, matmul_peak_tflops
+
+    r = achieved(attention_flops(batch.metadata, batch.layer), attention_bytes(batch.metadata, batch.layer), seconds,
+                 matmul_peak_tflops(batch.device), copy_peak_gbps(batch.device))
+    return (f"{r['tflops']:.3g} TFLOP/s ({r['pct_of_matmul_peak']:.0f}% of the measured matmul peak), "
+            f"{r['gbps']:.3g} GB/s ({r['pct_of_copy_peak']:.0f}% of the measured copy bandwidth)")
 
 
 def _median_and_spread(samples) -> tuple[float, Optional[float]]:

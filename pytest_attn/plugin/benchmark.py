@@ -98,7 +98,7 @@ class AttnBenchmark:
         of uncaptured calls back to back, host overhead included). The row's extra_info has both.
         ``threshold`` (or an ``attn_gate_threshold(0.2)`` marker on the test) overrides the gate's
         threshold for this row: the slowdown, as a fraction, past which it is a regression."""
-        from pytest_attn.bench.timing import GraphCaptureError, matmul_peak_tflops
+        from pytest_attn.bench.timing import GraphCaptureError, copy_peak_gbps, matmul_peak_tflops
 
         if self.disabled:
             from pytest_attn.check.harness import run_forward
@@ -118,7 +118,7 @@ class AttnBenchmark:
         self.benchmark.group = group or f"{series} {shape}{tail}{regime}"
         self.info = row_info(backend, plan, batch, timing, series=f"{series} {shape}",
                              peak_tflops=matmul_peak_tflops(batch.device), device=batch.device, label=label,
-                             metric=metric)
+                             metric=metric, copy_peak_gbps=copy_peak_gbps(batch.device))
         threshold = threshold if threshold is not None else marker_threshold(self.node)
         if threshold is not None:
             self.info["gate_threshold"] = float(threshold)
