@@ -253,6 +253,11 @@ def main(argv=None) -> int:
     log(f"ab flow: {len(trials)} trials done")
 
     table = summarise(records)
+    for regime in ("device", "eager"):
+        spreads = [v[regime].head_spread for _, _, _, v in records if v[regime].head_spread is not None]
+        if spreads:
+            table.append(f"spread (IQR/median) of the {regime} samples over all trials: median {statistics.median(spreads):.2%}, "
+                         f"max {max(spreads):.2%}")
     for line in table:
         log(line)
     pytest_lines = [] if args.no_pytest_flow or device == "cpu" else pytest_flow(out, args, params, sizes, log)
@@ -262,7 +267,8 @@ def main(argv=None) -> int:
         "calibration": {f"{k}+{f}": v for (k, f), v in params.items()},
         "trials": [{"flow": flow, "planted": kind, "fraction": fraction,
                     **{r: {"ratio": v.ratio, "low": v.low, "high": v.high, "threshold": v.threshold,
-                           "outcome": v.outcome} for r, v in verdicts.items()}}
+                           "outcome": v.outcome, "base_spread": v.base_spread, "head_spread": v.head_spread}
+                       for r, v in verdicts.items()}}
                    for flow, kind, fraction, verdicts in records],
         "table": table, "pytest_flow": pytest_lines, "seconds": time.perf_counter() - started}, indent=1))
     (out / "log.txt").write_text("\n".join(log_lines) + "\n")
