@@ -9,7 +9,8 @@ import time
 import pytest
 
 from pytest_attn.bench.machine import machine_key
-from pytest_attn.bench.measure import BenchSettings, attended_pairs, attention_flops, bench_max_tokens
+from pytest_attn.bench.measure import BenchSettings, bench_max_tokens
+from pytest_attn.bench.roofline import attended_pairs, attention_flops
 from pytest_attn.plugin.benchmark import ReplayClock, compare_machine_info, settings_from_config
 from pytest_attn.core.contract import LayerSpec
 from pytest_attn.core.metadata import AttentionMetadata

@@ -65,10 +65,10 @@ def main(argv=None) -> int:
                             device=args.device)
         _, timing, _ = measure_backend(backend, batch, settings)
         rows[f"vit-table seq {seq_len}"] = {"device": list(timing.device_s), "eager": list(timing.samples("eager"))}
-    import pytest_attn
+    import pytest_attn.bench.measure as measure_module
 
-    print(json.dumps({"rows": rows, "machine": machine_info(args.device),
-                      "source": os.path.dirname(os.path.dirname(os.path.abspath(pytest_attn.__file__)))}))
+    source = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(measure_module.__file__))))
+    print(json.dumps({"rows": rows, "machine": machine_info(args.device), "source": source}))
     return 0
 
 

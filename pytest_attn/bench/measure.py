@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from pytest_attn.bench.machine import attn_machine_info  # noqa: F401  (plugin.run_report imports it from here)
-from pytest_attn.bench.roofline import achieved, attended_pairs, attention_bytes, attention_flops  # noqa: F401
+from pytest_attn.bench.machine import attn_machine_info  # noqa: F401  (until plugin.run_report imports it from bench.machine)
+from pytest_attn.bench.roofline import achieved, attention_bytes, attention_flops
 from pytest_attn.core.contract import Backend
 
 if TYPE_CHECKING:
@@ -110,20 +110,20 @@ def measure_backend(backend: Backend, batch: "AttnBatch", settings: BenchSetting
     """(plan, timing, forward) for one batch: plan timed, one untimed call through the harness
     (the output contract, JIT and first-call costs), the timed calls, then check_timed_calls_compute.
     Raises UnsupportedCase before launching anything when the backend cannot run the batch. Every
-    call goes through core.calls (guard), so a backend that raises or breaks its contract fails with
+    call goes through core.calls, so a backend that raises or breaks its contract fails with
     a BackendError naming it."""
-    from pytest_attn.core import calls as guard
+    from pytest_attn.core import calls
     from pytest_attn.check.harness import run_forward
     from pytest_attn.bench.timing import measure_call, time_plan
 
     device = batch.device
-    guard.require_supported(backend, batch.layer, batch.metadata, device)
-    plan, plan_s, plan_first_s = time_plan(lambda: guard.plan(backend, batch.metadata, batch.layer, device), device)
+    calls.require_supported(backend, batch.layer, batch.metadata, device)
+    plan, plan_s, plan_first_s = time_plan(lambda: calls.plan(backend, batch.metadata, batch.layer, device), device)
     out = run_forward(backend, batch.q, batch.k, batch.v, batch.metadata, batch.layer, device, plan).out
     expected = out.clone()
 
-    def forward():  # guard.forward checks each call hands back the buffer it was given
-        return guard.forward(backend, batch.q, batch.k, batch.v, batch.metadata, plan, out)
+    def forward():  # calls.forward checks each call hands back the buffer it was given
+        return calls.forward(backend, batch.q, batch.k, batch.v, batch.metadata, plan, out)
 
     timing = measure_call(forward, device=device, warmup=settings.warmup, iters=settings.iters,
                           graph=settings.graph, cold_l2=settings.cold_l2)
@@ -142,7 +142,7 @@ def check_timed_calls_compute(backend: Backend, batch: "AttnBatch", plan, out, e
     call (a thread, a side stream nobody waits on) fails here too."""
     import torch
 
-    from pytest_attn.core import calls as guard
+    from pytest_attn.core import calls
 
     v = batch.v
     scale = 1.0 if batch.metadata.has_cache else 2.0
@@ -151,7 +151,7 @@ def check_timed_calls_compute(backend: Backend, batch: "AttnBatch", plan, out, e
         if original is not None:
             v.copy_((original.float() * scale).to(v.dtype))
         out.fill_(float("nan"))
-        guard.forward(backend, batch.q, batch.k, v, batch.metadata, plan, out)
+        calls.forward(backend, batch.q, batch.k, v, batch.metadata, plan, out)
         got = out.float().cpu()  # on CUDA: ordered after the call on the current stream
     finally:
         if original is not None:

@@ -110,10 +110,10 @@ def _registry():
 
 def _backend(registry, name: str):
     from pytest_attn.cli.main import UsageError, _resolve
-    from pytest_attn.core import calls as guard
+    from pytest_attn.core import calls
 
     (backend,) = _resolve([name], registry)
-    availability = guard.availability(backend)
+    availability = calls.availability(backend)
     if not availability:
         raise UsageError(f"backend {name!r} cannot run here: {availability.reason}; pick one `pytest-attn backends` "
                          "lists as available")

@@ -186,15 +186,15 @@ def main(argv=None) -> int:
     from pytest_attn.bench.ab import measure_row, vit_batch
     from pytest_attn.bench.machine import attn_machine_info
     from pytest_attn.bench.measure import BenchSettings
-    from pytest_attn.core import calls as guard
+    from pytest_attn.core import calls
     from pytest_attn.env.registry import Registry
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gate_evidence: needs a CUDA GPU (--device cpu: a smoke test of the script only)")
     registry = Registry.discover()
     inner = registry.get(args.backend)
-    if not guard.availability(inner):
-        log(f"{args.backend} unavailable ({guard.availability(inner).reason}); using torch")
+    if not calls.availability(inner):
+        log(f"{args.backend} unavailable ({calls.availability(inner).reason}); using torch")
         inner = registry.get("torch")
     device = args.device
     batch = vit_batch(args.seq_len, device)
