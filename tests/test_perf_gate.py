@@ -27,7 +27,8 @@ def samples(median, rel_noise=0.01, n=40):
 NO_PYTEST = """
 import sys
 {body}
-leaked = sorted(m for m in sys.modules if m in ("pytest", "_pytest") or m.startswith(("_pytest.", "pytest_attn.plugin")))
+leaked = sorted(m for m in sys.modules
+                if m in ("pytest", "_pytest") or m.startswith(("_pytest.", "pytest_attn.plugin")))
 assert not leaked, leaked
 print("clean")
 """

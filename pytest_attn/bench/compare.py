@@ -28,7 +28,8 @@ class CompareError(Exception):
 
 
 REGIMES = ("device", "eager")  # the same two words as --attn-bench-metric and extra_info["metric"]
-REGIME_TITLES = {"device": "device time, CUDA-graph replay", "eager": "eager wall time per call (host overhead included)"}
+REGIME_TITLES = {"device": "device time, CUDA-graph replay",
+                 "eager": "eager wall time per call (host overhead included)"}
 OLD_REGIME_NAMES = {"graph": "device"}  # what "device" was called before 0.2 (one release)
 
 

@@ -78,7 +78,8 @@ def median_interval(samples) -> tuple[float, float, float]:
         return median, median, median
     result = bootstrap((data,), np.median, n_resamples=RESAMPLES, vectorized=True, axis=-1, method="percentile",
                        confidence_level=CONFIDENCE, rng=np.random.default_rng(BOOTSTRAP_SEED))
-    return median, min(median, float(result.confidence_interval.low)), max(median, float(result.confidence_interval.high))
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return median, min(median, low), max(median, high)
 
 
 def load_history(paths: Iterable) -> list[Series]:

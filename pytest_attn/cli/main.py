@@ -265,7 +265,8 @@ def _resolve(names: Sequence[str], registry) -> list:
 
 
 # -- vit-table --------------------------------------------------------------------------------------
-DEPRECATED_SEED_TABLE = "pytest-attn: `seed-table` is deprecated and will be removed in the next release; use `vit-table`"
+DEPRECATED_SEED_TABLE = ("pytest-attn: `seed-table` is deprecated and will be removed in the next release; use "
+                         "`vit-table`")
 DEFAULT_SEED_BACKENDS = ("trtllm", "flashinfer", "torch")  # the founding pair, and torch where it runs
 REGIMES = {"device": "device time per call, CUDA-graph replay (events where a call cannot be captured)",
            "eager": "wall time per call of uncaptured calls back to back, host overhead included"}

@@ -34,7 +34,8 @@ def main(argv=None) -> int:
         done = subprocess.run([*common, "--attn-gate=base.json"], cwd=folder, capture_output=True, text=True)
         last = [line for line in done.stdout.splitlines() if line.startswith("pytest-attn gate")]
         failed += done.returncode != 0
-        print(f"run {index + 1}: exit {done.returncode}; {last[-1] if last else done.stdout.strip()[-200:]}", flush=True)
+        said = last[-1] if last else done.stdout.strip()[-200:]
+        print(f"run {index + 1}: exit {done.returncode}; {said}", flush=True)
     print(f"ci flow: {args.runs} runs, {failed} failed")
     return 1 if failed else 0
 

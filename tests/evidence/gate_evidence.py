@@ -256,7 +256,8 @@ def main(argv=None) -> int:
     for regime in ("device", "eager"):
         spreads = [v[regime].head_spread for _, _, _, v in records if v[regime].head_spread is not None]
         if spreads:
-            table.append(f"spread (IQR/median) of the {regime} samples over all trials: median {statistics.median(spreads):.2%}, "
+            table.append(f"spread (IQR/median) of the {regime} samples over all trials: "
+                         f"median {statistics.median(spreads):.2%}, "
                          f"max {max(spreads):.2%}")
     for line in table:
         log(line)
