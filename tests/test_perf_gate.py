@@ -16,11 +16,14 @@ from pytest_attn.bench.history import Point, Series
 from pytest_attn.bench.machine import differences
 from pytest_attn.cli import main as cli
 
-RNG = np.random.default_rng(7)
-
-
 def samples(median, rel_noise=0.01, n=40):
-    return tuple(float(x) for x in median * (1 + rel_noise * RNG.standard_normal(n)))
+    """n samples spread like a normal distribution around ``median`` (its quantiles, in a fixed
+    shuffled order): the same in every test order and process, with exactly that median."""
+    from scipy.stats import norm
+
+    z = norm.ppf((np.arange(n) + 0.5) / n)
+    z = z[np.random.default_rng(n).permutation(n)]
+    return tuple(float(x) for x in median * (1 + rel_noise * z))
 
 
 # -- bench/ imports no pytest ---------------------------------------------------------------------------
