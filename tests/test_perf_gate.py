@@ -309,6 +309,7 @@ def test_ab_times_another_environment_in_alternating_subprocesses(capsys):
                      "--base-python", sys.executable, *AB_FAST]) == 0
     out = capsys.readouterr().out
     assert "base torch@" in out and "round 2/2 done" in out and "NOT GATED" in out.splitlines()[-1]
+    assert f"  head: {sys.executable} with pytest_attn from " in out
 
 
 # -- history ------------------------------------------------------------------------------------------------------

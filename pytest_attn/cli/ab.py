@@ -158,6 +158,8 @@ def _rounds_in_subprocesses(args, seq_lens, device):
             for side in (("base", "head") if index % 2 == 0 else ("head", "base")):
                 command, env, samples = sides[side]
                 found = _one_round(command, env, side)
+                if side not in machines:  # say once where each side's code came from
+                    print(f"  {side}: {command[0]} with pytest_attn from {found.get('source', '?')}", flush=True)
                 machines[side] = found.get("machine") or {}
                 for label, per_regime in found["rows"].items():
                     samples.add(label, per_regime)
