@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from pytest_attn.env import torch_build
-from pytest_attn.core.contract import Availability, Backend, Capabilities, LayerSpec, Plan
+from pytest_attn.core.contract import Availability, Backend, BatchShape, Capabilities, LayerSpec, Plan
 from pytest_attn.core.errors import AttnInputError, UnsupportedCase
 from pytest_attn.core.metadata import AttentionMetadata
 from pytest_attn.env.packages import flashinfer_version
@@ -164,9 +164,9 @@ def decode_hazards(kernel_backend: str, tensor_cores: bool, layer: LayerSpec, sm
     reasons = []
     if layer.group_size not in CUDA_CORE_DECODE_GROUPS:
         reasons.append(f"CUDA-core decode supports query groups {CUDA_CORE_DECODE_GROUPS}, not {layer.group_size}")
-    if layer.head_dim not in FA3_HEAD_DIMS:  # conservative: same kernel family as #4299
+    if layer.head_dim not in FA3_HEAD_DIMS:  # conservative: same kernel family as FlashInfer #4299
         # Measured on an H100 (FlashInfer 0.7.2.post1): at head_dim 80 this kernel returns wrong
-        # outputs (relative error 0.6-0.8) without any error; its tensor-core form crashes (#4299).
+        # outputs (relative error 0.6-0.8) without any error; its tensor-core form crashes (FlashInfer #4299).
         reasons.append(f"CUDA-core decode is not trusted at head_dim {layer.head_dim}: only 64/128/256 are "
                        "known good; at head_dim 80 it silently returns wrong outputs (relative error 0.6-0.8 "
                        "measured on an H100) and fa2-family kernels crash there (FlashInfer issue #4299)")
@@ -338,28 +338,24 @@ def decide(metadata: AttentionMetadata, layer: LayerSpec, variant: str = "policy
     parts = []
     for r in routes:
         units = "pages" if r.kernel == DECODE else (cudnn_index_units(version) if r.kernel_backend == "cudnn" else "tokens")
-        details = [("requests", (r.start, r.stop)), ("tokens", (qo[r.start], qo[r.stop])),
-                   ("window_left", layer.window_left), ("logits_soft_cap", layer.logits_soft_cap),
-                   ("sm_scale", layer.scale), ("kv_data_type", kv_dtype), ("return_lse", layer.return_lse)]
+        details = [("kv_data_type", kv_dtype)]  # the layer's own parameters are read from part.layer
         if r.kernel == DECODE:
             details.append(("tensor_cores", r.tensor_cores))
         elif r.kernel in (PAGED_PREFILL, SINK):
             details.append(("kv_index_units", "pages"))
-        if r.kernel == SINK:
-            details.append(("sinks", layer.sinks))
         if r.kernel_backend == "auto":
             details.append(("predicted_backend", "fa2" if r.kernel == DECODE else _predict(sm, layer)))
         parts.append(Plan(name, r.kernel, r.kernel_backend, layout, units, metadata.has_cache, device=str(device),
-                          layer=layer, details=tuple(details) + common))
-    batch = (("num_requests", metadata.num_requests), ("num_contexts", metadata.num_contexts),
-             ("num_tokens", metadata.num_tokens))
+                          layer=layer, details=tuple(details) + common, requests=(r.start, r.stop),
+                          tokens=(qo[r.start], qo[r.stop])))
+    made_for = BatchShape.of(metadata)
     extra = (("routing", why),) if why else ()
     if len(parts) == 1:
-        return dataclasses.replace(parts[0], details=parts[0].details + batch + extra)
+        return dataclasses.replace(parts[0], details=parts[0].details + extra, made_for=made_for)
     prefill_part = parts[0]
     return Plan(name, "+".join(p.kernel for p in parts), "+".join(p.kernel_backend for p in parts), layout,
                 prefill_part.index_units, True, device=str(device), layer=layer, parts=tuple(parts),
-                details=common + batch + extra)
+                details=common + extra, made_for=made_for)
 
 
 # -- the backend ------------------------------------------------------------------------------------
@@ -382,6 +378,7 @@ def _resolved_backend(wrapper) -> str:
 
 
 class FlashInferBackend(Backend):
+    suite_modules = ("pytest_attn_backends.suites.test_flashinfer_gpu",)
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({"float16", "bfloat16"}), max_head_dim=MAX_HEAD_DIM,
         sliding_window=True, soft_cap=True, sinks=True, head_dim_vo=True, cross_attention=True,
@@ -455,9 +452,8 @@ class FlashInferBackend(Backend):
             device = torch.device("cuda", torch.cuda.current_device())
         plan = self._decide(metadata, layer, device)
         parts, wrappers = [], []
-        for part in plan.parts or (plan,):
-            start, stop = part.detail("requests")
-            wrapper = self._planned_wrapper(part, self._subset(metadata, start, stop), device)
+        for part in plan.launches:
+            wrapper = self._planned_wrapper(part, self._subset(metadata, *part.request_range(metadata)), device)
             resolved = _resolved_backend(wrapper)
             if resolved == "fa2" and layer.head_dim % FA2_SAFE_HEAD_DIM_MULTIPLE:
                 raise UnsupportedCase(self.name, [f"{part.kernel} resolved to fa2: " + _REASON_4299.format(hd=layer.head_dim)])
@@ -559,7 +555,7 @@ class FlashInferBackend(Backend):
         if not plan.handle:
             return None
         mismatches = []
-        for part, wrapper in zip(plan.parts or (plan,), plan.handle):
+        for part, wrapper in zip(plan.launches, plan.handle):
             live = live_specialization(wrapper, part.kernel)
             for key, want in expected_specialization(part).items():
                 got = live.get(key, _MISSING)
@@ -575,15 +571,14 @@ class FlashInferBackend(Backend):
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
         layer, out = self.start_forward(q, k, v, metadata, plan, out, cuda_only="FlashInfer runs")
-        manager = metadata.kv_cache_manager
+        manager = metadata.kv_cache_manager  # start_forward wrote this step's K/V into it
         cache = None
         if manager is not None:
-            manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
             pool = manager.kv_pool(layer.layer_idx)
             cache = pool if pool is not None else (manager.k_cache(layer.layer_idx), manager.v_cache(layer.layer_idx))
-        for part in plan.parts or (plan,):
-            start, stop = part.detail("requests")
-            t0, t1 = part.detail("tokens")
+        for part in plan.launches:
+            start, stop = part.request_range(metadata)
+            t0, t1 = part.token_range(metadata)
             wrapper = self._planned_wrapper(part, self._subset(metadata, start, stop), q.device)
             extra = {}
             if lse is not None:
@@ -611,6 +606,35 @@ class FlashInferBackend(Backend):
         wrapper built with ``use_cuda_graph=True`` over fixed buffers, re-planned in place before each
         replay. None where this variant's decode route cannot run the layer."""
         return GraphDecoder(self, manager, layer, max_batch, device)
+
+    # -- what runs, as the profiler names it ----------------------------------------------------------
+    def expected_kernels(self, plan: Plan) -> list:
+        """Per part, the kernels of the backend it resolved to (read from FlashInfer 0.7.2.post1's
+        sources): cuDNN's generated SDPA kernels; fa2's ``flashinfer::BatchPrefillWithRaggedKVCacheKernel``,
+        ``BatchPrefillWithPagedKVCacheKernel`` (paged prefill, the sink wrapper, tensor-core decode)
+        and ``BatchDecodeWithPagedKVCacheKernel`` (CUDA-core decode); fa3's Hopper
+        ``PrefillWithKVCacheKernel``; and the split-KV merge kernels (``MergeStates*``,
+        ``VariableLengthMergeStates*``, ``AttentionSum*``), which may run or not."""
+        from pytest_attn.check.traces import KernelFamily
+
+        cudnn = (r"(?i)cudnn", r"(?i)sdpa", r"flash_fprop")
+        fa3 = (r"\b(FP8)?PrefillWithKVCacheKernel",)
+        families = []
+        for part in plan.parts or (plan,):
+            backend = part.detail("resolved_backend") or part.detail("predicted_backend") or part.kernel_backend
+            if part.kernel == DECODE and not part.detail("tensor_cores"):
+                patterns, what = (r"BatchDecodeWithPagedKVCacheKernel",), "fa2 decode (CUDA cores)"
+            elif backend == "cudnn":
+                patterns, what = cudnn, "cuDNN SDPA"
+            elif backend == "fa3":
+                patterns, what = fa3, "fa3 prefill (Hopper)"
+            elif part.kernel == RAGGED:
+                patterns, what = (r"BatchPrefillWithRaggedKVCacheKernel",), "fa2 ragged prefill"
+            else:
+                patterns, what = (r"BatchPrefillWithPagedKVCacheKernel",), "fa2 paged prefill"
+            families.append(KernelFamily(f"{part.kernel}: {what}", patterns))
+        families.append(KernelFamily("FlashInfer split-KV merge", (r"MergeState", r"AttentionSum"), required=False))
+        return families
 
 
 _MISSING = object()

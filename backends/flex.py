@@ -239,9 +239,6 @@ class FlexAttentionBackend(Backend):
 
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
         layer, out = self.start_forward(q, k, v, metadata, plan, out)
-        manager = metadata.kv_cache_manager
-        if manager is not None:
-            manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
         params = self._layer_tensors(layer, q.device)
         q_off = metadata.qo_indptr
         for i, n in enumerate(metadata.seq_lens):
@@ -300,6 +297,18 @@ class FlexAttentionBackend(Backend):
         o, row_lse = _run_flex(qh, kh, vh, kwargs, want_lse, compiled=plan.kernel_backend == "compiled")
         o = o[0].transpose(0, 1)  # [Lq, H, Dv]
         return o, (row_lse[0].transpose(0, 1) if want_lse else None)
+
+    # -- what runs, as the profiler names it ----------------------------------------------------------
+    def expected_kernels(self, plan: Plan) -> list:
+        """Eager (CPU): flex's unfused implementation under its operator (``FlexAttentionAutogradOp``
+        or ``flex_attention``), never an SDPA kernel. Compiled (CUDA): the Triton flex_attention
+        template kernel (``triton_tem_fused_*``); Inductor's pointwise and reduction kernels and the
+        block mask's ATen kernels are data movement."""
+        from pytest_attn.check.traces import KernelFamily
+
+        if plan.kernel_backend == "compiled":
+            return [KernelFamily("flex_attention Triton template", (r"^triton_tem_",))]
+        return [KernelFamily("flex_attention eager", (r"FlexAttention", r"flex_attention"))]
 
 
 def _run_flex(qh, kh, vh, kwargs: dict, want_lse: bool, compiled: bool):

@@ -164,9 +164,6 @@ class TorchSDPABackend(Backend):
         layer, out = self.start_forward(q, k, v, metadata, plan, out)
         if plan.kernel == "varlen_attn":
             return self._varlen(q, k, v, metadata, layer, out)
-        manager = metadata.kv_cache_manager
-        if manager is not None:
-            manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         sdpa_backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -225,6 +222,29 @@ class TorchSDPABackend(Backend):
             kwargs["enable_gqa"] = True
         out.copy_(varlen_attn(q, k, v, cu, cu, metadata.max_seq_len_q, metadata.max_seq_len_q, **kwargs))
         return out
+
+    # -- what runs, as the profiler names it ----------------------------------------------------------
+    def expected_kernels(self, plan: Plan) -> list:
+        """The SDPA implementation the plan names, and only it, so a fallback to another fails the
+        trace. CPU: its operator. CUDA: FlashAttention-2 in ``pytorch_flash::`` (split-KV and its
+        combine kernel included; varlen_attn runs it too), the memory-efficient CUTLASS kernels
+        (``fmha_cutlassF_*``), cuDNN's generated SDPA kernels, or the math path's GEMMs (its softmax
+        and masking are ATen kernels, allowed as data movement)."""
+        from pytest_attn.check.traces import KernelFamily
+
+        cpu_ops = {"flash": (r"^aten::_scaled_dot_product_flash_attention_for_cpu$",),
+                   "math": (r"^aten::_scaled_dot_product_attention_math$",)}
+        cuda_kernels = {"flash": (r"flash_fwd", r"FlashAttnFwd"),  # FlashAttention-2, or 3 where torch activates it
+                        "efficient": (r"fmha_cutlassF", r"AttentionKernel", r"attention_kernel"),
+                        "cudnn": (r"(?i)cudnn", r"(?i)sdpa", r"flash_fprop"),
+                        "math": (r"(?i)gemm", r"(?i)gemv", r"xmma", r"nvjet", r"(?i)cublas")}  # not "cutlass": FA2 names it in its template arguments
+        device_type = str(plan.device).split(":")[0]
+        implementation = "flash" if plan.kernel == "varlen_attn" else plan.kernel_backend
+        names = cpu_ops if device_type == "cpu" else cuda_kernels
+        families = [KernelFamily(f"SDPA {implementation} ({device_type})", names[implementation])]
+        if device_type == "cpu":  # the dispatcher's own operator, above whichever implementation runs
+            families.append(KernelFamily("SDPA dispatcher", (r"^aten::scaled_dot_product_attention$",), required=False))
+        return families
 
 
 BACKENDS = [TorchSDPABackend(), *(TorchSDPABackend(name, kernel=kernel, use_varlen=False)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from pytest_attn.env import torch_build
-from pytest_attn.core.contract import Availability, Backend, Capabilities, LayerSpec, Plan
+from pytest_attn.core.contract import Availability, Backend, BatchShape, Capabilities, LayerSpec, Plan
 from pytest_attn.core.errors import AttnInputError, UnsupportedCase
 from pytest_attn.core.metadata import AttentionMetadata
 from pytest_attn.env.packages import flashinfer_version
@@ -265,19 +265,19 @@ def decide(metadata: AttentionMetadata, layer: LayerSpec, variant: str = "op", *
     qo = metadata.qo_indptr
     parts = []
     for r in routes:
-        details = [("requests", (r.start, r.stop)), ("tokens", (qo[r.start], qo[r.stop])), ("sm", _sm_text(sm))]
+        details = [("sm", _sm_text(sm))]
         details += (fmha_details(metadata, layer) if r.kernel == FMHA else xqa_details(metadata, layer))
         if r.why:
             details.append(("routing", r.why))
         units = "pages" if metadata.has_cache else "tokens"
         parts.append(Plan(name, r.kernel, "fmha_v2" if r.kernel == FMHA else "xqa", layout, units,
-                          metadata.has_cache, device=str(device), layer=layer, details=tuple(details)))
-    batch = (("num_requests", metadata.num_requests), ("num_contexts", metadata.num_contexts),
-             ("num_tokens", metadata.num_tokens))
+                          metadata.has_cache, device=str(device), layer=layer, details=tuple(details),
+                          requests=(r.start, r.stop), tokens=(qo[r.start], qo[r.stop])))
+    made_for = BatchShape.of(metadata)
     if len(parts) == 1:
-        return dataclasses.replace(parts[0], details=parts[0].details + batch)
+        return dataclasses.replace(parts[0], made_for=made_for)
     return Plan(name, "+".join(p.kernel for p in parts), "+".join(p.kernel_backend for p in parts), layout,
-                parts[0].index_units, True, device=str(device), layer=layer, parts=tuple(parts), details=batch)
+                parts[0].index_units, True, device=str(device), layer=layer, parts=tuple(parts), made_for=made_for)
 
 
 def fmha_scales(layer: LayerSpec, q_scale: float = 1.0) -> tuple[float, float]:
@@ -325,6 +325,7 @@ def _buffer(kind: str, device, nbytes: int):
 
 
 class TrtllmBackend(Backend):
+    suite_modules = ("pytest_attn_backends.suites.test_trtllm_gpu",)
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({"float16", "bfloat16"}), sliding_window=True, soft_cap=True,
         sinks=True, lse_base="e", chunked_prefill=True, multi_token_generation=True,
@@ -390,8 +391,8 @@ class TrtllmBackend(Backend):
         # the index tensors each launch reads, made now: copies from host memory cannot be captured
         # in a CUDA graph, so forward must not make them
         handles = []
-        for part in plan.parts or (plan,):
-            start, stop = part.detail("requests")
+        for part in plan.launches:
+            start, stop = part.request_range(metadata)
             sub = metadata if (start, stop) == (0, metadata.num_requests) else metadata.subset(start, stop)
             handles.append(self._index_tensors(sub, device))
         return plan.with_handle(tuple(handles))
@@ -407,13 +408,10 @@ class TrtllmBackend(Backend):
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):
         layer, out = self.start_forward(q, k, v, metadata, plan, out, cuda_only="TensorRT-LLM's kernels run")
         self.launches = []
-        manager = metadata.kv_cache_manager
-        if manager is not None:
-            manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
-        handles = plan.handle or (None,) * len(plan.parts or (plan,))
-        for part, index in zip(plan.parts or (plan,), handles):
-            start, stop = part.detail("requests")
-            t0, t1 = part.detail("tokens")
+        handles = plan.handle or (None,) * len(plan.launches)
+        for part, index in zip(plan.launches, handles):  # start_forward wrote this step's K/V to the cache
+            start, stop = part.request_range(metadata)
+            t0, t1 = part.token_range(metadata)
             sub = metadata if (start, stop) == (0, metadata.num_requests) else metadata.subset(start, stop)
             index = index or self._index_tensors(sub, q.device)
             if part.kernel == FMHA:
@@ -430,7 +428,7 @@ class TrtllmBackend(Backend):
         module the plan names among those FlashInfer has built in this process."""
         if not self.launches:
             return None
-        parts = plan.parts or (plan,)
+        parts = plan.launches
         if len(parts) != len(self.launches):
             return [f"the plan has {len(parts)} kernel launches, forward made {len(self.launches)}"]
         built = _built_modules()
@@ -554,6 +552,21 @@ class TrtllmBackend(Backend):
                               "page_size": md.page_size, "sinks": bool(layer.sinks)})
         trtllm_batch_decode_with_kv_cache(q, pool, _buffer("xqa", device, WORKSPACE_BYTES), index["block_tables"],
                                           index["seq_lens"], out=out, **kwargs)
+
+    # -- what runs, as the profiler names it ----------------------------------------------------------
+    def expected_kernels(self, plan: Plan) -> list:
+        """Per part: FMHAv2's generated kernels, ``fmha_v2_[il_]flash_attention_<dtype>_..._sm90_kernel``
+        (the names FlashInfer's fmha_v2 generator gives them), or XQA's ``kernel_mha`` (csrc/xqa);
+        FMHAv2's tile-counter memset is data movement."""
+        from pytest_attn.check.traces import KernelFamily
+
+        families = []
+        for part in plan.parts or (plan,):
+            if part.kernel == FMHA:
+                families.append(KernelFamily("FMHAv2 (TensorRT-LLM context attention)", (r"fmha_v2_",)))
+            else:
+                families.append(KernelFamily("XQA (TensorRT-LLM generation)", (r"kernel_mha",)))
+        return families
 
 
 def _built_modules() -> Optional[set]:

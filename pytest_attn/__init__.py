@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Backend": "core.contract", "Plan": "core.contract", "Capabilities": "core.contract",
-    "LayerSpec": "core.contract", "Tolerance": "core.contract", "FUSED_FLOAT32_TOLERANCE": "core.contract",
-    "Availability": "core.contract", "AttentionMetadata": "core.metadata", "PagedKVCacheManager": "core.kv_cache",
+    "LayerSpec": "core.layer", "Tolerance": "core.contract", "FUSED_FLOAT32_TOLERANCE": "core.contract",
+    "Availability": "core.contract", "BatchShape": "core.contract", "AttentionMetadata": "core.metadata", "PagedKVCacheManager": "core.kv_cache",
     "AttnError": "core.errors", "AttnInputError": "core.errors", "UnsupportedCase": "core.errors",
     "CacheFullError": "core.errors", "UnknownBackendError": "core.errors", "AttnCheckFailure": "core.errors",
     "AttnDeprecationWarning": "core.errors",

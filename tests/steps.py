@@ -30,9 +30,9 @@ def planned_or_refused(backend, metadata, layer, device="cuda"):
         return None
     plan = backend.plan(metadata, layer, device=device)
     assert plan.backend == backend.name and plan.layer == layer and plan.reads_cache == metadata.has_cache
-    parts = plan.parts or (plan,)
+    parts = plan.launches
     assert {p.layout for p in parts} == {metadata.kv_cache_manager.layout if metadata.has_cache else "NHD"}
-    covered = [p.detail("requests") for p in parts]
+    covered = [p.request_range(metadata) for p in parts]
     assert covered[0][0] == 0 and covered[-1][1] == metadata.num_requests
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
     return plan

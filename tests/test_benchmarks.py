@@ -281,7 +281,7 @@ def test_which_options_ask_for_benchmarks(pytester, asking):
 def test_a_correctness_run_and_benchmark_skip_run_no_benchmark(pytester, extra):
     pytester.makepyfile(test_user=USER_TEST)
     result = pytester.runpytest(*SUITE_BENCH, *extra)
-    result.assert_outcomes(passed=3)  # the user's test, and torch's output and plan tests
+    result.assert_outcomes(passed=5)  # the user's test, and torch's output, plan, kernel-trace and same-bits tests
     assert "test_benchmarks.py" not in result.stdout.str() and "Name (time in" not in result.stdout.str()
     assert not (pytester.path / "x.json").exists()
 
@@ -290,7 +290,7 @@ def test_benchmark_disable_alone_runs_each_benchmark_once_untimed(pytester):
     """pytest-benchmark: "Benchmarked functions are only ran once and no stats are reported. Use this
     if you want to run the test but don't do any benchmarking." """
     result = pytester.runpytest(*SUITE_BENCH, "--benchmark-disable")
-    result.assert_outcomes(passed=5)  # the three benchmarks, and torch's two correctness tests
+    result.assert_outcomes(passed=7)  # the three benchmarks, and torch's four correctness tests
     result.stdout.fnmatch_lines(["test_benchmarks.py ...*"])
     assert "Name (time in" not in result.stdout.str()
 

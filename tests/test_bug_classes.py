@@ -1,7 +1,7 @@
-"""Mutation tests: the catalog catches the bug classes of the corpus.
+"""Mutation tests: the catalog catches the bug classes of the bug corpus.
 
 Each test builds a deliberately buggy backend that reproduces the *mechanism* of a real bug from
-``shared/research/bug-corpus.md`` (section 1 rows #N; "also seen" items from section 2), runs the
+``docs/bug-corpus.md`` (its bugs #N, dimensions DN and "also seen" threads), runs the
 catalog case named for that bug class through :func:`~pytest_attn.check.harness.run_case` and
 :func:`~pytest_attn.check.harness.assert_case_passes`, and requires it to FAIL, by the check the test
 names, on every seed it is given, while a correct backend passes the same case with the same
@@ -356,7 +356,7 @@ class WindowOffByOne(Hooked):
 @pytest.mark.parametrize("case_name", ["swa-causal-ragged", "swa-full-ragged", "swa-noncausal-chunked",
                                        "swa-long-decode"])
 def test_window_ignored_is_caught__sglang_pr31501_and_4823(case_name, seed):
-    """Rows #15 (window_left dropped on the ragged path), #16 (paged prefill planned without the
+    """Bugs #15 (window_left dropped on the ragged path), #16 (paged prefill planned without the
     window), #17 (window never reaches the backend; garbage past the window in long decode)."""
     caught(WindowIgnored(), case_name, seed)
 
@@ -364,7 +364,7 @@ def test_window_ignored_is_caught__sglang_pr31501_and_4823(case_name, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["swa-full-ragged", "swa-noncausal-chunked"])
 def test_window_dropped_when_not_causal_is_caught__flashinfer_4972(case_name, seed):
-    """Row #18 (non-causal sliding window wrong; causal fine). The causal window case cannot see
+    """Bug #18 (non-causal sliding window wrong; causal fine). The causal window case cannot see
     this bug, the non-causal ones must."""
     passes(WindowCausalOnly(), "swa-causal-ragged", seed)
     caught(WindowCausalOnly(), case_name, seed)
@@ -372,7 +372,7 @@ def test_window_dropped_when_not_causal_is_caught__flashinfer_4972(case_name, se
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_window_missing_on_first_query_tile_is_caught__flashinfer_4972(seed):
-    """Row #18: only the first query tile, only non-causal, only with qo_len < kv_len (the second
+    """Bug #18: only the first query tile, only non-causal, only with qo_len < kv_len (the second
     chunk of swa-noncausal-chunked: 300 queries over 600 keys). swa-full-ragged (qo == kv) cannot
     show it."""
     passes(WindowFirstTileWrong(), "swa-full-ragged", seed)
@@ -382,7 +382,7 @@ def test_window_missing_on_first_query_tile_is_caught__flashinfer_4972(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["swa-causal-ragged", "swa-full-ragged", "swa-noncausal-chunked"])
 def test_window_on_first_query_tile_only_is_caught__flashinfer_4972(case_name, seed):
-    """Row #18's class (a window handled per query tile; D6 "window crossing tiles"): requests of
+    """Bug #18's class (a window handled per query tile; D6 "window crossing tiles"): requests of
     more than 128 queries catch it. swa-long-decode (a 40-token prompt, then one-token steps)
     cannot."""
     passes(WindowOnFirstTileOnly(), "swa-long-decode", seed)
@@ -393,8 +393,8 @@ def test_window_on_first_query_tile_only_is_caught__flashinfer_4972(case_name, s
 @pytest.mark.parametrize("delta", [+1, -1])
 @pytest.mark.parametrize("case_name", ["swa-causal-ragged", "swa-full-ragged", "swa-long-decode"])
 def test_window_off_by_one_is_caught__sglang_pr26147(case_name, delta, seed):
-    """Section 2 "also seen": sglang PR #26147 (HF's window is inclusive, SGLang's exclusive: one
-    token larger), vllm PR #9679 (window = sliding_window - 1). Rows #16/#17's dimension D6."""
+    """Also seen in the corpus: sglang PR #26147 (HF's window is inclusive, SGLang's exclusive: one
+    token larger), vllm PR #9679 (window = sliding_window - 1). Bugs #16/#17's dimension D6."""
     caught(WindowOffByOne(delta), case_name, seed)
 
 
@@ -447,7 +447,7 @@ def _flex_mutant(kind: str):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["softcap-30-ragged", "softcap-50-decode"])
 def test_soft_cap_dropped_is_caught__sglang_33915(case_name, seed):
-    """Rows #15 (the cap specialised at plan time, never passed: output matches the *uncapped*
+    """Bugs #15 (the cap specialised at plan time, never passed: output matches the *uncapped*
     reference) and #14 (soft-cap wrong; GSM8K 0.26)."""
     flex_caught(_flex_mutant("dropped"), case_name, seed, "elementwise")
 
@@ -455,7 +455,7 @@ def test_soft_cap_dropped_is_caught__sglang_33915(case_name, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["softcap-30-ragged", "softcap-50-decode"])
 def test_soft_cap_before_scaling_is_caught__flashinfer_1193(case_name, seed):
-    """Row #14 (logit-cap math regression): the cap applied to the unscaled logit."""
+    """Bug #14 (logit-cap math regression): the cap applied to the unscaled logit."""
     flex_caught(_flex_mutant("before-scale"), case_name, seed, "elementwise")
 
 
@@ -464,7 +464,7 @@ def test_soft_cap_before_scaling_is_caught__flashinfer_1193(case_name, seed):
 # nothing, so softcap-30-low-logits shifts every logit to about -60 (capped to about -29).
 @pytest.mark.parametrize("seed", SEEDS)
 def test_soft_cap_after_masking_is_caught__flashinfer_pr350(seed):
-    """Section 2 "also seen" flashinfer PR #350 (decode applied the logits cap after masking), the
+    """Also seen in the corpus: flashinfer PR #350 (decode applied the logits cap after masking), the
     #14 class: a masked logit of -inf capped to -cap gets a weight again."""
     flex_caught(_flex_mutant("after-mask"), "softcap-30-low-logits", seed, "elementwise")
 
@@ -513,13 +513,13 @@ class SinksFirstKVGroupOnly(Hooked):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["sinks-prefill", "sinks-decode", "swa-alternating-layers-sinks"])
 def test_sinks_ignored_is_caught__vllm_pr52148(case_name, seed):
-    """Row #23 (FA2 prefill with sinks silently without them: GSM8K 0.000)."""
+    """Bug #23 (FA2 prefill with sinks silently without them: GSM8K 0.000)."""
     caught(SinksIgnored(), case_name, seed)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sinks_for_first_row_group_only_is_caught__trtllm_pr15739(seed):
-    """Row #24 (speculative XQA: sinks normalised for the first head group of [token, head] rows
+    """Bug #24 (speculative XQA: sinks normalised for the first head group of [token, head] rows
     only). Plain decode (one token) cannot show it; sinks-spec-decode must."""
     passes(SinksFirstRowGroupOnly(), "sinks-decode", seed)
     caught(SinksFirstRowGroupOnly(), "sinks-spec-decode", seed)
@@ -528,7 +528,7 @@ def test_sinks_for_first_row_group_only_is_caught__trtllm_pr15739(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["sinks-prefill", "sinks-spec-decode"])
 def test_sinks_for_first_kv_head_group_only_is_caught__trtllm_pr15739(case_name, seed):
-    """Row #24's class over heads: only the first KV head's query heads get sinks (D8 x D4)."""
+    """Bug #24's class over heads: only the first KV head's query heads get sinks (D8 x D4)."""
     caught(SinksFirstKVGroupOnly(), case_name, seed)
 
 
@@ -563,7 +563,7 @@ class CausalOffByOne(Hooked):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["chunked-prefill", "prefix-reuse", "spec-decode-q4", "cross-attn-causal"])
 def test_causal_aligned_top_left_is_caught__D10_D12(case_name, seed):
-    """D10 (chunked prefill / reused prefix: rows #8, #18, #19, #30) and D12 (multi-token
+    """D10 (chunked prefill / reused prefix: bugs #8, #18, #19, #30) and D12 (multi-token
     generation: #24, #38, #39); D11 for causal cross-attention. llm-decode-gqa-nhd (prefill with
     qo == kv, then one-token decode) cannot show it."""
     passes(TopLeftCausal(), "llm-decode-gqa-nhd", seed)
@@ -572,7 +572,7 @@ def test_causal_aligned_top_left_is_caught__D10_D12(case_name, seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_causal_off_by_one_is_caught__flashinfer_pr348(seed):
-    """Row #19 (qo_len 2, kv_len 3: `>` vs `>=`, in the kernel and its CPU reference alike)."""
+    """Bug #19 (qo_len 2, kv_len 3: `>` vs `>=`, in the kernel and its CPU reference alike)."""
     caught(CausalOffByOne(), "prefix-reuse-q2-kv3", seed)
 
 
@@ -595,7 +595,7 @@ class FP8Scales(Hooked):
 @pytest.mark.parametrize("kind", ["dropped", "k-dropped", "v-dropped", "swapped"])
 @pytest.mark.parametrize("case_name", ["fp8-kv-scales", "fp8-kv-mixed"])
 def test_fp8_kv_scale_dropped_or_swapped_is_caught__sglang_pr20705_vllm_pr34863(case_name, kind, seed):
-    """Rows #21 (scale loading broken, float scale None or 1.0) and #22 (float scales left at 1.0:
+    """Bugs #21 (scale loading broken, float scale None or 1.0) and #22 (float scales left at 1.0:
     garbage output)."""
     caught(FP8Scales(kind), case_name, seed)
 
@@ -619,7 +619,7 @@ class StalePlanMixin:
         replay = dataclasses.replace(compiled, layer=dataclasses.replace(compiled.layer,
                                                                          layer_idx=plan.layer.layer_idx))
         dtype = torch_dtype(compiled.layer.dtype)
-        if q.dtype != dtype:  # cuDNN decode hard-coded BF16 (flashinfer #9): fp16 bytes read as bf16
+        if q.dtype != dtype:  # cuDNN decode hard-coded BF16 (bug #9): fp16 bytes read as bf16
             super().forward(q.view(dtype), k.view(dtype), v.view(dtype), metadata, replay, out.view(dtype), **kwargs)
             return out
         return super().forward(q, k, v, metadata, replay, out, **kwargs)
@@ -633,7 +633,7 @@ class StalePlan(StalePlanMixin, TorchSDPABackend):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["reuse-scale", "reuse-window", "reuse-mask", "reuse-dtype"])
 def test_stale_plan_keyed_on_shape_is_caught__flashinfer_pr4146_sglang_pr31501(case_name, seed):
-    """Rows #9 (cuDNN graph-cache key without scale/dtype/strides), #16 (window specialised at
+    """Bugs #9 (cuDNN graph-cache key without scale/dtype/strides), #16 (window specialised at
     plan time), #15 (the same for the cap: see the flex test below); D15. The plan this mutant
     reports is right (a plan-only check passes); only the output shows the stale graph."""
     caught(StalePlan(), case_name, seed)
@@ -645,7 +645,7 @@ def test_stale_plan_keyed_on_shape_is_caught__flashinfer_pr4146_sglang_pr31501(c
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_stale_plan_with_soft_cap_is_caught__sglang_33915(seed):
-    """Row #15 (the cap specialised at plan(): a graph compiled with the cap replayed without it)."""
+    """Bug #15 (the cap specialised at plan(): a graph compiled with the cap replayed without it)."""
 
     class FlexStalePlan(StalePlanMixin, _flex_class()):
         name = "bug-stale-plan-flex"
@@ -701,7 +701,7 @@ class StalePageTableRows(Hooked):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["gqa-r4-kv2", "llm-decode-gqa-nhd", "page64-partial-last"])
 def test_pages_assumed_contiguous_is_caught__pytorch_182593(case_name, seed):
-    """Section 2 "also seen" pytorch #182593 (output depends on physical KV placement); D16/D17.
+    """Also seen in the corpus: pytorch #182593 (output depends on physical KV placement); D16/D17.
     The cache hands pages out in a seeded scrambled order, so a request's pages are not adjacent."""
     caught(PagesAssumedContiguous(), case_name, seed, ("nonfinite", "elementwise"))
 
@@ -709,21 +709,21 @@ def test_pages_assumed_contiguous_is_caught__pytorch_182593(case_name, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["llm-mixed-nhd", "chunked-prefill"])
 def test_another_requests_pages_are_caught__flashinfer_pr942(case_name, seed):
-    """Row #12 (PR #942: an unrelated sequence's page corrupts the outputs), #20 (chunked prefill
+    """Bug #12 (PR #942: an unrelated sequence's page corrupts the outputs), #20 (chunked prefill
     mixing requests), D17. Pure-decode steps are unaffected: only the mixed steps catch it."""
     caught(GenerationReadsContextPageTable(), case_name, seed)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_freed_page_read_through_stale_page_table_is_caught__trtllm_pr18769(seed):
-    """Row #28 (decode re-plan skipped under graph replay: each replay reused the warmup page
+    """Bug #28 (decode re-plan skipped under graph replay: each replay reused the warmup page
     table), D14/D17: llm-decode-gqa-nhd frees request 0 after step 1, and its pages come back NaN."""
     caught(StalePageTableRows(), "llm-decode-gqa-nhd", seed, "nonfinite")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_shared_prefix_poisoned_by_owners_free_is_caught__D17(seed, monkeypatch):
-    """D17 with prefix caching (TRT-LLM KV-cache reuse, vLLM prefix caching), rows #12 and #20's
+    """D17 with prefix caching (TRT-LLM KV-cache reuse, vLLM prefix caching), bugs #12 and #20's
     class: the owner of a shared prefix finishes and its free releases (poisons) the pages the
     reusing request still reads. The bug is in the cache's free, so the manager is mutated here
     (through its public methods only); the torch backend itself is correct."""
@@ -778,7 +778,7 @@ class LoadsWholePagesHonestly(LoadsWholePages):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["page64-partial-last", "page256-partial-last", "gqa-r4-kv2"])
 def test_masked_slots_times_zero_weight_is_caught__flashinfer_941_fa_1745(case_name, seed):
-    """Rows #12 (MLA NaN from the unfilled slots of a partial last page) and #33 (FA3/FA4 load the
+    """Bugs #12 (MLA NaN from the unfilled slots of a partial last page) and #33 (FA3/FA4 load the
     full cache: 0 * NaN in P @ V). A page-1 cache has no padding slots, so it cannot show it; the
     same kernel declaring that it loads masked slots passes (finite poison)."""
     passes(LoadsWholePages(), "hd64-decode-page1", seed)
@@ -820,7 +820,7 @@ class ZeroLengthOffsets(Hooked):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["zero-length-rows", "zero-length-mixed"])
 def test_zero_length_offsets_are_caught__flash_attention_1537(case_name, seed):
-    """Rows #34 (seqlens [0,1,0,1], GQA 9/3: wrong reshape) and #20 (zero-length rows never
+    """Bugs #34 (seqlens [0,1,0,1], GQA 9/3: wrong reshape) and #20 (zero-length rows never
     written); D3. Some rows are never written (poison) and others get a neighbour's answer."""
     message = caught(ZeroLengthOffsets(), case_name, seed, "unwritten")
     assert "EXCEEDS" in message
@@ -843,7 +843,7 @@ class OneTokenBatchStride(Hooked):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["vit-ragged-vs-solo", "hetero-batch-vs-solo"])
 def test_batch_stride_of_one_token_is_caught__flashinfer_3800(case_name, seed):
-    """Row #10 (batch 0 correct, batch >= 1 silently wrong); D13. Both checks fire: the reference,
+    """Bug #10 (batch 0 correct, batch >= 1 silently wrong); D13. Both checks fire: the reference,
     and each request run alone (check_solo) differing from its rows of the batch."""
     control_passes(TORCH, case_name, seed)
     bad = OneTokenBatchStride()
@@ -890,14 +890,14 @@ class LastVOTileDropped(Hooked):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["hd192-vo128-paged", "hd192-vo128-ragged-full"])
 def test_output_offset_with_qk_head_dim_is_caught__flashinfer_pr4663(case_name, seed):
-    """Row #13 (paged (192, 128): wrong O offset); D1/D24."""
+    """Bug #13 (paged (192, 128): wrong O offset); D1/D24."""
     caught(OutputOffsetWithQKHeadDim(), case_name, seed, "unwritten")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["hd192-vo128-ragged-full", "hd192-vo128-paged"])
 def test_vo_truncated_is_caught__flashinfer_1663(case_name, seed):
-    """Row #7 (ragged cutlass wrong for hd_qk 192 / hd_vo 128, especially non-causal)."""
+    """Bug #7 (ragged cutlass wrong for hd_qk 192 / hd_vo 128, especially non-causal)."""
     caught(LastVOTileDropped(), case_name, seed)
 
 
@@ -915,7 +915,7 @@ class GQAModulo(Hooked):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("ratio", [2, 4, 8, 16])
 def test_gqa_kv_head_modulo_is_caught__D4(ratio, seed):
-    """D4 (GQA geometry; rows #26, #35, #38, #39 are its class). With one KV head, h % 1 ==
+    """D4 (GQA geometry; bugs #26, #35, #38, #39 are its class). With one KV head, h % 1 ==
     h // group, so the kv1 cases cannot see it: the absolute number of KV heads matters."""
     passes(GQAModulo(), f"gqa-r{ratio}-kv1", seed)
     caught(GQAModulo(), f"gqa-r{ratio}-kv2", seed)
@@ -945,7 +945,7 @@ class FiniteMinusInfSentinel(Hooked):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["extreme-logits-300", "extreme-logits-300-decode"])
 def test_softmax_without_max_subtraction_is_caught__D19(case_name, seed):
-    """D19 (extreme logit magnitudes; rows #5, #36 are its class). hd64-ragged (logits of a few
+    """D19 (extreme logit magnitudes; bugs #5, #36 are its class). hd64-ragged (logits of a few
     units) cannot show it."""
     passes(NoMaxSubtraction(), "hd64-ragged", seed)
     caught(NoMaxSubtraction(), case_name, seed, "nonfinite")
@@ -953,7 +953,7 @@ def test_softmax_without_max_subtraction_is_caught__D19(case_name, seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_finite_minus_inf_sentinel_is_caught__flashinfer_4267(seed):
-    """Row #5 (outputs zeros when every logit < -5e4). fp32-ragged (ordinary logits) cannot show it."""
+    """Bug #5 (outputs zeros when every logit < -5e4). fp32-ragged (ordinary logits) cannot show it."""
     passes(FiniteMinusInfSentinel(), "fp32-ragged", seed)
     caught(FiniteMinusInfSentinel(), "extreme-negative-logits-fp32", seed)
 
@@ -1019,14 +1019,14 @@ def _lse_mutant(kind: str):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["lse-ragged", "lse-decode-gqa"])
 def test_lse_in_base_2_declared_base_e_is_caught__flashinfer_pr4663(case_name, seed):
-    """Row #13 (the LSE written in one base where the contract wants the other); D21."""
+    """Bug #13 (the LSE written in one base where the contract wants the other); D21."""
     flex_caught(_lse_mutant("base-2"), case_name, seed, "lse")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["lse-decode-gqa", "lse-ragged"])
 def test_lse_for_first_head_of_group_only_is_caught__cudnn_frontend_1083(case_name, seed):
-    """Row #39 (s_q == 1 with GQA: LSE written for the first q head of each KV group only; O is
+    """Bug #39 (s_q == 1 with GQA: LSE written for the first q head of each KV group only; O is
     right). The harness hands the LSE buffer over NaN-filled, so the stale rows show."""
     message = flex_caught(_lse_mutant("first-head"), case_name, seed, "lse-nonfinite")
     assert re.search(r"max \|out - ref\| = \S+ within", message), "O is right: only the LSE check may fire"
@@ -1037,7 +1037,7 @@ def test_lse_for_first_head_of_group_only_is_caught__cudnn_frontend_1083(case_na
 class ReadsAsContiguous(Hooked):
     """Takes q, k and v by data pointer and shape, as if contiguous (a raw-pointer kernel, or a
     .view() that happens to fit): for views of one fused QKV projection it reads the wrong rows.
-    Declares requires_contiguous = False, so the harness passes the views (flashinfer #9: a
+    Declares requires_contiguous = False, so the harness passes the views (bug #9: a
     token-strided K replayed through a graph built for contiguous K; pytorch #191937)."""
 
     NAME = "bug-reads-strided-as-contiguous"
@@ -1058,7 +1058,7 @@ def _contiguous_strides(shape):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["strided-fused-qkv", "strided-fused-qkv-paged"])
 def test_strided_inputs_read_as_contiguous_are_caught__flashinfer_pr4146_pytorch_191937(case_name, seed):
-    """Rows #9 (same shapes, token-strided K: max err 1.88) and #37 (layout-dependent SDPA); D16.
+    """Bugs #9 (same shapes, token-strided K: max err 1.88) and #37 (layout-dependent SDPA); D16.
     Contiguous inputs (hd128-ragged) cannot show it."""
     passes(ReadsAsContiguous(), "hd128-ragged", seed)
     caught(ReadsAsContiguous(), case_name, seed)
@@ -1083,8 +1083,8 @@ class PlansRaggedHND(TorchSDPABackend):
 
 
 class ReadsRaggedKVAsHND(Hooked):
-    """The #13190 forward: ragged K/V are [tokens, kv_heads, dim] (NHD), read as [kv_heads,
-    tokens, dim] (HND) over the same memory."""
+    """Bug #1's forward (TRT-LLM PR #13190): ragged K/V are [tokens, kv_heads, dim] (NHD), read
+    as [kv_heads, tokens, dim] (HND) over the same memory."""
 
     NAME = "bug-reads-ragged-kv-as-hnd"
 
@@ -1097,7 +1097,7 @@ class ReadsRaggedKVAsHND(Hooked):
 
 @pytest.mark.parametrize("case_name", ["vit-ragged-mix", "vit-causal", "hd80-ragged"])
 def test_no_cache_plan_claiming_hnd_fails_the_plan_check__trtllm_pr13190(case_name):
-    """Row #1 (the seed bug), the plan side: pytest_attn.suite.test_plans' check fails for a
+    """Bug #1 (the seed bug), the plan side: pytest_attn.suite.test_plans' check fails for a
     no-cache plan that says HND, without running anything; the torch backend's plan passes it."""
     from pytest_attn.suite import test_plans as plan_suite
 
@@ -1111,7 +1111,7 @@ def test_no_cache_plan_claiming_hnd_fails_the_plan_check__trtllm_pr13190(case_na
 
 @pytest.mark.parametrize("case_name", ["vit-causal", "vit-ragged-vs-solo"])
 def test_ragged_kv_read_as_hnd_is_caught__trtllm_pr13190(case_name):
-    """Row #1, the output side: the same bytes read in the wrong layout fail the output check on
+    """Bug #1, the output side: the same bytes read in the wrong layout fail the output check on
     the ViT cases (hd 80, bf16, ragged, no cache; vit-ragged-vs-solo also fails its solo check).
     Layout, not data: one seed suffices. (The seed's own vit-ragged-mix, 0.4 s a run, is left to
     tests/test_flashinfer_backend.py, which runs this mechanism on it.)"""
@@ -1133,7 +1133,7 @@ class SubtractsKeyMeanInPlace(Hooked):
 
 @pytest.mark.parametrize("case_name", ["hd64-ragged", "fp32-ragged", "gqa-r4-kv2"])
 def test_in_place_key_mean_subtraction_is_caught(case_name):
-    """No corpus row (a third-party kernel's behaviour): the harness's inputs-unchanged check
+    """No corpus bug (a third-party kernel's behaviour): the harness's inputs-unchanged check
     raises BackendError naming k. Without a cache the output alone passes (the same kernel on a
     copy of k), so only the inputs check can catch it there."""
     control_passes(TORCH, case_name, 0)
@@ -1180,7 +1180,7 @@ class WritesDraftsAtLastSlot(Hooked):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["spec-decode-q4", "spec-decode-q8-gqa8", "swa-spec-decode"])
 def test_draft_tokens_written_at_the_wrong_slot_are_caught__D12(case_name, seed):
-    """D12 (multi-token generation; rows #24, #38, #39 and sglang #22679 are its class). Plain
+    """D12 (multi-token generation; bugs #24, #38, #39 and sglang #22679 are its class). Plain
     one-token decode (llm-decode-gqa-nhd) cannot show it."""
     passes(WritesDraftsAtLastSlot(), "llm-decode-gqa-nhd", seed)
     caught(WritesDraftsAtLastSlot(), case_name, seed, "nonfinite")
@@ -1204,7 +1204,7 @@ class LastPageLenOffByOne(Hooked):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case_name", ["page64-partial-last", "page256-partial-last"])
 def test_last_page_len_off_by_one_is_caught__flashinfer_4347(case_name, seed):
-    """Rows #4 (large pages: the last page attended wrongly; the 6200-token case is GPU-only) and
+    """Bugs #4 (large pages: the last page attended wrongly; the 6200-token case is GPU-only) and
     #12 (partial last page); D5. Page size 1 (hd64-decode-page1) cannot show it."""
     passes(LastPageLenOffByOne(), "hd64-decode-page1", seed)
     caught(LastPageLenOffByOne(), case_name, seed, "nonfinite")
@@ -1226,7 +1226,7 @@ class HeadDimTailDropped(Hooked):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_head_dim_not_multiple_of_16_is_caught__flashinfer_4299(seed):
-    """Row #2 (hd 72, 136: wrong results); D1. hd 64, 80 and 96 cannot show it."""
+    """Bug #2 (hd 72, 136: wrong results); D1. hd 64, 80 and 96 cannot show it."""
     for ok in ("hd64-ragged", "hd80-ragged", "hd96-ragged"):
         passes(HeadDimTailDropped(), ok, seed)
     caught(HeadDimTailDropped(), "hd72-ragged", seed)
@@ -1251,7 +1251,7 @@ class ShortKVReadsPoolAsContiguous(Hooked):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_short_kv_fallback_reading_the_pool_is_caught__flashinfer_pr3106(seed):
-    """Row #8 (Q_PAGED_KV wrong when s_kv < 16); D2/D10."""
+    """Bug #8 (Q_PAGED_KV wrong when s_kv < 16); D2/D10."""
     passes(ShortKVReadsPoolAsContiguous(), "gqa-r4-kv2", seed)
     caught(ShortKVReadsPoolAsContiguous(), "chunked-kv-lt16", seed, "nonfinite")
 
@@ -1276,7 +1276,7 @@ class ReadsHNDCacheAsNHD(Hooked):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_hnd_cache_read_as_nhd_is_caught__trtllm_6507(seed):
-    """Row #29 (a paged layout mismatch); D16. The NHD twin of the case cannot show it."""
+    """Bug #29 (a paged layout mismatch); D16. The NHD twin of the case cannot show it."""
     passes(ReadsHNDCacheAsNHD(), "llm-decode-gqa-nhd", seed)
     caught(ReadsHNDCacheAsNHD(), "llm-decode-gqa-hnd", seed)
 
@@ -1299,7 +1299,7 @@ class PaddedKeyTileScoredZero(Hooked):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_padded_key_tile_scored_zero_is_caught__pytorch_196678(seed):
-    """Row #36 (L % 128 == 64 scored the padded half of the last key tile: L in {64, 192, ...});
+    """Bug #36 (L % 128 == 64 scored the padded half of the last key tile: L in {64, 192, ...});
     D2. Both tile-edge cases have such a length (64; 192); fp32-ragged (100, 33, 1) has none."""
     passes(PaddedKeyTileScoredZero(), "fp32-ragged", seed)
     caught(PaddedKeyTileScoredZero(), "tile-edge-127-128-129-192", seed)
@@ -1323,12 +1323,12 @@ class CrossQStartFromKVOffsets(Hooked):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_cross_attention_q_start_is_caught__trtllm_10102(seed):
-    """Row #27 (cross-attention q 64 over kv 128, hd 32: wrong q start); D11."""
+    """Bug #27 (cross-attention q 64 over kv 128, hd 32: wrong q start); D11."""
     caught(CrossQStartFromKVOffsets(), "cross-attn-hd32", seed)
 
 
 # == not covered ===================================================================================
-# Rows of section 1 with no mutant here, and why:
+# Bugs of docs/bug-corpus.md with no mutant here, and why:
 # - #3 (trtllm-gen decode wrong at hd 256), #25 (XQA pageIdx per X-iteration at hd 256 on sm89),
 #   #26 (XQA stmatrix, GQA > 8), #35 (cuDNN wrong for < 8 absolute KV heads): kernel-internal
 #   faults whose mechanism the threads do not state beyond "wrong at this shape"; a mutant would
@@ -1353,5 +1353,5 @@ def test_cross_attention_q_start_is_caught__trtllm_10102(seed):
 #   strided K of the same shape): no catalog case runs one shape with two stride patterns; the
 #   stale-plan mutant is caught on the scale/window/mask/dtype/soft-cap halves only, and the
 #   strided mutant on strided-fused-qkv* (a layout bug, not a cache-key bug).
-# Covered only in part: the soft-cap applied after masking (flashinfer PR #350, #14's class) is
-# caught on softcap-30-ragged seed 1 only (strict xfails record the rest; see _AFTER_MASK_GAP).
+# The soft-cap applied after masking (flashinfer PR #350, #14's class) shows only where visible
+# logits lie near -cap: softcap-30-low-logits has them on every seed (softcap-30-ragged on one of three).

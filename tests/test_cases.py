@@ -227,12 +227,30 @@ def test_every_case_builds_its_layers():
         assert len(layers) == case.num_layers >= 1, case.name
         for i, layer in enumerate(layers):
             assert isinstance(layer, LayerSpec) and layer.layer_idx == i, case.name
-            assert (layer.num_heads, layer.num_kv_heads, layer.head_dim) == (case.num_heads, case.num_kv_heads,
-                                                                               case.head_dim), case.name
-            assert layer.head_dim_v == (case.head_dim_vo or case.head_dim), case.name
-            assert layer.sinks == (sink_logits(case.num_heads) if case.sinks else ()), case.name
+            spec = case.layer_spec
+            assert (layer.num_heads, layer.num_kv_heads, layer.head_dim) == (spec.num_heads, spec.num_kv_heads,
+                                                                               spec.head_dim), case.name
+            assert layer.head_dim_v == spec.head_dim_v, case.name
+            assert layer.sinks in ((), sink_logits(spec.num_heads)), case.name
             if case.cache:
-                assert layer.cache_dtype == (case.kv_dtype or case.dtype), case.name
+                assert layer.cache_dtype == spec.cache_dtype, case.name
+
+
+def test_a_case_holds_its_layer_once():
+    """A layer's parameters live in the case's LayerSpec only: the case has no field copying one."""
+    from pytest_attn.cases.case import LAYER_KEYWORDS
+
+    case_fields = {f.name for f in dataclasses.fields(BatchCase)}
+    assert not case_fields & set(LAYER_KEYWORDS)
+    assert set(LAYER_KEYWORDS) <= {f.name for f in dataclasses.fields(LayerSpec)} | {"sinks"}
+    case = BatchCase("swa", 8, 2, 64, (40, 9), window_left=15, sinks=True)
+    assert case.layer_spec == LayerSpec(8, 2, 64, window_left=15, sinks=sink_logits(8))
+    assert case.layer(0) is not case.layer_spec and case.layer(0) == case.layer_spec
+    assert case.with_dtype("float16").layer_spec.dtype == "float16"
+    with pytest.raises(AttnInputError, match="case bad: unknown field.s. window"):
+        BatchCase("bad", 8, 2, 64, (4,), window=3)
+    with pytest.raises(AttnInputError, match="case bad: needs head_dim"):
+        BatchCase("bad", num_heads=8, num_kv_heads=2, seq_lens=(4,))
 
 
 def test_layer_overrides_change_only_their_layer():
@@ -252,7 +270,7 @@ def test_layer_overrides_change_only_their_layer():
 def test_the_catalog_covers_the_new_features():
     features = {f for case in ALL for layer in case.layers() for f in layer.features()}
     assert features >= {"sliding_window", "soft_cap", "sinks", "head_dim_vo", "lse"}
-    assert any(case.kv_dtype == "float8_e4m3fn" for case in ALL)
+    assert any(case.layer_spec.kv_dtype == "float8_e4m3fn" for case in ALL)
     for field in ("chunk_size", "shared_prefix", "draft_tokens", "joining", "kv_seq_lens", "strided", "check_solo"):
         assert any(getattr(case, field) for case in ALL), field
 

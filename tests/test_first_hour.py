@@ -27,7 +27,7 @@ def test_attn_backend_runs_the_bundled_suite_with_the_projects_own_tests(pyteste
         "*test_correctness.py::test_output_matches_reference[[]torch-hd64-ragged[]] PASSED*",
         "*test_plans.py::test_plan_matches_the_batch[[]torch-hd64-ragged[]] PASSED*",
     ])
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=5)  # and the case's kernel trace and same-bits tests
 
 
 def test_attn_suite_off_runs_only_the_projects_tests(pytester):
@@ -59,13 +59,13 @@ def test_backend_specific_and_gpu_only_suite_tests_stay_out_of_a_cpu_run(pyteste
     assert collected_count(with_fi) > collected_count(torch_only)
     assert "test_flashinfer_gpu" not in with_fi.stdout.str() and "deselected" in with_fi.stdout.str()
     strict = pytester.runpytest("--attn-backend=torch", "--attn-suite=on", "--attn-cases=hd64-ragged", "--attn-strict")
-    strict.assert_outcomes(passed=2)  # nothing GPU-only is left to fail under --attn-strict on CPU
+    strict.assert_outcomes(passed=4)  # nothing GPU-only is left to fail under --attn-strict on CPU
 
 
 def test_correctness_runs_leave_the_benchmarks_out_and_print_no_benchmark_table(pytester):
     result = pytester.runpytest("--attn-backend=torch", "--attn-suite=on", "--attn-cases=hd64-ragged", "-p",
                                 "no:xdist")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=4)  # output, plan, kernel trace, same bits
     text = result.stdout.str()
     assert "deselected" in text and "benchmark:" not in text.split("collected")[1] and "Name (time in" not in text
     asked = pytester.runpytest("--attn-backend=torch", "--attn-suite=on", "-m", "attn_bench", "--attn-bench-iters=2",

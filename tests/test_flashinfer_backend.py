@@ -83,7 +83,7 @@ def test_vit_seed_goes_to_cudnn_ragged_nhd_in_tokens():
     assert (plan.backend, plan.kernel, plan.kernel_backend, plan.layout, plan.index_units, plan.reads_cache) == (
         "flashinfer", fi.RAGGED, "cudnn", "NHD", "tokens", False)
     assert plan.layer == VIT and not plan.parts
-    assert plan.detail("requests") == (0, 3) and plan.detail("tokens") == (0, 1856)
+    assert plan.requests == (0, 3) and plan.tokens == (0, 1856)
 
 
 def test_vit_seed_on_flashinfer_before_0_7_takes_element_offsets():
@@ -176,17 +176,17 @@ def test_mixed_batch_is_paged_prefill_then_decode_on_the_cache_layout(layout):
     assert plan.reads_cache and plan.layout == layout and plan.layer == layer
     assert fi.decide(md, layer, "policy").parts[0].kernel_backend == "fa2"  # the default budget builds no fa3
     assert plan.kernels == (fi.PAGED_PREFILL, fi.DECODE)
-    assert (prefill.kernel_backend, prefill.layout, prefill.index_units, prefill.detail("requests")) == (
+    assert (prefill.kernel_backend, prefill.layout, prefill.index_units, prefill.requests) == (
         "fa3", layout, "tokens", (0, 2))
-    assert prefill.detail("tokens") == (0, 38) and decode.detail("tokens") == (38, 40)
-    assert (decode.kernel_backend, decode.layout, decode.index_units, decode.detail("requests")) == (
+    assert prefill.tokens == (0, 38) and decode.tokens == (38, 40)
+    assert (decode.kernel_backend, decode.layout, decode.index_units, decode.requests) == (
         "fa2", layout, "pages", (2, 4))
     assert decode.detail("tensor_cores") is False  # group size 4 has a CUDA-core decode kernel
 
 
 def test_decode_only_batch_is_one_decode_launch():
     plan = fi.decide(paged_batch([1, 1], [40, 7]), LayerSpec(16, 4, 128), "policy")
-    assert not plan.parts and plan.kernel == fi.DECODE and plan.detail("requests") == (0, 2)
+    assert not plan.parts and plan.kernel == fi.DECODE and plan.requests == (0, 2)
 
 
 def test_group_size_without_a_cuda_core_kernel_decodes_on_tensor_cores():
@@ -199,7 +199,7 @@ def test_group_size_without_a_cuda_core_kernel_decodes_on_tensor_cores():
 
 def test_generation_requests_of_several_tokens_go_through_paged_prefill():
     plan = fi.decide(paged_batch([33, 3, 1], [0, 40, 7]), LayerSpec(16, 4, 128), "policy")
-    assert not plan.parts and plan.kernel == fi.PAGED_PREFILL and plan.detail("requests") == (0, 3)
+    assert not plan.parts and plan.kernel == fi.PAGED_PREFILL and plan.requests == (0, 3)
     assert "one query token" in plan.detail("routing")
 
 
@@ -235,10 +235,10 @@ def test_every_step_of_the_catalog_is_planned_or_refused_with_reasons(name, case
         if plan is None:
             continue
         assert plan.handle is None
-        for p in plan.parts or (plan,):
+        for p in plan.launches:
             assert not fi.kernel_hazards(p.kernel_backend, layer, fi.ASSUMED_SM) or p.kernel == fi.DECODE
             if p.kernel == fi.DECODE:
-                assert all(n == 1 for n in md.seq_lens[slice(*p.detail("requests"))])
+                assert all(n == 1 for n in md.seq_lens[slice(*p.request_range(md))])
 
 
 def test_forward_refuses_cpu_tensors():
@@ -252,7 +252,7 @@ def test_forward_refuses_cpu_tensors():
         backend.forward(q, k, v, md, backend.plan(md, layer, device="cuda"))
 
 
-# -- the output check catches the #13190 class of bug ------------------------------------------------
+# -- the output check catches the TRT-LLM #13190 class of bug (bug corpus #1) -------------------------
 class _ClaimsCudnnRagged(TorchSDPABackend):
     """Computes with torch but plans like the FlashInfer policy: every field a plan-only test
     (PR #12911's ``wrapper._backend == "cudnn"``) looks at says cuDNN ragged, NHD, tokens."""
@@ -268,7 +268,7 @@ class _ClaimsCudnnRagged(TorchSDPABackend):
 
 
 class ReadsRaggedKVAsHND(_ClaimsCudnnRagged):
-    """The #13190 bug: ragged K/V are NHD ([tokens, heads, dim]) but the kernel reads them as HND."""
+    """The TRT-LLM #13190 bug: ragged K/V are NHD ([tokens, heads, dim]) but the kernel reads them as HND."""
 
     def forward(self, q, k, v, metadata, plan, out=None):
         def as_hnd(t):  # the same memory, indexed as [heads, tokens, dim]

@@ -174,7 +174,7 @@ def _visible(torch, lq, lk, **kw):
 
 
 def test_causal_mask_is_aligned_bottom_right(torch):
-    # 2 queries over 3 keys (#19's off-by-one): the queries are keys 1 and 2
+    # 2 queries over 3 keys (bug corpus #19's off-by-one): the queries are keys 1 and 2
     assert _visible(torch, 2, 3) == [[1, 1, 0], [1, 1, 1]]
 
 
@@ -261,7 +261,7 @@ def test_catalog_case_passes(case):
 
 # -- the output check catches what a wrong score_mod or mask_mod does --------------------------------
 class DropsSoftCap(flex.FlexAttentionBackend):
-    """Plans the soft-cap but forgets it in score_mod (#14, #15: a cap specialised away)."""
+    """Plans the soft-cap but forgets it in score_mod (bug corpus #14, #15: a cap specialised away)."""
 
     name = "flex-bug-no-softcap"
 

@@ -145,8 +145,8 @@ def test_isolation_from_a_users_project_as_the_user_ran_it(pytester, crashers, m
     result = pytester.runpytest_subprocess("--attn-backend=torch", "--attn-isolate=torch",
                                            "--attn-cases=vit-1img-224")
     assert "never started" not in result.stdout.str(), result.stdout.str()
-    result.assert_outcomes(passed=3)  # the user's test, and torch's output and plan tests, each in a child
-    result.stdout.fnmatch_lines(["*attn suite: the bundled validation suite*", "torch: 2 passed"])
+    result.assert_outcomes(passed=5)  # the user's test, and torch's output, plan, trace and same-bits tests, each in a child
+    result.stdout.fnmatch_lines(["*attn suite: the bundled validation suite*", "torch: 4 passed"])
 
 
 # Each isolated child logs the tests it ran (from every report it made, so a bundled-suite test, outside

@@ -87,10 +87,10 @@ def test_your_own_tests_on_the_catalog_run_as_written(pytester):
 
 
 def test_the_fallback_without_installing_runs_from_a_checkout():
-    """`PYTHONPATH=. python3 -m pytest -p pytest_attn.plugin pytest_attn/suite`, as the README gives it
+    """`PYTHONPATH=. python3 -m pytest -p pytest_attn.plugin.hooks pytest_attn/suite`, as the README gives it
     for an image without a package index (the plugin was loaded twice under two names, or not at
     all, before it was loaded by module name in this project's addopts)."""
-    command = re.search(r"`(PYTHONPATH=\. python3 -m pytest -p pytest_attn\.plugin pytest_attn/suite)`", README).group(1)
+    command = re.search(r"`(PYTHONPATH=\. python3 -m pytest -p pytest_attn\.plugin\.hooks pytest_attn/suite)`", README).group(1)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("PYTEST_ADDOPTS", None)
     args = command.split()[1:]

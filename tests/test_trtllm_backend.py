@@ -56,10 +56,10 @@ def test_mixed_batch_is_fmha_v2_paged_then_xqa_where_xqa_is_built():
     layer = LayerSpec(32, 8, 128)
     plan = t.decide(md, layer, budget=ALL)
     prefill, decode = plan.parts
-    assert (prefill.kernel, prefill.detail("input_layout"), prefill.detail("requests")) == (t.FMHA, "Q_PAGED_KV_NHD",
+    assert (prefill.kernel, prefill.detail("input_layout"), prefill.requests) == (t.FMHA, "Q_PAGED_KV_NHD",
                                                                                           (0, 2))
     assert (decode.kernel, decode.detail("page_size"), decode.detail("group_size")) == (t.XQA, 16, 4)
-    assert decode.detail("tokens") == (38, 40)
+    assert decode.tokens == (38, 40)
 
 
 def test_xqa_out_of_budget_routes_generation_through_fmha_v2_and_says_so():
@@ -144,9 +144,9 @@ def test_every_step_of_the_catalog_is_planned_or_refused_with_reasons(name, case
     for md in step_metadata(case):
         for layer in case.layers():
             plan = steps.planned_or_refused(BY_NAME[name], md, layer)
-            for p in (plan.parts or (plan,)) if plan else ():
+            for p in (plan.launches) if plan else ():
                 if p.kernel == t.XQA:
-                    assert all(n == 1 for n in md.seq_lens[slice(*p.detail("requests"))])
+                    assert all(n == 1 for n in md.seq_lens[slice(*p.request_range(md))])
 
 
 def test_readback_compares_what_the_kernels_were_called_with_against_the_plan():

@@ -8,7 +8,8 @@ import torch
 
 from pytest_attn.cases.case import BatchCase
 from pytest_attn.cases.catalog import select
-from pytest_attn.core.contract import Capabilities, LayerSpec, Plan, dtype_name
+from pytest_attn.core.contract import Capabilities, Plan
+from pytest_attn.core.layer import LayerSpec, dtype_name
 from pytest_attn.core.errors import AttnInputError, CacheFullError, UnknownBackendError, UnsupportedCase
 from pytest_attn.check.harness import run_forward
 from pytest_attn.core.kv_cache import PagedKVCacheManager
@@ -254,14 +255,17 @@ def test_cache_refuses_an_unknown_device():
 
 
 # -- what every forward starts with (Plan.start_forward) and a request's K/V (request_kv) ----------
-def _small_plan(**details):
+def _small_plan(made_for=None):
     layer = LayerSpec(4, 2, 16, "float32", "causal")
-    return Plan("b", "k", "kb", "NHD", "tokens", False, layer=layer, details=tuple(details.items())), layer
+    return Plan("b", "k", "kb", "NHD", "tokens", False, layer=layer, made_for=made_for), layer
 
 
 def test_start_forward_checks_the_batch_a_plan_recorded_and_allocates_out():
     md = AttentionMetadata.ragged([3, 2])
-    plan, layer = _small_plan(num_requests=2, num_contexts=2, num_tokens=5)
+    from pytest_attn import BatchShape
+
+    plan, layer = _small_plan(BatchShape(2, 2, 5))
+    assert _small_plan()[0].for_batch(md).made_for == BatchShape.of(md) == BatchShape(2, 2, 5)
     q, k, v = torch.randn(5, 4, 16), torch.randn(5, 2, 16), torch.randn(5, 2, 16)
     got_layer, out = plan.start_forward(q, k, v, md)
     assert got_layer == layer and out.shape == (5, 4, 16)

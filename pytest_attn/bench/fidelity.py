@@ -91,21 +91,11 @@ def triton_time_s(fn: Callable) -> Optional[float]:
         return None
 
 
-def _device(wanted: Optional[str]) -> Optional[str]:
-    """cuda when torch sees a GPU (or as asked); None when CUDA is asked for and absent."""
-    import torch
-
-    if wanted is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted.startswith("cuda") and not torch.cuda.is_available():
-        return None
-    return wanted
-
-
 def check(backend_names: Sequence[str], seq_lens: Sequence[int], device: Optional[str], repeats: int,
           tolerance_pct: float, warmup: int, iters: int, graph: str) -> int:
     from pytest_attn.bench.measure import BenchSettings, measure_backend
     from pytest_attn.cases.case import VIT_HEAD_DIM, VIT_HEADS
+    from pytest_attn.env import devices
     from pytest_attn.core.errors import AttnError, UnsupportedCase
     from pytest_attn.check.batch import build_batch
     from pytest_attn.env.registry import Registry
@@ -116,9 +106,10 @@ def check(backend_names: Sequence[str], seq_lens: Sequence[int], device: Optiona
     except AttnError as exc:
         print(f"pytest_attn.bench.fidelity: {exc}", file=sys.stderr)
         return 2
-    device = _device(device)
-    if device is None:
-        print("pytest_attn.bench.fidelity: --device cuda but torch sees no GPU; use --device cpu", file=sys.stderr)
+    try:
+        device = devices.resolve(device, "--device")
+    except AttnError as exc:
+        print(f"pytest_attn.bench.fidelity: {exc}", file=sys.stderr)
         return 2
     settings = BenchSettings(warmup, iters, graph, False)
     started = time.perf_counter()

@@ -57,15 +57,22 @@ def sink_logits(num_heads: int) -> tuple[float, ...]:
     return tuple(round(-2.0 + 6.0 * h / (num_heads - 1), 4) for h in range(num_heads))
 
 
-@dataclass(frozen=True)
+#: The layer's parameters a case takes as keywords (``BatchCase("x", 8, 8, 64, (10,), window_left=8)``);
+#: they live in the case's one :class:`LayerSpec` (``case.layer_spec``), never beside it.
+LAYER_KEYWORDS = ("num_heads", "num_kv_heads", "head_dim", "dtype", "mask", "window_left", "logits_soft_cap",
+                  "sinks", "sm_scale", "head_dim_vo", "kv_dtype", "k_scale", "v_scale", "return_lse")
+
+
+@dataclass(frozen=True, init=False)
 class BatchCase:
+    """A named case: one layer (``layer_spec``, changed per layer by ``layer_overrides``) and the
+    batch schedule it runs. Construct it with the layer's parameters as arguments,
+    ``BatchCase(name, num_heads, num_kv_heads, head_dim, seq_lens, dtype, mask, **keywords)``, or
+    with ``layer_spec=LayerSpec(...)``; ``sinks=True`` gives the layer :func:`sink_logits`."""
+
     name: str
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    layer_spec: LayerSpec
     seq_lens: tuple[int, ...]  # prompt lengths (the whole batch when there is no cache)
-    dtype: str = "bfloat16"
-    mask: str = "causal"
     cache: bool = False
     kv_layout: str = "NHD"
     page_size: int = 16
@@ -73,31 +80,53 @@ class BatchCase:
     joining: tuple[int, ...] = ()  # prompts that join at step 1 as context requests
     tags: tuple[str, ...] = ()
     description: str = ""
-    # -- the layer -------------------------------------------------------------------------------
-    window_left: int = -1
-    logits_soft_cap: float = 0.0
-    sinks: bool = False  # sink logits per head (sink_logits)
-    sm_scale: Optional[float] = None
-    head_dim_vo: Optional[int] = None
-    kv_dtype: Optional[str] = None  # the cache's dtype when not dtype ("float8_e4m3fn")
-    k_scale: float = 1.0
-    v_scale: float = 1.0
-    return_lse: bool = False
     num_layers: int = 1
     layer_overrides: tuple = ()  # per layer index: ((field, value), ...) changing that layer
-    # -- the schedule ----------------------------------------------------------------------------
+    # -- shapes of the batch that engines produce and kernels get wrong ----------------------------
     kv_seq_lens: tuple[int, ...] = ()  # no cache: keys per request (cross-attention)
     chunk_size: int = 0  # > 0: prompts go in chunks of this many tokens (chunked prefill)
     shared_prefix: int = 0  # > 0: at step 1 a request joins reusing request 0's first tokens
     draft_tokens: int = 0  # generation steps bring 1 + draft_tokens tokens (speculative decoding)
-    # -- the inputs and extra checks ---------------------------------------------------------------
+    # -- inputs that stress the numerics ------------------------------------------------------------
     input_scale: float = 1.0  # q and k are multiplied by this: logits grow by its square
     logit_shift: float = 0.0  # < 0: q and k share a component that moves every logit down by about this
     strided: bool = False  # q, k and v are views of one fused QKV projection, not contiguous tensors
     check_solo: bool = False  # each request run alone must give what it gave in the batch
 
+    def __init__(self, name: str, num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, seq_lens=(), dtype=None, mask: Optional[str] = None, *,
+                 layer_spec: Optional[LayerSpec] = None, **keywords):
+        layer_fields = {k: keywords.pop(k) for k in LAYER_KEYWORDS if k in keywords}
+        for key, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                           ("dtype", dtype), ("mask", mask)):
+            if value is not None:
+                layer_fields[key] = value
+        unknown = [k for k in keywords if k not in {f.name for f in dataclasses.fields(BatchCase)}]
+        if unknown:
+            raise AttnInputError(f"case {name}: unknown field(s) {', '.join(unknown)}")
+        if isinstance(layer_fields.get("sinks"), bool):
+            sinks = layer_fields.pop("sinks")
+            heads = layer_fields.get("num_heads", layer_spec.num_heads if layer_spec else None)
+            layer_fields["sinks"] = sink_logits(heads) if sinks and heads else ()
+        try:
+            if layer_spec is None:
+                missing = [k for k in ("num_heads", "num_kv_heads", "head_dim") if k not in layer_fields]
+                if missing:
+                    raise AttnInputError(f"needs {', '.join(missing)} (or layer_spec=LayerSpec(...))")
+                layer_spec = LayerSpec(**layer_fields)
+            elif layer_fields:
+                layer_spec = dataclasses.replace(layer_spec, **layer_fields)
+        except (AttnInputError, TypeError) as exc:
+            raise AttnInputError(f"case {name}: {exc}") from None
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "layer_spec", layer_spec)
+        object.__setattr__(self, "seq_lens", seq_lens)
+        for f in dataclasses.fields(self):
+            if f.name not in ("name", "layer_spec", "seq_lens"):
+                object.__setattr__(self, f.name, keywords.get(f.name, f.default))
+        self.__post_init__()
+
     def __post_init__(self):
-        object.__setattr__(self, "dtype", dtype_name(self.dtype))
         for name in ("seq_lens", "joining", "kv_seq_lens"):
             object.__setattr__(self, name, _as_lengths(getattr(self, name), f"case {self.name}: {name}"))
         if not self.seq_lens:
@@ -109,6 +138,14 @@ class BatchCase:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise AttnInputError(f"case {self.name}: {name} must be an int >= {least}, got {value!r}")
+        self._check_schedule()
+        self._check_layers()
+        if not (isinstance(self.input_scale, (int, float)) and self.input_scale > 0):
+            raise AttnInputError(f"case {self.name}: input_scale must be positive, got {self.input_scale!r}")
+        if not (isinstance(self.logit_shift, (int, float)) and self.logit_shift <= 0):
+            raise AttnInputError(f"case {self.name}: logit_shift must be 0 or negative, got {self.logit_shift!r}")
+
+    def _check_schedule(self) -> None:
         if not self.cache and (self.decode_steps or self.joining or self.chunk_size or self.shared_prefix
                                or self.draft_tokens):
             raise AttnInputError(f"case {self.name}: decode steps, joining prompts, chunks, shared prefixes and draft "
@@ -126,10 +163,12 @@ class BatchCase:
                                    or self.shared_prefix > self._held_after_first_step(0)):
             raise AttnInputError(f"case {self.name}: shared_prefix must be a multiple of page_size, shorter than "
                                  "request 0's prompt and at most what request 0 holds after step 0")
-        if self.kv_dtype is not None and not self.cache:
-            raise AttnInputError(f"case {self.name}: kv_dtype is the paged cache's dtype and needs cache=True")
         if self.strided and self.kv_seq_lens:
             raise AttnInputError(f"case {self.name}: strided (fused QKV) inputs need as many keys as queries")
+
+    def _check_layers(self) -> None:
+        if self.layer_spec.kv_dtype is not None and not self.cache:
+            raise AttnInputError(f"case {self.name}: kv_dtype is the paged cache's dtype and needs cache=True")
         if len(self.layer_overrides) > self.num_layers:
             raise AttnInputError(f"case {self.name}: {len(self.layer_overrides)} layer_overrides for "
                                  f"{self.num_layers} layers")
@@ -138,10 +177,6 @@ class BatchCase:
             if bad:
                 raise AttnInputError(f"case {self.name}: layer_overrides may change {', '.join(LAYER_OVERRIDABLE)}, "
                                      f"not {', '.join(bad)}")
-        if not (isinstance(self.input_scale, (int, float)) and self.input_scale > 0):
-            raise AttnInputError(f"case {self.name}: input_scale must be positive, got {self.input_scale!r}")
-        if not (isinstance(self.logit_shift, (int, float)) and self.logit_shift <= 0):
-            raise AttnInputError(f"case {self.name}: logit_shift must be 0 or negative, got {self.logit_shift!r}")
         for i in range(self.num_layers):
             try:
                 self.layer(i)  # heads, dims, dtypes, masks, scales are checked there
@@ -150,25 +185,21 @@ class BatchCase:
 
     # -- layers -----------------------------------------------------------------------------------
     def layer(self, layer_idx: int = 0) -> LayerSpec:
-        fields = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                      dtype=self.dtype, mask=self.mask, sm_scale=self.sm_scale, window_left=self.window_left,
-                      layer_idx=layer_idx, logits_soft_cap=self.logits_soft_cap,
-                      sinks=sink_logits(self.num_heads) if self.sinks else (), head_dim_vo=self.head_dim_vo,
-                      kv_dtype=self.kv_dtype, k_scale=self.k_scale, v_scale=self.v_scale,
-                      return_lse=self.return_lse)
-        if layer_idx < len(self.layer_overrides):
-            fields.update(dict(self.layer_overrides[layer_idx]))
-        if fields["kv_dtype"] is None and self.cache and fields["dtype"] != self.dtype:
-            fields["kv_dtype"] = self.dtype  # the cache keeps the case's dtype whatever a layer computes in
-        return LayerSpec(**fields)
+        """The layer ``layer_idx``: the case's layer with that layer's overrides."""
+        base = self.layer_spec
+        fields = dict(dict(self.layer_overrides[layer_idx])) if layer_idx < len(self.layer_overrides) else {}
+        if isinstance(fields.get("sinks"), bool):
+            fields["sinks"] = sink_logits(base.num_heads) if fields["sinks"] else ()
+        if base.kv_dtype is None and self.cache and fields.get("dtype", base.dtype) != base.dtype:
+            fields["kv_dtype"] = base.dtype  # the cache keeps the case's dtype whatever a layer computes in
+        return dataclasses.replace(base, layer_idx=layer_idx, **fields)
 
     def layers(self) -> list[LayerSpec]:
         return [self.layer(i) for i in range(self.num_layers)]
 
     def with_dtype(self, dtype) -> "BatchCase":
-        return dataclasses.replace(self, dtype=dtype_name(dtype))
+        return dataclasses.replace(self, layer_spec=dataclasses.replace(self.layer_spec, dtype=dtype_name(dtype)))
 
-    # -- the schedule ---------------------------------------------------------------------------
     @property
     def gen_tokens(self) -> int:
         """New tokens of a generation request per step: 1, or 1 + draft_tokens."""
@@ -256,7 +287,7 @@ class BatchCase:
         """Attention score elements over all steps and layers (a cost estimate for scheduling)."""
         if not self.cache:
             keys = self.kv_seq_lens or self.seq_lens
-            return float(sum(q * k for q, k in zip(self.seq_lens, keys)) * self.num_heads * self.num_layers)
+            return float(sum(q * k for q, k in zip(self.seq_lens, keys)) * self.layer_spec.num_heads * self.num_layers)
         total, held = 0, {}
         for step in self.steps():
             for new, source, tokens in step.shared:
@@ -264,16 +295,17 @@ class BatchCase:
             for rid, length in zip(step.request_ids, step.seq_lens):
                 held[rid] = held.get(rid, 0) + length
                 total += length * held[rid]
-        return float(total * self.num_heads * self.num_layers)
+        return float(total * self.layer_spec.num_heads * self.num_layers)
 
     def pages_needed(self) -> int:
         """Pages for every request's whole history, as if none were freed or shared, plus two spare."""
         return sum(pages_for(n, self.page_size) for n in self._kv_lengths.values()) + 2
 
     def describe(self) -> str:
-        heads = f"{self.num_heads}/{self.num_kv_heads}x{self.head_dim}"
-        if self.head_dim_vo:
-            heads += f"/{self.head_dim_vo}"
+        spec = self.layer_spec
+        heads = f"{spec.num_heads}/{spec.num_kv_heads}x{spec.head_dim}"
+        if spec.head_dim_vo:
+            heads += f"/{spec.head_dim_vo}"
         cache = (f"paged {self.kv_layout} page {self.page_size}, {self.num_steps} steps" if self.cache else
                  ("no cache, kv_seq_lens=" + str(list(self.kv_seq_lens)) if self.kv_seq_lens else "no cache"))
-        return f"{heads} {self.dtype} {self.mask} seq_lens={list(self.seq_lens)} {cache}"
+        return f"{heads} {spec.dtype} {spec.mask} seq_lens={list(self.seq_lens)} {cache}"

@@ -1,10 +1,11 @@
 """The catalog of named cases that drives the suite (``pytest-attn cases`` lists it).
 
 Each case exists to catch a class of real bug, and its name says which; its description names the
-upstream thread where such a bug was found. The bug numbers in the comments refer to the project's
-bug corpus (``shared/research/bug-corpus.md``, section 1), the dimension codes (D1...) to its
-section 5. Tags select a dimension: ``--attn-cases=swa`` runs the sliding-window cases. Cases over
---attn-max-tokens (2048 by default on CPU) run on GPUs only.
+upstream thread where such a bug was found. In the comments, #N is a bug and DN a dimension of the
+project's bug corpus, docs/bug-corpus.md, whose entries name the cases here that catch each; an
+upstream thread is cited with its repository ("flashinfer #4299"). tests/test_bug_corpus.py checks
+that every code cited here has an entry there. Tags select a dimension: ``--attn-cases=swa`` runs
+the sliding-window cases. Cases over --attn-max-tokens (2048 by default on CPU) run on GPUs only.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One case through every backend: each output against the reference and against each other, so a
 user sees which backends disagree and by how much (the route that found flashinfer #1193, a soft-cap
-regression seen as fa2 against fa3 and triton, and #1663, cutlass against fa2 at head dim 192/128).
+regression seen as fa2 against fa3 and triton, and flashinfer #1663, cutlass against fa2 at head dim 192/128).
 
 ``pytest-attn differential CASE`` prints the table; the suite's ``test_differential`` runs it for a
 few cases with every backend of the run.
@@ -142,7 +142,7 @@ def run_backend(backend: Backend, case: BatchCase, availability: Availability, *
     except UnsupportedCase as exc:
         run.skipped = "; ".join(exc.reasons)
         return run
-    except Exception as exc:  # guard.BackendError, a failed harness check, an assertion: this backend's failure
+    except Exception as exc:  # calls.BackendError, a failed harness check, an assertion: this backend's failure
         run.broke = failure_line(exc)
         run.trace = backend_trace(exc)
         return run
@@ -158,9 +158,9 @@ def run_backend(backend: Backend, case: BatchCase, availability: Availability, *
 def differential(backends: Sequence[Backend], case: BatchCase, *, device="cpu", seed: int = 0,
                  availability: Optional[Callable[[Backend], Availability]] = None) -> Differential:
     """Run ``case`` through each backend, in order, each on its own (see the module docstring).
-    ``availability`` answers whether a backend runs here (default: guard.availability; the suite
+    ``availability`` answers whether a backend runs here (default: calls.availability; the suite
     passes its session's, which caches it)."""
-    from pytest_attn.core import calls as guard
+    from pytest_attn.core import calls
 
-    available = availability or guard.availability
+    available = availability or calls.availability
     return Differential(case.name, [run_backend(b, case, available(b), device=device, seed=seed) for b in backends])

@@ -44,6 +44,12 @@ class GraphScenario:
     finish_after: int = 2
     window_left: int = -1
     dtype: str = "bfloat16"
+    pad_to: int = 0  # capture this many requests: more than the prompts pads past the live batch from the start
+    hostile: bool = False  # NaN padded queries, and another batch planned and run between each plan and replay
+
+    @property
+    def max_batch(self) -> int:
+        return max(len(self.prompts), self.pad_to)
 
     def layer(self) -> LayerSpec:
         return LayerSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, "causal",
@@ -57,6 +63,9 @@ SCENARIOS = {s.name: s for s in [
     GraphScenario("decode-gqa4-hd128", 32, 8, 128),
     GraphScenario("decode-gqa4-hd128-hnd", 32, 8, 128, kv_layout="HND"),
     GraphScenario("decode-gqa8-hd64-window", 16, 2, 64, window_left=20, prompts=(40, 9, 33, 17)),
+    GraphScenario("hostile-gqa4-hd128-pad8", 32, 8, 128, pad_to=8, hostile=True),
+    GraphScenario("hostile-gqa4-hd128-hnd-pad6", 32, 8, 128, kv_layout="HND", prompts=(70, 5, 31), pad_to=6,
+                  hostile=True, finish_after=3),
 ]}
 
 
@@ -65,6 +74,7 @@ class Replay:
     step: int
     live: int
     comparison: Comparison
+    kind: str = "replay"  # or "eager between plan and replay" (a hostile scenario's interleaved batch)
 
     @property
     def passed(self) -> bool:
@@ -93,10 +103,12 @@ def run_graph_decode(backend: Backend, scenario: GraphScenario, *, device, seed:
     result = run_forward(backend, q, k, v, prefill, layer, device)
     comparison = compare_to(backend, result, _refs(q, history, prefill, layer), prefill, layer)
     replays = [Replay(0, len(ids), comparison)]
-    decoder = graph_decoder(backend, manager, layer, len(ids), device)
+    if scenario.hostile:  # the workspace the decoder is built over has served another plan already
+        replays.append(interleaved_batch(backend, scenario, 0, device, seed))
+    decoder = graph_decoder(backend, manager, layer, scenario.max_batch, device)
     if decoder_hook is not None:
         decoder = decoder_hook(decoder)
-    q_static = torch.zeros((len(ids), layer.num_heads, layer.head_dim), dtype=q.dtype, device=device)
+    q_static = torch.zeros((scenario.max_batch, layer.num_heads, layer.head_dim), dtype=q.dtype, device=device)
     out_static = torch.zeros_like(q_static)
     graph = None
     live = list(ids)
@@ -106,13 +118,16 @@ def run_graph_decode(backend: Backend, scenario: GraphScenario, *, device, seed:
         _remember(history, md, k, v)
         manager.write(layer.layer_idx, md, k, v)
         decoder.plan(md)  # outside the capture: the step's lengths and page table into fixed buffers
-        q_static.zero_()
+        if scenario.hostile:  # the backend plans and runs another batch before this plan's replay
+            replays.append(interleaved_batch(backend, scenario, step, device, seed))
+        q_static.fill_(padding_value(scenario))
         q_static[: len(live)] = q
         out_static.fill_(float("nan"))  # a replay that writes nothing cannot pass
         if graph is None:
+            refuse_capture(backend, decoder)
             graph = _capture(lambda: decoder.run(q_static, out_static), device)
         graph.replay()
-        torch.cuda.synchronize(device)
+        _synchronize(device)
         out = out_static[: len(live)].clone()
         comparison = compare_to(backend, _as_forward(md, out), _refs(q, history, md, layer), md, layer)
         replays.append(Replay(step, len(live), comparison))
@@ -191,9 +206,85 @@ def _as_forward(metadata, out):
     return Forward(None, out)
 
 
+def padding_value(scenario: GraphScenario) -> float:
+    """What the padded query rows hold before a replay: NaN in a hostile scenario (a kernel that reads
+    them as data puts NaN in live rows), zero otherwise."""
+    return float("nan") if scenario.hostile else 0.0
+
+
+def interleaved_batch(backend: Backend, scenario: GraphScenario, step: int, device, seed: int) -> Replay:
+    """A decode batch of another size, on a cache of its own, planned and run eagerly through the
+    same backend between a graph decoder's plan() and its replay (an engine's other wrappers and
+    layers do), and checked against the reference like any forward. A backend whose graph decoder
+    keeps its plan in a workspace that this plan overwrites fails the replay after it (flashinfer #5176)."""
+    from pytest_attn.check.batch import build_batch
+
+    lens = (1,) * (step % 3 + 2)
+    cached = tuple(23 + 17 * i + step for i in range(len(lens)))
+    batch = build_batch(lens, cached_lens=cached, num_heads=scenario.num_heads, num_kv_heads=scenario.num_kv_heads,
+                        head_dim=scenario.head_dim, dtype=scenario.dtype, mask="causal", kv_layout=scenario.kv_layout,
+                        page_size=scenario.page_size, device=device, window_left=scenario.window_left,
+                        seed=derive_seed(seed, scenario.name, "interleaved", step))
+    _, _, comparison = batch.run(backend)
+    return Replay(step, len(lens), comparison, kind="eager between plan and replay")
+
+
+def capture_refusal(decoder) -> Optional[str]:
+    """Why ``decoder`` must not be captured, or None: it says so itself (``graph_refusal()``), or a
+    wrapper it holds reports ``is_cuda_graph_enabled`` False (FlashInfer's wrappers do). A wrapper
+    built without ``use_cuda_graph=True`` reallocates its plan buffers on the next plan(), so a graph
+    captured over it replays stale or freed metadata, silently (flashinfer #3904)."""
+    inner = getattr(decoder, "decoder", decoder)  # a CheckedDecoder's own decoder
+    ask = getattr(inner, "graph_refusal", None)
+    if callable(ask):
+        reason = ask()
+        if reason:
+            return str(reason)
+    for name, value in sorted(vars(inner).items()) if hasattr(inner, "__dict__") else ():
+        if getattr(value, "is_cuda_graph_enabled", None) is False:
+            return (f"its {name} ({type(value).__name__}) was not built for CUDA graphs (is_cuda_graph_enabled is "
+                    "False): captured, it replays plan data from buffers that the next plan() replaces "
+                    "(flashinfer #3904); build it with use_cuda_graph=True over fixed buffers")
+    return None
+
+
+def refuse_capture(backend: Backend, decoder) -> None:
+    """Raise AttnCheckFailure, with the reason, before capturing a decoder that must not be captured."""
+    __tracebackhide__ = True
+    from pytest_attn.core.errors import AttnCheckFailure
+
+    reason = capture_refusal(decoder)
+    if reason:
+        summary = f"{backend.name}: graph capture refused: {reason}"
+        raise AttnCheckFailure(summary + ". Its graph decoder must hold only graph-safe wrappers.", summary=summary)
+
+
+def _synchronize(device) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+class _CallAgain:
+    """Off a GPU there is no CUDA graph: a 'replay' calls the captured function again, so the decision
+    logic of replay (plan in place, padding, interleaved plans) runs on CPU with planted decoders."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.fn()
+
+
 def _capture(fn, device):
-    """A CUDA graph of ``fn``, after a warm call on a side stream (JIT loads, lazy allocations)."""
+    """A CUDA graph of ``fn``, after a warm call on a side stream (JIT loads, lazy allocations); off
+    a GPU, a stand-in that calls ``fn`` at each replay."""
     import torch
+
+    if not str(device).startswith("cuda"):
+        fn()
+        return _CallAgain(fn)
 
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -225,3 +316,40 @@ def stale_plan(decoder):
             decoder.run(q, out)
 
     return Stale()
+
+
+def trace_graph_decode(backend: Backend, scenario: GraphScenario, *, device, seed: int = 0):
+    """(eager trace, replay trace, the decoder's plan) of one decode step of the scenario's requests:
+    the graph decoder's run() called eagerly (after a warm call) and traced, then captured and its
+    replay traced. What a replay launches must be what the eager call launched."""
+    import torch
+
+    from pytest_attn.check.traces import record
+
+    layer = scenario.layer()
+    guard.require_supported(backend, layer, _probe_metadata(scenario, device), str(device))
+    manager = PagedKVCacheManager(num_kv_heads=layer.num_kv_heads, head_dim=layer.head_dim,
+                                  page_size=scenario.page_size, num_pages=scenario.pages_needed(), dtype=layer.dtype,
+                                  device=device, layout=scenario.kv_layout)
+    ids = list(range(len(scenario.prompts)))
+    prefill = manager.prepare(scenario.prompts, ids, num_contexts=len(ids))
+    _, k, v = make_qkv(prefill.num_tokens, layer, device, derive_seed(seed, scenario.name, "trace", "prefill"))
+    manager.write(layer.layer_idx, prefill, k, v)
+    decoder = graph_decoder(backend, manager, layer, scenario.max_batch, device)
+    md = manager.prepare([1] * len(ids), ids, num_contexts=0)
+    q, k, v = make_qkv(md.num_tokens, layer, device, derive_seed(seed, scenario.name, "trace", "decode"))
+    manager.write(layer.layer_idx, md, k, v)
+    plan = decoder.plan(md)
+    q_static = torch.zeros((scenario.max_batch, layer.num_heads, layer.head_dim), dtype=q.dtype, device=device)
+    q_static[: len(ids)] = q
+    out_static = torch.zeros_like(q_static)
+
+    def step():
+        decoder.run(q_static, out_static)
+
+    step()  # warm: JIT loads, lazy allocations
+    eager = record(step, device)
+    refuse_capture(backend, decoder)
+    graph = _capture(step, device)
+    replay = record(graph.replay, device)
+    return eager, replay, plan

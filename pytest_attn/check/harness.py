@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from pytest_attn.core import calls as guard
+from pytest_attn.core import calls
 from pytest_attn.cases.case import BatchCase
 from pytest_attn.core.contract import Backend, LayerSpec, Plan
 from pytest_attn.core.errors import AttnCheckFailure, AttnInputError, UnsupportedCase, warn_deprecated
@@ -132,19 +132,19 @@ def run_forward(backend: Backend, q, k, v, metadata: AttentionMetadata, layer: L
     __tracebackhide__ = True  # failures show the backend's frames and the verdict, not the harness
     import torch
 
-    reasons = guard.unsupported(backend, layer, metadata, str(device)) + contiguity_reasons(backend, q, k, v)
+    reasons = calls.unsupported(backend, layer, metadata, str(device)) + contiguity_reasons(backend, q, k, v)
     if reasons:
         raise UnsupportedCase(backend.name, reasons)
     metadata.check_inputs(q, k, v, layer, require_contiguous=backend.requires_contiguous)
     if plan is None:
-        plan = guard.plan(backend, metadata, layer, str(device))
+        plan = calls.plan(backend, metadata, layer, str(device))
     out = poisoned_like((q.shape[0], layer.num_heads, layer.head_dim_v), q.dtype, q.device)
     lse = (torch.full((q.shape[0], layer.num_heads), math.nan, dtype=torch.float32, device=q.device)
            if layer.return_lse else None)
     before = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
-    guard.forward(backend, q, k, v, metadata, plan, out, lse)
-    guard.check_inputs_unchanged(backend, before, {"q": q, "k": k, "v": v})
-    mismatches = guard.readback(backend, plan)
+    calls.forward(backend, q, k, v, metadata, plan, out, lse)
+    calls.check_inputs_unchanged(backend, before, {"q": q, "k": k, "v": v})
+    mismatches = calls.readback(backend, plan)
     if mismatches:
         raise AttnCheckFailure(f"backend {backend.name!r}: its plan and the live kernel disagree on "
                                f"{metadata.describe()}, layer {layer.describe()}:\n- "
@@ -192,7 +192,7 @@ def references(q, keys, values, metadata: AttentionMetadata, layer: LayerSpec) -
 def compare_to(backend: Backend, result: Forward, refs: References, metadata: AttentionMetadata,
                layer: LayerSpec) -> Comparison:
     __tracebackhide__ = True
-    tolerance = guard.tolerance(backend, layer.dtype)
+    tolerance = calls.tolerance(backend, layer.dtype)
     lse_base = backend.capabilities.lse_base or "e"
     return compare(result.out, refs.high, refs.low, tolerance, metadata.qo_indptr, lse=result.lse,
                    lse_high=refs.lse_high, lse_low=refs.lse_low, lse_base=lse_base)
@@ -260,7 +260,7 @@ def _no_cache_metadata(case: BatchCase, step) -> AttentionMetadata:
 def _cache_for(case: BatchCase, device, backend: Optional[Backend], seed: Optional[int]) -> PagedKVCacheManager:
     layer = case.layer(0)
     nan = bool(backend is not None and backend.capabilities.never_reads_masked_slots)
-    return PagedKVCacheManager(num_layers=case.num_layers, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
+    return PagedKVCacheManager(num_layers=case.num_layers, num_kv_heads=case.layer_spec.num_kv_heads, head_dim=case.layer_spec.head_dim,
                                head_dim_v=layer.head_dim_v, page_size=case.page_size, num_pages=case.pages_needed(),
                                dtype=layer.cache_dtype, device=device, layout=case.kv_layout, nan_poison=nan,
                                scramble_seed=0 if seed is None else derive_seed(seed, case.name, "pages"))
@@ -285,7 +285,7 @@ def run_case(backend: Backend, case: BatchCase, *, device="cpu", seed: int = 0) 
         for layer_idx in range(case.num_layers):
             try:
                 results.append(_run_layer(backend, case, metadata, layer_idx, index, history, device, seed))
-            except guard.BackendError as exc:  # raised on this step: say which
+            except calls.BackendError as exc:  # raised on this step: say which
                 name_the_step(exc, case, metadata, index, layer_idx)
                 raise
         for rid in step.finished:
@@ -330,7 +330,7 @@ def solo_checks(backend: Backend, q, k, v, metadata: AttentionMetadata, layer: L
     __tracebackhide__ = True
     if metadata.has_cache:
         raise AttnInputError("solo checks run on batches without a cache")
-    tolerance = guard.tolerance(backend, layer.dtype)
+    tolerance = calls.tolerance(backend, layer.dtype)
     checks = []
     q_off, kv_off = metadata.qo_indptr, metadata.kv_rows_indptr
     for i in range(metadata.num_requests):

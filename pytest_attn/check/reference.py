@@ -27,7 +27,7 @@ from pytest_attn.core.contract import Tolerance
 from pytest_attn.core.errors import AttnInputError
 from pytest_attn.core.layer import LayerSpec
 from pytest_attn.core.metadata import _as_lengths
-from pytest_attn.core.poison import POISON, poisoned_like  # noqa: F401  (poisoned_like: re-exported for callers)
+from pytest_attn.core.poison import POISON
 
 if TYPE_CHECKING:
     import torch

@@ -80,13 +80,13 @@ def declared_lines(backend: Backend) -> list[str]:
 def report(registry) -> list[str]:
     """The environment, then every registered backend (a broken one with what broke, the others
     all the same), then the registry's problems (a name registered twice)."""
-    from pytest_attn.core import calls as guard
+    from pytest_attn.core import calls
     from pytest_attn.env.registry import broken_reason
 
     lines = environment_lines() + [""]
     for backend in registry.resolve(["all"]):
-        availability = guard.availability(backend)
-        lines += backend_lines(backend, availability, guard.origin_of(backend), broken_reason(backend, availability))
+        availability = calls.availability(backend)
+        lines += backend_lines(backend, availability, calls.origin_of(backend), broken_reason(backend, availability))
     for problem in registry.problems:
         lines.append(f"problem: {problem}")
     return lines

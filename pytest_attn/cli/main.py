@@ -10,6 +10,8 @@
   pytest-attn backends                              every registered backend: origin, availability, support
   pytest-attn differential CASE                     one case through every backend, compared with each other
   pytest-attn report RUN.json [B.json] -o OUT.html  a run's report from saved results, or two runs side by side
+  pytest-attn trace CASE --backends a,b             the kernels each backend launched, against its declaration
+  pytest-attn properties [--json PATH]              deterministic? batch-invariant? per backend and case family
 
 Exit status: 0 when all is well; 1 when a command ran and found a failure (a backend broke or
 disagrees, or one named on the command line did not run); 4 for a bad argument, said in one line on
@@ -22,6 +24,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
+
+from pytest_attn.core.errors import AttnInputError
 
 
 USAGE = 4  # a bad argument: the exit status pytest gives a bad option, with one line saying what to do
@@ -78,10 +82,12 @@ def _names(text: str) -> list[str]:
 
 def _device_name(text: str) -> str:
     """An argparse type: cpu, cuda or cuda:N (whether that device exists is asked of torch later)."""
-    kind, colon, index = text.strip().partition(":")
-    if kind not in ("cpu", "cuda") or (colon and (kind == "cpu" or not index.isdigit())):
-        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:N")
-    return text.strip()
+    from pytest_attn.env import devices
+
+    try:
+        return devices.parse(text, "--device")
+    except AttnInputError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:N") from exc
 
 
 def _plot_path(text: str) -> str:
@@ -185,6 +191,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from pytest_attn.report.render import add_report_parser
 
     add_report_parser(sub)
+    from pytest_attn.cli import properties, trace
+
+    trace.add_parser(sub)
+    properties.add_parser(sub)
     for command in extra_commands().values():
         command.add_parser(sub)
     return parser
@@ -223,6 +233,10 @@ def _run(args) -> int:
         return backends_command(args)
     if args.command == "differential":
         return differential_command(args)
+    if args.command in ("trace", "properties"):
+        from pytest_attn.cli import properties, trace
+
+        return {"trace": trace, "properties": properties}[args.command].command(args)
     if args.command == "report":
         from pytest_attn.report.render import report_command
 
@@ -238,20 +252,13 @@ def _failed(command: str, problems: Sequence[str]) -> int:
 
 
 def _device(option: Optional[str]) -> str:
-    """The device to run on: the option (cpu, cuda, cuda:N: checked by _device_name) if torch has
-    it, else a UsageError; by default cuda where available."""
-    import torch
+    """The device to run on (``--device``), or a UsageError naming the fix."""
+    from pytest_attn.env import devices
 
-    wanted = option or ("cuda" if torch.cuda.is_available() else "cpu")
-    if wanted == "cpu":
-        return wanted
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {wanted} but torch {torch.__version__} sees no CUDA device; use --device cpu")
-    count = torch.cuda.device_count()
-    _, _, index = wanted.partition(":")
-    if index and int(index) >= count:
-        raise UsageError(f"--device {wanted} but torch sees {count} GPU(s); use cuda:0 to cuda:{count - 1}")
-    return wanted if index else f"cuda:{torch.cuda.current_device()}"
+    try:
+        return devices.resolve(option, "--device")
+    except AttnInputError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _resolve(names: Sequence[str], registry) -> list:
@@ -590,9 +597,10 @@ def cases_command(args) -> int:
     except AttnInputError as exc:
         raise UsageError(str(exc)) from None
     for case in chosen:
-        heads = f"{case.num_heads}/{case.num_kv_heads}x{case.head_dim}"
+        spec = case.layer_spec
+        heads = f"{spec.num_heads}/{spec.num_kv_heads}x{spec.head_dim}"
         cache = f"paged {case.kv_layout} page {case.page_size}, {case.decode_steps} decode steps" if case.cache else "no cache"
-        print(f"{case.name:<22} {heads:<10} {case.dtype:<9} {case.mask:<6} seq_lens={list(case.seq_lens)} {cache}"
+        print(f"{case.name:<22} {heads:<10} {spec.dtype:<9} {spec.mask:<6} seq_lens={list(case.seq_lens)} {cache}"
               f"  [{', '.join(case.tags)}]{'  ' + case.description if case.description else ''}")
     return 0
 

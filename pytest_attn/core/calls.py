@@ -98,7 +98,7 @@ def plan(backend: Backend, metadata, layer, device: str) -> Plan:
     if result.layer is None:
         raise BackendError(f"{who(backend)}: plan() returned a Plan without its layer; pass layer=layer to Plan(...): "
                            "forward() reads the layer (scale, mask, layer_idx) from plan.layer")
-    return result
+    return result.for_batch(metadata)
 
 
 def tolerance(backend: Backend, dtype: str) -> Tolerance:

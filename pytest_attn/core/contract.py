@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from pytest_attn.core.errors import AttnInputError
-# LayerSpec and the dtype helpers live in .layer (below the metadata and the cache); they are
-# re-exported here, where backends have always imported them from.
-from pytest_attn.core.layer import DTYPES, KV_LAYOUTS, LSE_BASES, MASKS, LayerSpec, dtype_name, torch_dtype  # noqa: F401
+from pytest_attn.core.layer import DTYPES, KV_LAYOUTS, MASKS, LayerSpec
 
 if TYPE_CHECKING:  # torch is imported lazily: loading the plugin must not import it
     import torch
@@ -27,7 +25,9 @@ class Plan:
     """What a backend will run, decided without running anything. Tests assert on these fields.
 
     ``parts`` holds one sub-plan per kernel for batches that need several (context requests
-    through a prefill wrapper, generation requests through a decode wrapper).
+    through a prefill wrapper, generation requests through a decode wrapper); ``launches`` is the
+    plan's kernel launches either way, each with the ``requests`` and query ``tokens`` it covers.
+    ``made_for`` is the batch the plan was made for (``calls.plan`` records it for every plan).
     ``handle`` is the backend's private state (a planned wrapper, say); it takes no part in
     comparisons or repr.
     """
@@ -42,7 +42,23 @@ class Plan:
     layer: Optional[LayerSpec] = None  # what forward() needs of the layer: scale, mask, layer_idx
     parts: tuple["Plan", ...] = ()
     details: tuple[tuple[str, Any], ...] = ()
+    requests: Optional[tuple[int, int]] = None  # [start, stop) of the batch's requests; None: all of them
+    tokens: Optional[tuple[int, int]] = None  # [start, stop) of q's rows; None: all of them
+    made_for: Optional["BatchShape"] = None
     handle: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def launches(self) -> tuple["Plan", ...]:
+        """The kernel launches of this plan: its parts, or the plan itself when it is one launch."""
+        return self.parts or (self,)
+
+    def request_range(self, metadata: "AttentionMetadata") -> tuple[int, int]:
+        """[start, stop) of the requests this launch covers in ``metadata``."""
+        return self.requests if self.requests is not None else (0, metadata.num_requests)
+
+    def token_range(self, metadata: "AttentionMetadata") -> tuple[int, int]:
+        """[start, stop) of the query rows this launch covers in ``metadata``."""
+        return self.tokens if self.tokens is not None else (0, metadata.num_tokens)
 
     @property
     def kernels(self) -> tuple[str, ...]:
@@ -67,6 +83,11 @@ class Plan:
             "layout": self.layout, "index_units": self.index_units, "reads_cache": self.reads_cache,
             "device": self.device, "details": {k: _jsonable(v) for k, v in self.details},
         }
+        for name in ("requests", "tokens"):
+            if getattr(self, name) is not None:
+                out[name] = list(getattr(self, name))
+        if self.made_for is not None:
+            out["made_for"] = dataclasses.asdict(self.made_for)
         if self.layer is not None:
             out["layer"] = dataclasses.asdict(self.layer)
         if self.parts:
@@ -90,19 +111,39 @@ class Plan:
         if cuda_only and q.device.type != "cuda":
             raise AttnInputError(f"{cuda_only} on CUDA tensors; q is on {q.device}: move q, k, v to a GPU")
         self.check_batch(metadata)
+        manager = metadata.kv_cache_manager
+        if manager is not None:  # this step's K/V go into the cache once, before any kernel reads it
+            manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
         if out is None:
             out = q.new_empty((q.shape[0], layer.num_heads, layer.head_dim_v))
         return layer, out
 
     def check_batch(self, metadata: "AttentionMetadata") -> None:
-        """Raise unless this plan was made for this batch. Only plans that record num_requests,
-        num_contexts and num_tokens in their details (as the GPU backends' do) can be checked."""
-        made_for = (self.detail("num_requests"), self.detail("num_contexts"), self.detail("num_tokens"))
-        if made_for == (None, None, None):
-            return
-        if made_for != (metadata.num_requests, metadata.num_contexts, metadata.num_tokens):
-            raise AttnInputError(f"the plan was made for another batch (requests, contexts, tokens = {made_for}, "
-                                 f"this batch: {metadata.describe()}): plan this batch first")
+        """Raise unless this plan was made for this batch (every plan made through the suite's calls
+        records it in ``made_for``)."""
+        if self.made_for is not None and self.made_for != BatchShape.of(metadata):
+            raise AttnInputError(f"the plan was made for another batch ({self.made_for.describe()}; this batch: "
+                                 f"{metadata.describe()}): plan this batch first")
+
+    def for_batch(self, metadata: "AttentionMetadata") -> "Plan":
+        """This plan with ``made_for`` recorded (kept when the backend recorded it)."""
+        return self if self.made_for is not None else dataclasses.replace(self, made_for=BatchShape.of(metadata))
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What a plan depends on of its batch: how many requests, of them contexts, and query tokens."""
+
+    num_requests: int
+    num_contexts: int
+    num_tokens: int
+
+    @classmethod
+    def of(cls, metadata: "AttentionMetadata") -> "BatchShape":
+        return cls(metadata.num_requests, metadata.num_contexts, metadata.num_tokens)
+
+    def describe(self) -> str:
+        return f"{self.num_requests} requests ({self.num_contexts} ctx), {self.num_tokens} tokens"
 
 
 def _jsonable(value):
@@ -139,6 +180,14 @@ class Capabilities:
     #: Its kernels never load cache slots past a request's length: the cache's unused slots are then
     #: poisoned with NaN (which also catches a load multiplied by a zero weight), not a finite value.
     never_reads_masked_slots: bool = False
+    #: The same inputs give the same bits, output and LSE, every run (no run-dependent reduction
+    #: order: atomics, a split chosen by timing). None: not declared; measured and reported, not
+    #: required (``pytest-attn properties``). True: a run that differs fails.
+    deterministic: Optional[bool] = None
+    #: A request's rows are the same bits whatever else is in its batch (its position, the batch's
+    #: size, long requests or decodes beside it), each batch planned anew: no split-KV or tile choice
+    #: that depends on the batch. None: measured and reported, not required. True: a difference fails.
+    batch_invariant: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +246,9 @@ class Backend(abc.ABC):
     name: str = ""
     description: str = ""
     capabilities: Capabilities = Capabilities()
+    #: Dotted names of test modules that test this backend alone (its own suite, kept beside it):
+    #: a run that selects this backend collects them; a run that does not leaves them out.
+    suite_modules: tuple[str, ...] = ()
     #: K/V layouts of the paged cache this backend reads; the cache fixture builds one per layout.
     requires_contiguous: bool = True
 
@@ -274,8 +326,9 @@ class Backend(abc.ABC):
         q: [num_tokens, num_heads, head_dim]; k, v: [num_kv_tokens, num_kv_heads, head_dim (v:
         head_dim_v)], the new tokens (without a cache, every key: for cross-attention
         ``metadata.kv_seq_lens`` per request). With a kv_cache_manager, k and v are first written
-        into the cache (``manager.write(layer.layer_idx, metadata, k, v, k_scale=..., v_scale=...)``
-        at the slots the metadata allocated) and attention reads the cache. out: [num_tokens,
+        into the cache at the slots the metadata allocated (``start_forward`` does it:
+        ``manager.write(layer.layer_idx, metadata, k, v, k_scale=..., v_scale=...)``) and attention
+        reads the cache. out: [num_tokens,
         num_heads, head_dim_v]. When the layer has ``return_lse``, forward is also given
         ``lse=`` a float32 [num_tokens, num_heads] buffer to fill, in the base
         ``capabilities.lse_base`` says. The layer is ``plan.layer``."""
@@ -303,6 +356,16 @@ class Backend(abc.ABC):
         name) differs from the plan, one sentence each; [] when they agree. None (the default):
         nothing to read back. The suite checks it beside the output, so a feature passed at run time
         but not at plan time fails (sglang #33915, PR #31501)."""
+        return None
+
+    def expected_kernels(self, plan: Plan) -> Optional[list]:
+        """The kernel families a forward of ``plan`` launches, as
+        :class:`pytest_attn.check.traces.KernelFamily` objects (or regular-expression strings, each a
+        family of its own that need not launch), matched against the names a profiler records: CUDA
+        kernels on a GPU, operator names (``aten::...``) on CPU. A launch outside them (and outside
+        the data movement every backend does: copies, fills, indexing) fails the plan's trace test,
+        naming the kernel; a required family that launched nothing fails it too. None (the
+        default): no declaration, so traces are recorded and reported only."""
         return None
 
     def graph_decoder(self, manager, layer: LayerSpec, max_batch: int, device) -> Optional[Any]:

@@ -114,6 +114,11 @@ class PagedKVCacheManager:
         return tuple(self._pages[request_id])
 
     def capacity_tokens(self) -> int:
+        """Deprecated (removed in the release after next): nothing reads it; it is
+        ``num_pages * page_size``."""
+        from pytest_attn.core.errors import warn_deprecated
+
+        warn_deprecated("PagedKVCacheManager.capacity_tokens()", "num_pages * page_size")
         return self.num_pages * self.page_size
 
     def _known(self, request_id: int) -> None:

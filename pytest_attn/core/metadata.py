@@ -85,43 +85,53 @@ class AttentionMetadata:
         if isinstance(self.num_contexts, bool) or not isinstance(self.num_contexts, int) or not 0 <= self.num_contexts <= n:
             raise AttnInputError(f"num_contexts={self.num_contexts!r} must be an int between 0 and the {n} requests")
         if self.kv_cache_manager is None:
-            if self.num_contexts != n:
-                raise AttnInputError(
-                    f"{n - self.num_contexts} generation request(s) but no kv_cache_manager: without a cache "
-                    "every request is a context request (set num_contexts=len(seq_lens) or pass a manager)")
-            if any(self.cached_lens) or self.block_tables:
-                raise AttnInputError("cached_lens and block_tables need a kv_cache_manager")
-            object.__setattr__(self, "cached_lens", (0,) * n)
-            kv = _as_lengths(self.kv_seq_lens, "kv_seq_lens") if self.kv_seq_lens else seq_lens
-            if len(kv) != n:
-                raise AttnInputError(f"{len(kv)} kv_seq_lens for {n} requests: give one per entry of seq_lens")
-            for i, (q_len, kv_len) in enumerate(zip(seq_lens, kv)):
-                if q_len and not kv_len:
-                    raise AttnInputError(f"request {ids[i]} has {q_len} queries but no keys (kv_seq_lens[{i}] = 0): "
-                                         "a query with nothing to attend over has no defined output")
-            object.__setattr__(self, "kv_seq_lens", kv)
+            self._check_without_cache(seq_lens, ids)
         else:
-            if self.kv_seq_lens:
-                raise AttnInputError("kv_seq_lens is for batches without a cache; with a kv_cache_manager the keys "
-                                     "are the cached tokens plus the new ones")
-            cached = _as_lengths(self.cached_lens or (0,) * n, "cached_lens")
-            if len(cached) != n or len(self.block_tables) != n:
-                raise AttnInputError("cached_lens and block_tables need one entry per request")
-            object.__setattr__(self, "cached_lens", cached)
-            manager = self.kv_cache_manager
-            for i, table in enumerate(self.block_tables):
-                need = pages_for(cached[i] + seq_lens[i], manager.page_size)
-                if len(table) < need:
-                    raise AttnInputError(f"request {ids[i]} holds {cached[i] + seq_lens[i]} tokens but its block table "
-                                         f"has {len(table)} pages of {manager.page_size}: {need} needed")
-                bad = [p for p in table if not isinstance(p, int) or not 0 <= p < manager.num_pages]
-                if bad:
-                    raise AttnInputError(f"request {ids[i]}'s block table names pages {bad} outside the cache's "
-                                         f"{manager.num_pages}")
-            for i in range(self.num_contexts, n):
-                if cached[i] == 0:
-                    raise AttnInputError(
-                        f"generation request {ids[i]} has nothing in the cache: run its context step first")
+            self._check_with_cache(seq_lens, ids)
+
+    def _check_without_cache(self, seq_lens: tuple[int, ...], ids: tuple[int, ...]) -> None:
+        """Every request a context request, each attending over its own tokens or its kv_seq_lens."""
+        n = len(seq_lens)
+        if self.num_contexts != n:
+            raise AttnInputError(
+                f"{n - self.num_contexts} generation request(s) but no kv_cache_manager: without a cache "
+                "every request is a context request (set num_contexts=len(seq_lens) or pass a manager)")
+        if any(self.cached_lens) or self.block_tables:
+            raise AttnInputError("cached_lens and block_tables need a kv_cache_manager")
+        object.__setattr__(self, "cached_lens", (0,) * n)
+        kv = _as_lengths(self.kv_seq_lens, "kv_seq_lens") if self.kv_seq_lens else seq_lens
+        if len(kv) != n:
+            raise AttnInputError(f"{len(kv)} kv_seq_lens for {n} requests: give one per entry of seq_lens")
+        for i, (q_len, kv_len) in enumerate(zip(seq_lens, kv)):
+            if q_len and not kv_len:
+                raise AttnInputError(f"request {ids[i]} has {q_len} queries but no keys (kv_seq_lens[{i}] = 0): "
+                                     "a query with nothing to attend over has no defined output")
+        object.__setattr__(self, "kv_seq_lens", kv)
+
+    def _check_with_cache(self, seq_lens: tuple[int, ...], ids: tuple[int, ...]) -> None:
+        """Cached lengths and block tables that hold every request's tokens, in pages the cache has."""
+        n = len(seq_lens)
+        if self.kv_seq_lens:
+            raise AttnInputError("kv_seq_lens is for batches without a cache; with a kv_cache_manager the keys "
+                                 "are the cached tokens plus the new ones")
+        cached = _as_lengths(self.cached_lens or (0,) * n, "cached_lens")
+        if len(cached) != n or len(self.block_tables) != n:
+            raise AttnInputError("cached_lens and block_tables need one entry per request")
+        object.__setattr__(self, "cached_lens", cached)
+        manager = self.kv_cache_manager
+        for i, table in enumerate(self.block_tables):
+            need = pages_for(cached[i] + seq_lens[i], manager.page_size)
+            if len(table) < need:
+                raise AttnInputError(f"request {ids[i]} holds {cached[i] + seq_lens[i]} tokens but its block table "
+                                     f"has {len(table)} pages of {manager.page_size}: {need} needed")
+            bad = [p for p in table if not isinstance(p, int) or not 0 <= p < manager.num_pages]
+            if bad:
+                raise AttnInputError(f"request {ids[i]}'s block table names pages {bad} outside the cache's "
+                                     f"{manager.num_pages}")
+        for i in range(self.num_contexts, n):
+            if cached[i] == 0:
+                raise AttnInputError(
+                    f"generation request {ids[i]} has nothing in the cache: run its context step first")
 
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
@@ -188,7 +198,11 @@ class AttentionMetadata:
         """Most new tokens of any generation request: 1 for plain decode, more for speculative."""
         return max(self.seq_lens[self.num_contexts:], default=0)
 
-    seq_lens_kv = kv_lens  # TensorRT-LLM's name
+    @property
+    def seq_lens_kv(self) -> tuple[int, ...]:
+        """Deprecated (removed in the release after next): a second name of :attr:`kv_lens`."""
+        warn_deprecated("AttentionMetadata.seq_lens_kv", "kv_lens")
+        return self.kv_lens
 
     @property
     def qo_indptr(self) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pytest_attn.core import calls as guard
+from pytest_attn.core import calls
 from pytest_attn.core.contract import Availability, Backend, Capabilities, Plan
 from pytest_attn.core.errors import UnknownBackendError
 
@@ -62,16 +62,16 @@ class UnusableBackend(Backend):
         return Availability(False, self.reason)
 
     def plan(self, metadata, layer, device="cpu") -> Plan:
-        raise guard.BackendError(self.reason)
+        raise calls.BackendError(self.reason)
 
     def forward(self, q, k, v, metadata, plan, out=None):
-        raise guard.BackendError(self.reason)
+        raise calls.BackendError(self.reason)
 
 
 def broken_reason(backend: Backend, availability: Availability) -> str:
     """Why a backend cannot be used at all (its package failed to import, it names no Backend, or
     its available() raised or returned the wrong kind); "" for a usable one, available or not."""
-    if isinstance(availability, guard.BrokenAvailability) or isinstance(backend, UnusableBackend):
+    if isinstance(availability, calls.BrokenAvailability) or isinstance(backend, UnusableBackend):
         return availability.reason
     return ""
 
@@ -165,7 +165,7 @@ def _discover_one(label: str, origin: Origin, load) -> list[Backend]:
             usable.append(UnusableBackend(label if len(found) == 1 else f"{label}#{i + 1}",
                                           f"{origin} {problem}; {origin.fix()}"))
         else:
-            guard.set_origin(obj, str(origin))
+            calls.set_origin(obj, str(origin))
             usable.append(obj)
     return usable
 
@@ -176,7 +176,7 @@ def builtin_backends() -> list[Backend]:
         return []
     found = []
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
+        if info.name.startswith("_") or info.ispkg:  # one module per backend; packages hold their suites
             continue
         origin = Origin("built in", f"backends/{info.name}.py")
         module_name = f"{BUILTIN_PACKAGE}.{info.name}"
@@ -203,8 +203,8 @@ class Registry:
         self.problems: list[str] = []
         for b in backends:
             if b.name in self._by_name:
-                self.problems.append(f"two backends are named {b.name!r}: {guard.origin_of(self._by_name[b.name])} "
-                                     f"and {guard.origin_of(b)}; the second is ignored: rename one")
+                self.problems.append(f"two backends are named {b.name!r}: {calls.origin_of(self._by_name[b.name])} "
+                                     f"and {calls.origin_of(b)}; the second is ignored: rename one")
                 continue
             self._by_name[b.name] = b
 

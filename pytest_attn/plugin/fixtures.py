@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_attn.check.batch import AttnBatch, build_batch  # noqa: F401  (AttnBatch: re-exported)
+from pytest_attn.check.batch import AttnBatch, build_batch
 from pytest_attn.cases.catalog import select
 from pytest_attn.core.contract import Backend
 from pytest_attn.plugin.collected import case_of
@@ -32,7 +32,7 @@ def parametrize(metafunc, session) -> None:
             return
         if session.dtypes:
             params = [c.with_dtype(d) for c in cases for d in session.dtypes]
-            ids = [f"{c.name}-{c.dtype}" for c in params]
+            ids = [f"{c.name}-{c.layer_spec.dtype}" for c in params]
         else:
             params, ids = cases, [c.name for c in cases]
         metafunc.parametrize("attn_case", params, ids=ids, indirect=True)

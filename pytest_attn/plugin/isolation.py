@@ -28,7 +28,7 @@ from typing import Optional
 
 import pytest
 
-from pytest_attn.plugin.collected import RERUN_PROPERTY
+from pytest_attn.plugin.collected import RERUN_PROPERTY, backend_name_of
 
 CHILD_ENV = "PYTEST_ATTN_ISOLATED_CHILD"  # in the child: the file its reports go to (one JSON per line)
 TARGET_ENV = "PYTEST_ATTN_ISOLATED_TEST"  # in the child: the one test it runs (see _test_key)
@@ -64,12 +64,6 @@ def isolated_backends(config) -> Optional[frozenset]:
 def check_options(config) -> None:
     """Validate --attn-isolate at configure time (a usage error there, not mid-run)."""
     isolated_backends(config)
-
-
-def backend_name_of(item) -> Optional[str]:
-    from pytest_attn.plugin.collected import backend_name_of as name_of
-
-    return name_of(item)
 
 
 def wants_isolation(item) -> bool:
@@ -157,21 +151,10 @@ def child_command(item, seed: Optional[int] = None) -> list[str]:
         cmd.append(f"--rootdir={config.rootpath}")
     if config.inipath is not None and not any(a in ("-c", "--config-file") or a.startswith("--config-file=") for a in cmd):
         cmd += ["-c", str(config.inipath)]
-    opt = config.getoption
-    for dest, flag in (("attn_backend", "--attn-backend"), ("attn_dtype", "--attn-dtype"),
-                       ("attn_cases", "--attn-cases")):
-        for value in opt(dest, None) or []:
-            cmd.append(f"{flag}={value}")
-    for dest, flag in (("attn_device", "--attn-device"), ("attn_max_tokens", "--attn-max-tokens")):
-        if opt(dest, None) is not None:
-            cmd.append(f"{flag}={opt(dest)}")
-    if opt("attn_strict", False):
-        cmd.append("--attn-strict")
-    if seed is None:
-        seed = opt("attn_seed", None)
-    if seed is not None:
-        cmd.append(f"--attn-seed={seed}")
-    return cmd
+    from pytest_attn.plugin.rerun import attn_options
+
+    # the same options a rerun of this test gets: its own backend and case, the run's settings
+    return cmd + attn_options(item, seed if seed is not None else config.getoption("attn_seed", None))
 
 
 def _forwarded_invocation_args(args: list[str]) -> list[str]:

@@ -92,6 +92,9 @@ def add_options(parser) -> None:
                     help="at the end of the run, write its report: the support matrix (backends by the catalog's "
                          "dimensions), skip reasons, failures with rerun commands, the environment and benchmarks; "
                          "the suffix picks the format: .html (self-contained), .md or .json (repeatable).")
+    group.addoption("--attn-trace", parse=_choice("on", "off"), default="on",
+                    help="record each plan's kernels with torch.profiler and check them against the kernel families "
+                         "the backend declares (Backend.expected_kernels): 'on' (default) or 'off'.")
     group.addoption("--attn-gc-freeze", parse=_choice("on", "off"), default="on",
                     help="keep the garbage collector off the objects alive after collection and after "
                          "the last test (gc.freeze; default on).")

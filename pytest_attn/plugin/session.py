@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
-from pytest_attn.core import calls as guard
+from pytest_attn.core import calls
 from pytest_attn.core.contract import Availability, Backend
 from pytest_attn.core.errors import AttnInputError
 from pytest_attn.core.layer import dtype_name
@@ -42,6 +42,7 @@ class AttnSession:
     case_filter: list[str]
     max_tokens_option: Optional[int]
     allow_unavailable: bool = False
+    config: Any = field(default=None, repr=False, compare=False)  # the pytest config (its hooks)
     _availability: dict = field(default_factory=dict)
 
     @classmethod
@@ -54,12 +55,13 @@ class AttnSession:
         cases = split_list(config, "attn_cases")
         select(cases)  # an unknown case name or tag is a usage error now, not at collection
         return cls(Registry.discover(), split_list(config, "attn_backend"), opt("attn_device"), dtypes, seed(config),
-                   bool(opt("attn_strict")), cases, opt("attn_max_tokens"), allow_unavailable(config))
+                   bool(opt("attn_strict")), cases, opt("attn_max_tokens"), allow_unavailable(config),
+                   config=config)
 
     # -- backends -------------------------------------------------------------------------------
     def availability(self, backend: Backend) -> Availability:
         if backend.name not in self._availability:
-            self._availability[backend.name] = guard.availability(backend)
+            self._availability[backend.name] = calls.availability(backend)
         return self._availability[backend.name]
 
     def require_available(self, backend: Backend) -> Backend:
@@ -104,29 +106,15 @@ class AttnSession:
     # -- device ---------------------------------------------------------------------------------
     @functools.cached_property
     def device(self) -> str:
-        from pytest_attn.env import torch_build
+        from pytest_attn.env import devices
 
-        wanted = self.device_option or ("cuda" if torch_build.cuda_available() else "cpu")
-        kind, _, index = wanted.partition(":")
-        if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
-            raise AttnInputError(f"--attn-device={wanted}: use cpu, cuda or cuda:N")
-        if kind == "cuda" and not torch_build.cuda_available():
-            raise AttnInputError(f"--attn-device={wanted} but torch {torch_build.version()} sees no CUDA device; "
-                                 "use --attn-device=cpu, or install a CUDA build of torch on a GPU machine")
-        if kind == "cuda":
-            import torch
-
-            count = torch.cuda.device_count()
-            if index and int(index) >= count:
-                raise AttnInputError(f"--attn-device={wanted} but torch sees {count} GPU(s): use cuda:0 to "
-                                     f"cuda:{count - 1}")
-            if not index:
-                wanted = f"cuda:{torch.cuda.current_device()}"
-        return wanted
+        return devices.resolve(self.device_option)
 
     @property
     def device_type(self) -> str:
-        return self.device.split(":")[0]
+        from pytest_attn.env import devices
+
+        return devices.kind(self.device)
 
     @property
     def max_tokens(self) -> Optional[int]:

@@ -7,6 +7,8 @@ import pytest
 from pytest_attn.cases.catalog import CATALOG
 from pytest_attn.check.differential import differential
 
+pytestmark = pytest.mark.attn_differential
+
 #: One case per family of kernels: the ViT seed, a mixed paged step, a window, sinks, an FP8 cache,
 #: the LSE and a 192/128 head-dim pair (where cutlass and fa2 disagreed, flashinfer #1663).
 DIFFERENTIAL_CASES = ("vit-ragged-mix", "llm-mixed-nhd", "swa-causal-ragged", "sinks-decode", "fp8-kv-scales",

@@ -7,6 +7,8 @@ test uses the fa3 bfloat16/128 family and the bfloat16/128 decode kernels the su
 """
 import pytest
 
+from pytest_attn.core.calls import readback
+
 pytestmark = pytest.mark.attn_gpu
 
 SEED_LENS = [256, 1024, 576]  # three images of the RADIO ViT encoder: 16 heads x head_dim 80, bf16
@@ -40,18 +42,17 @@ def test_vit_seed_plan_wrapper_and_output(flashinfer_backend, make_attn_batch):
     # what the plan says
     assert (plan.kernel, plan.kernel_backend, plan.layout, plan.reads_cache) == (fi.RAGGED, "cudnn", "NHD", False)
     assert plan.index_units == fi.cudnn_index_units(flashinfer_backend.version()) == "tokens"
-    # what the real wrapper resolved to and how it reads K/V
-    (wrapper,) = plan.handle
-    assert type(wrapper).__name__ == fi.RAGGED
-    assert wrapper._backend == "cudnn" and plan.detail("resolved_backend") == "cudnn"
-    assert wrapper._kv_layout == "NHD"
     # and what it computes
     batch.assert_matches_reference(flashinfer_backend, plan)
+    # what the live wrapper resolved to and how it reads K/V, read back through the contract
+    assert plan.detail("resolved_backend") == "cudnn"
+    assert readback(flashinfer_backend, plan) == []
 
 
 def test_ragged_kv_reinterpreted_as_hnd_fails_the_output_check(flashinfer_backend, make_attn_batch):
-    """The #13190 bug itself: NHD memory read as HND. cuDNN cannot tell, so only the output check
-    catches it: AssertionError from the comparison with the reference."""
+    """TRT-LLM PR #13190's bug itself (bug corpus #1, docs/bug-corpus.md): NHD memory read as HND.
+    cuDNN cannot tell, so only the output check catches it: AssertionError from the comparison with
+    the reference."""
 
     def ragged_run_reading_hnd(self, wrapper, q, k, v, out, layer):
         def as_hnd(t):  # the same memory indexed as [heads, tokens, dim], made contiguous again
@@ -109,12 +110,11 @@ def test_mixed_batch_on_the_paged_cache(attn_session, make_attn_batch, layout):
     batch = make_attn_batch([33, 5, 1, 1], cached_lens=[0, 0, 40, 7], num_heads=16, num_kv_heads=4, head_dim=128,
                             mask="causal", kv_layout=layout)
     plan = backend.plan(batch.metadata, batch.layer, device=batch.device)
-    assert [type(w).__name__ for w in plan.handle] == list(plan.kernels)
     assert all(p.layout == layout and p.reads_cache for p in plan.parts)
-    for part, wrapper in zip(plan.parts, plan.handle):
-        assert wrapper._kv_layout == layout
+    for part in plan.parts:
         assert part.detail("resolved_backend") == part.kernel_backend
     batch.assert_matches_reference(backend, plan)
+    assert readback(backend, plan) == []  # each live wrapper's layout, backend and features as planned
 
 
 def test_auto_resolves_as_predicted(attn_session, make_attn_batch):
