@@ -60,7 +60,7 @@ def test_autosave_then_compare_reads_it_back(pytester, bench_count):
     assert len(files) == 1 and len(json.loads(files[0].read_text())["benchmarks"]) == bench_count
     compared = pytester.runpytest(*FAST, "-m", "attn_bench", "--benchmark-compare")
     assert outcomes(compared)[("bench", "passed")] == bench_count
-    rows = [line for line in compared.stdout.lines if line.startswith("test_seed_microbenchmark[seq128--torch] (")]
+    rows = [line for line in compared.stdout.lines if line.startswith("test_vit_table[seq128--torch] (")]
     assert sorted(row.split("(")[1].split(")")[0] for row in rows) == ["0001_unversi", "NOW"], rows
 
 

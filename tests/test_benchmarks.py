@@ -8,8 +8,10 @@ import time
 
 import pytest
 
-from pytest_attn.bench.measure import (BenchSettings, ReplayClock, attended_pairs, attention_flops, bench_max_tokens,
-                               compare_machine_info, machine_key)
+from pytest_attn.bench.machine import machine_key
+from pytest_attn.bench.measure import BenchSettings, bench_max_tokens
+from pytest_attn.bench.roofline import attended_pairs, attention_flops
+from pytest_attn.plugin.benchmark import ReplayClock, compare_machine_info, settings_from_config
 from pytest_attn.core.contract import LayerSpec
 from pytest_attn.core.metadata import AttentionMetadata
 from pytest_attn.bench.timing import GRAPH_MODES, measure_call
@@ -138,7 +140,7 @@ def test_bench_max_tokens_is_small_on_cpu_unless_asked():
 def test_settings_come_from_the_options(pytester):
     config = pytester.parseconfigure("--attn-bench-iters=7", "--attn-bench-warmup=0", "--attn-bench-graph=off",
                                   "--attn-bench-cold-l2")
-    assert BenchSettings.from_config(config) == BenchSettings(0, 7, "off", True)
+    assert settings_from_config(config) == BenchSettings(0, 7, "off", True)
     bad = pytester.runpytest("--attn-bench-iters=0")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--attn-bench-iters must be >= 1*"])
@@ -173,6 +175,11 @@ def test_rows_hold_device_time_and_extra_info(pytester, monkeypatch):
     assert info["us_per_token"] == pytest.approx(stats["median"] * 1e6 / 12)
     assert info["tflops"] == pytest.approx(info["flops"] / stats["median"] / 1e12)
     assert info["matmul_peak_tflops"] > 0 and info["pct_of_matmul_peak"] > 0
+    assert info["bytes"] > 0 and info["gbps"] == pytest.approx(info["bytes"] / stats["median"] / 1e9)
+    assert info["copy_peak_gbps"] > 0 and info["pct_of_copy_peak"] > 0
+    device, eager = info["samples_s"]["device"], info["samples_s"]["eager"]  # every sample, for the gate
+    assert len(device) == len(eager) == 5 and sorted(device)[2] == pytest.approx(stats["median"])
+    assert info["device_spread"] is not None and info["eager_spread"] is not None
     for key in ("plan_ms", "plan_first_ms", "host_overhead_ms", "timer", "warmup", "iters"):
         assert key in info
     assert info["warmup"] == 1 and info["iters"] == 5
@@ -233,7 +240,7 @@ def test_gate_refuses_a_baseline_from_another_gpu(pytester, monkeypatch):
     pytester.makeconftest(CHEAP_MACHINE_INFO + '''
 
 def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
-    from pytest_attn.bench.measure import compare_machine_info
+    from pytest_attn.plugin.benchmark import compare_machine_info
 
     compare_machine_info(config, benchmarksession, machine_info, compared_benchmark)
 ''')
@@ -265,7 +272,7 @@ NOT_ASKING = ([], ["--benchmark-skip"], ["--benchmark-skip", "--benchmark-json=x
                                     ["--benchmark-save=base"], ["--benchmark-skip", "--benchmark-only"],
                                     ["-m", "attn_bench", "--benchmark-skip"]])
 def test_which_options_ask_for_benchmarks(pytester, asking):
-    from pytest_attn.bench.measure import benchmarks_asked
+    from pytest_attn.plugin.benchmark import benchmarks_asked
 
     assert benchmarks_asked(pytester.parseconfigure(*asking)) == (asking not in NOT_ASKING)
 

@@ -1,6 +1,6 @@
 """Reading saved pytest-benchmark runs (``--benchmark-autosave`` / ``--benchmark-json`` files):
 where one backend overtakes another along a sequence-length sweep, per run (commit), in both
-regimes a model pays (device time under CUDA-graph replay, and eager wall time per call, host
+regimes a model pays ("device": device time under CUDA-graph replay, and "eager": wall time per call, host
 overhead included: each row's extra_info carries both), and a plot of µs per token against seq_len
 with one panel per regime.
 
@@ -20,21 +20,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pytest_attn.bench.measure import machine_key
+from pytest_attn.bench.machine import machine_key
 
 
 class CompareError(Exception):
     """Nothing usable to compare, or runs from different devices where one device was required."""
 
 
-REGIMES = ("graph", "eager")
-REGIME_TITLES = {"graph": "device time, CUDA-graph replay", "eager": "eager wall time per call (host overhead included)"}
+REGIMES = ("device", "eager")  # the same two words as --attn-bench-metric and extra_info["metric"]
+REGIME_TITLES = {"device": "device time, CUDA-graph replay",
+                 "eager": "eager wall time per call (host overhead included)"}
+OLD_REGIME_NAMES = {"graph": "device"}  # what "device" was called before 0.2 (one release)
+
+
+def regime_name(regime: str) -> str:
+    return OLD_REGIME_NAMES.get(regime, regime)
 
 
 @dataclass(frozen=True)
 class Row:
     backend: str
-    series: str  # what is swept, with the layer's shape: "seed h16/16xd80 bfloat16 full"
+    series: str  # what is swept, with the layer's shape: "vit-table h16/16xd80 bfloat16 full"
     seq_len: Optional[int]  # the sweep's x; None for rows that are not one sequence
     tokens: int
     median_s: float  # of what pytest-benchmark recorded (the row's metric)
@@ -49,12 +55,12 @@ class Row:
         return self.median_s * 1e6 / max(1, self.tokens)
 
     def regime_s(self, regime: str) -> Optional[float]:
-        """Median seconds per call in ``regime``: "graph" (device time) or "eager"."""
-        return self.device_s if regime == "graph" else self.eager_s
+        """Median seconds per call in ``regime``: "device" or "eager"."""
+        return self.device_s if regime_name(regime) == "device" else self.eager_s
 
     def regime_spread(self, regime: str) -> Optional[float]:
         """The interquartile range / median in ``regime``, where this row's samples are of it."""
-        return self.spread if (regime == "graph") == (self.metric == "device") else None
+        return self.spread if regime_name(regime) == self.metric else None
 
 
 @dataclass
@@ -153,7 +159,7 @@ def by_machine(runs: list[Run]) -> dict[str, list[Run]]:
     return dict(groups)
 
 
-def sweeps(run: Run, regime: str = "graph") -> dict[str, dict[str, dict[int, float]]]:
+def sweeps(run: Run, regime: str = "device") -> dict[str, dict[str, dict[int, float]]]:
     """series -> backend -> seq_len -> µs per token in ``regime`` (rows along a one-sequence sweep
     only, and only rows that measured that regime)."""
     out: dict = defaultdict(lambda: defaultdict(dict))
@@ -164,7 +170,7 @@ def sweeps(run: Run, regime: str = "graph") -> dict[str, dict[str, dict[int, flo
     return out
 
 
-def spreads(run: Run, regime: str = "graph") -> dict[str, dict[str, dict[int, float]]]:
+def spreads(run: Run, regime: str = "device") -> dict[str, dict[str, dict[int, float]]]:
     """series -> backend -> seq_len -> interquartile range / median, for the points of ``sweeps``
     whose spread was recorded in ``regime``."""
     out: dict = defaultdict(lambda: defaultdict(dict))
@@ -273,7 +279,7 @@ def pair_lines(per_backend: dict[str, dict[int, float]],
 
 def plot(runs: list[Run], out: Path) -> Path:
     """µs per token against seq_len, one line per (backend, run), one panel per (device, series,
-    regime): graph replay on the left, eager on the right."""
+    regime): device time on the left, eager on the right."""
     panels = []
     for machine, machine_runs in by_machine(runs).items():
         names = sorted({s for run in machine_runs for regime in REGIMES for s in sweeps(run, regime)})
@@ -284,8 +290,8 @@ def plot(runs: list[Run], out: Path) -> Path:
                 if lines:
                     panels.append((f"{series} [{regime}: {REGIME_TITLES[regime]}]\n{machine}", lines))
     if not panels:
-        raise CompareError("nothing to plot: no run has a seq_len sweep; save one of the seed microbenchmark "
-                           "(pytest -m attn_bench -k test_seed_microbenchmark --benchmark-autosave)")
+        raise CompareError("nothing to plot: no run has a seq_len sweep; save one of the ViT table "
+                           "(pytest -m attn_bench -k test_vit_table --benchmark-autosave)")
     return draw_panels(panels, out)
 
 

@@ -11,10 +11,15 @@ event pair per sample stays out of the figure. On CPU the same code path runs wi
 timer, so CI exercises it.
 
 First-call costs (JIT builds, cuDNN graph builds, lazy allocations) stay out: every timed call
-comes after ``warmup`` untimed ones. torch is imported inside functions only.
+comes after ``warmup`` untimed ones. The garbage collector is paused while samples are taken (a
+collection inside a timed loop is a 1-10 ms outlier in the eager regime, whose samples are host
+wall time), and the eager loop is warmed up again after the synchronisation that precedes it, so
+that its first sample does not start from an idle GPU. torch is imported inside functions only.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import statistics
 import time
@@ -86,6 +91,18 @@ class Timing:
     def host_overhead_s(self) -> float:
         """Eager wall time per call minus device time: what the host adds to each call."""
         return max(0.0, self.host_median_s - self.device_median_s)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """The garbage collector off for the block (as it was after), so no collection lands in a sample."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def device_type(device: Any) -> str:
@@ -231,10 +248,11 @@ def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10
     if iters < 1 or warmup < 0:
         raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     if device_type(device) != "cuda":
-        return _measure_cpu(fn, warmup, iters, cold_l2)
+        with gc_paused():
+            return _measure_cpu(fn, warmup, iters, cold_l2)
     import torch
 
-    with torch.cuda.device(device):
+    with torch.cuda.device(device), gc_paused():
         for _ in range(max(1, warmup)):
             fn()
         torch.cuda.synchronize()
@@ -270,6 +288,9 @@ def _eager_samples(fn: Callable[[], Any], iters: int, calls: int, flush) -> list
     only): what a layer outside a CUDA graph costs in a model that runs layers one after another."""
     import torch
 
+    torch.cuda.synchronize()
+    for _ in range(calls):  # warm again after the synchronisation: the first sample must not start idle
+        fn()
     samples = []
     for _ in range(iters):
         if flush is not None:
@@ -318,3 +339,27 @@ def matmul_peak_tflops(device: Any = "cpu") -> float:
     _peaks[key] = 2.0 * n ** 3 / min(timing.device_s) / 1e12
     del a, b
     return _peaks[key]
+
+
+_copy_peaks: dict[str, float] = {}
+CPU_COPY_BYTES = 64 * 2**20
+CUDA_COPY_BYTES = 1 * 2**30
+
+
+def copy_peak_gbps(device: Any = "cpu") -> float:
+    """Memory bandwidth measured on this device (once per process and device): GB/s of a large
+    device-to-device copy, counting the bytes read and the bytes written, the yardstick for
+    "percent of peak bandwidth"."""
+    key = str(device)
+    if key in _copy_peaks:
+        return _copy_peaks[key]
+    import torch
+
+    cuda = device_type(device) == "cuda"
+    nbytes = CUDA_COPY_BYTES if cuda else CPU_COPY_BYTES
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    timing = measure_call(lambda: dst.copy_(src), device=device, warmup=3, iters=10 if cuda else 3, graph="off")
+    _copy_peaks[key] = 2.0 * nbytes / min(timing.device_s) / 1e9
+    del src, dst
+    return _copy_peaks[key]

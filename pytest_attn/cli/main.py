@@ -1,7 +1,11 @@
 """The ``pytest-attn`` command.
 
-  pytest-attn seed-table --a flashinfer --b torch   the seed's microbenchmark, run directly
+  pytest-attn vit-table --a flashinfer --b torch    the ViT table (the founding workload), run directly
+                                                    (seed-table: its old name, deprecated, for one release)
   pytest-attn compare [.benchmarks | FILE.json ...] --plot out.png
+  pytest-attn gate BASE.json HEAD.json              the performance gate: rows whose slowdown is past the threshold
+  pytest-attn ab --base X --head Y                  two backends (or environments, commits) timed in alternation
+  pytest-attn history [.benchmarks]                 each row's median and interval across saved runs, step changes
   pytest-attn cases                                 the catalog of batch cases
   pytest-attn backends                              every registered backend: origin, availability, support
   pytest-attn differential CASE                     one case through every backend, compared with each other
@@ -106,15 +110,11 @@ def _plot_path(text: str) -> str:
     return text
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pytest-attn", description="pytest-attn: attention backend tools. A bad argument is one "
-                                                     "line on stderr and exit 4.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    seed = sub.add_parser("seed-table", help="the seed's microbenchmark for several backends, in both regimes",
+def _add_vit_table_parser(sub, name: str, help_text: str) -> None:
+    seed = sub.add_parser(name, help=help_text,
                           description="Batch 1, 16 heads x 80 (hidden 1280), bf16, full mask, seq_len 128..8192, "
                                       "then ragged ViT mixes; per backend, device time per call under CUDA-graph "
-                                      "replay (graph) and wall time per call of uncaptured calls back to back, host "
+                                      "replay (device) and wall time per call of uncaptured calls back to back, host "
                                       "overhead included (eager). On CPU there is one column per backend, wall "
                                       "clock: both regimes are that one measurement there. Each cell is the median "
                                       "with its interquartile range; a seq_len where two medians lie within their "
@@ -138,9 +138,19 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="time CUDA-graph replays when capture works (auto), always, or never (events); CUDA only")
     seed.add_argument("--cold-l2", action="store_true", help="flush the L2 cache before each timed call (CUDA only)")
     seed.add_argument("--no-mix", action="store_true", help="leave out the ragged ViT mixes")
-    seed.add_argument("--seed", type=_count(0, "a seed >= 0"), default=0, help="input seed")
+    seed.add_argument("--seed", type=_count(0, "a seed >= 0"), default=0, help="random seed of the inputs")
     seed.add_argument("--plot", type=_plot_path, default=None, metavar="PNG",
                       help="µs per token against seq_len, one panel per regime (.png, .svg or .pdf)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pytest-attn", description="pytest-attn: attention backend tools. A bad argument is one "
+                                                     "line on stderr and exit 4.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    _add_vit_table_parser(sub, "vit-table", "the ViT table (the founding workload) for several backends, in both "
+                                            "regimes")
+    _add_vit_table_parser(sub, "seed-table", "deprecated name of vit-table (removed in the next release)")
 
     compare = sub.add_parser("compare", help="crossovers and a plot from saved pytest-benchmark runs",
                              description="Reads pytest-benchmark JSON files (--benchmark-autosave writes them "
@@ -185,7 +195,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
     trace.add_parser(sub)
     properties.add_parser(sub)
+    for command in extra_commands().values():
+        command.add_parser(sub)
     return parser
+
+
+def extra_commands() -> dict:
+    """Subcommands that live in their own modules (each: add_parser(sub), run(args)); they import
+    only argparse and this module at import time."""
+    from pytest_attn.cli import ab, gate, history
+
+    return {"gate": gate, "ab": ab, "history": history}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -200,8 +220,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    if args.command == "seed-table":
-        return seed_table_command(args)
+    if args.command in ("vit-table", "seed-table"):
+        code = vit_table_command(args)
+        if args.command == "seed-table":  # once it ran: a bad argument stays one line and prints nothing else
+            print(DEPRECATED_SEED_TABLE)
+        return code
+    if args.command in extra_commands():
+        return extra_commands()[args.command].run(args)
     if args.command == "compare":
         return compare_command(args)
     if args.command == "backends":
@@ -246,9 +271,11 @@ def _resolve(names: Sequence[str], registry) -> list:
         raise UsageError(str(exc)) from None
 
 
-# -- seed-table --------------------------------------------------------------------------------------
-DEFAULT_SEED_BACKENDS = ("trtllm", "flashinfer", "torch")  # the seed's pair, and torch where it runs
-REGIMES = {"graph": "device time per call, CUDA-graph replay (events where a call cannot be captured)",
+# -- vit-table --------------------------------------------------------------------------------------
+DEPRECATED_SEED_TABLE = ("pytest-attn: `seed-table` is deprecated and will be removed in the next release; use "
+                         "`vit-table`")
+DEFAULT_SEED_BACKENDS = ("trtllm", "flashinfer", "torch")  # the founding pair, and torch where it runs
+REGIMES = {"device": "device time per call, CUDA-graph replay (events where a call cannot be captured)",
            "eager": "wall time per call of uncaptured calls back to back, host overhead included"}
 #: On a CPU there is no CUDA graph and no device clock: the one measurement is wall time per call.
 CPU_REGIMES = {"wall": "wall time per call (a CPU has no CUDA graph and no device clock: both regimes are this "
@@ -257,9 +284,9 @@ MIN_SAMPLES_FOR_SPREAD = 4  # fewer timed samples give no interquartile range wo
 
 
 def seed_rows(max_seq: Optional[int], seq_lens: Optional[Sequence[int]], with_mixes: bool) -> list[tuple[str, tuple]]:
-    from pytest_attn.bench.measure import SEED_SEQ_LENS, VIT_MIXES
+    from pytest_attn.bench.measure import VIT_MIXES, VIT_TABLE_SEQ_LENS
 
-    rows = [(str(n), (n,)) for n in (seq_lens or SEED_SEQ_LENS) if not max_seq or n <= max_seq]
+    rows = [(str(n), (n,)) for n in (seq_lens or VIT_TABLE_SEQ_LENS) if not max_seq or n <= max_seq]
     if with_mixes:
         rows += [(name, lens) for name, lens in VIT_MIXES.items() if not max_seq or max(lens) <= max_seq]
     return rows
@@ -315,22 +342,22 @@ def _check_device_options(args, device: str) -> None:
                          "--device cuda")
 
 
-def seed_table_command(args) -> int:
+def vit_table_command(args) -> int:
     """Exit 0 when every backend timed broke nothing and every named one ran; 1 otherwise."""
-    from pytest_attn.bench.measure import CPU_SEED_TABLE_MAX_SEQ, BenchSettings
+    from pytest_attn.bench.measure import CPU_VIT_TABLE_MAX_SEQ, BenchSettings
     from pytest_attn.cases.case import VIT_HEAD_DIM, VIT_HEADS
     from pytest_attn.env.registry import Registry
 
     backends = _seed_backends(args, Registry.discover())
     device = _device(args.device)
     _check_device_options(args, device)
-    max_seq = args.max_seq if args.max_seq is not None else (CPU_SEED_TABLE_MAX_SEQ if device == "cpu" else None)
+    max_seq = args.max_seq if args.max_seq is not None else (CPU_VIT_TABLE_MAX_SEQ if device == "cpu" else None)
     rows = seed_rows(max_seq, args.seq_lens, not args.no_mix)
     if not rows:
         raise UsageError(f"no size is at most --max-seq={max_seq}; raise it, or 0 for no limit")
     settings = BenchSettings(args.warmup, args.iters, args.graph, args.cold_l2)
     regimes = CPU_REGIMES if device == "cpu" else REGIMES
-    print(f"seed microbenchmark: batch 1 (then ragged ViT mixes), {VIT_HEADS} heads x {VIT_HEAD_DIM} (hidden "
+    print(f"ViT table: batch 1 (then ragged ViT mixes), {VIT_HEADS} heads x {VIT_HEAD_DIM} (hidden "
           f"{VIT_HEADS * VIT_HEAD_DIM}), bf16, full mask, {settings.warmup} warm-up + {settings.iters} timed samples "
           f"per regime, device {device}{', cold L2' if settings.cold_l2 else ''}")
     for regime, text in regimes.items():
@@ -348,7 +375,7 @@ def seed_table_command(args) -> int:
             print(f"{name}: {note}")
     if args.plot:
         _plot_seed_table(table, regimes, device, args.plot)
-    return _failed("seed-table", _seed_problems(backends, table))
+    return _failed(args.command, _seed_problems(backends, table))
 
 
 def _seed_problems(backends: SeedBackends, table: "SeedTable") -> list[str]:
@@ -369,7 +396,7 @@ def _plot_seed_table(table: "SeedTable", regimes: dict, device: str, path: str) 
     from pytest_attn.cases.case import VIT_HEAD_DIM, VIT_HEADS
     from pytest_attn.bench.compare import REGIME_TITLES, draw_panels
 
-    panels = [(f"seed h{VIT_HEADS}xd{VIT_HEAD_DIM} bf16 full [{r}: {REGIME_TITLES.get(r, regimes[r])}]\n{device}",
+    panels = [(f"vit-table h{VIT_HEADS}xd{VIT_HEAD_DIM} bf16 full [{r}: {REGIME_TITLES.get(r, regimes[r])}]\n{device}",
                {n: pts for n, pts in table.sweep[r].items() if pts}) for r in regimes]
     panels = [p for p in panels if p[1]]
     if not panels:
@@ -449,7 +476,7 @@ def _time_one(backend, batch, label, lens, regimes, settings, table: SeedTable, 
         table.broken[backend.name] = f"at {label}: {failure_line(exc)}"
         return ["n/a"] * len(regimes)
     table.timed.add(backend.name)
-    samples = {"graph": timing.device_s, "eager": timing.eager_s or timing.device_s, "wall": timing.device_s}
+    samples = {"device": timing.device_s, "eager": timing.samples("eager"), "wall": timing.device_s}
     cells = []
     for regime in regimes:
         median, spread = _median_and_spread(samples[regime])
@@ -461,8 +488,19 @@ def _time_one(backend, batch, label, lens, regimes, settings, table: SeedTable, 
     fallback = f" ({timing.graph_fallback})" if timing.graph_fallback and batch.device != "cpu" else ""
     last_timed[backend.name] = (f"{plan.describe()}; timed by {timing.method}{fallback}; at {label}: plan "
                                 f"{timing.plan_s * 1e3:.3f} ms, host overhead {timing.host_overhead_s * 1e3:.3f} ms "
-                                "per synchronised call")
+                                f"per synchronised call; {_roofline_text(batch, timing.device_median_s)}")
     return cells
+
+
+def _roofline_text(batch, seconds: float) -> str:
+    """Achieved TFLOP/s and GB/s at ``seconds`` per call, with their share of the peaks measured here."""
+    from pytest_attn.bench.roofline import achieved, attention_bytes, attention_flops
+    from pytest_attn.bench.timing import copy_peak_gbps, matmul_peak_tflops
+
+    r = achieved(attention_flops(batch.metadata, batch.layer), attention_bytes(batch.metadata, batch.layer), seconds,
+                 matmul_peak_tflops(batch.device), copy_peak_gbps(batch.device))
+    return (f"{r['tflops']:.3g} TFLOP/s ({r['pct_of_matmul_peak']:.0f}% of the measured matmul peak), "
+            f"{r['gbps']:.3g} GB/s ({r['pct_of_copy_peak']:.0f}% of the measured copy bandwidth)")
 
 
 def _median_and_spread(samples) -> tuple[float, Optional[float]]:

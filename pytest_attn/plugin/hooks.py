@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_attn.bench.measure import attn_benchmark  # noqa: F401  (fixtures)
+from pytest_attn.plugin.benchmark import attn_benchmark  # noqa: F401  (fixtures)
 from pytest_attn.plugin.fixtures import (attn_backend, attn_case, attn_device, attn_metadata_no_cache, attn_metadata_paged,  # noqa: F401
                        attn_seed, attn_session, make_attn_batch)
 
@@ -25,6 +25,8 @@ MARKERS = (
     "attn_bench: a pytest-attn timing benchmark (pytest-benchmark); runs serially, and only when asked for "
     "(-m attn_bench, --benchmark-only, a --benchmark-save/autosave/json/compare option, or --benchmark-disable: "
     "once, untimed; --benchmark-skip leaves them out)",
+    "attn_gate_threshold(fraction): the slowdown past which this benchmark's rows regress in pytest-attn's gate "
+    "(--attn-gate), e.g. 0.2 for 20%; overrides the regime's default (pytest-attn)",
 )
 
 
@@ -167,7 +169,7 @@ def pytest_collection_modifyitems(config, items):
     from pytest_attn.plugin.xdist.gpu_workers import limit_serial_threads
 
     limit_serial_threads(config)
-    from pytest_attn.bench.measure import deselect_unasked_benchmarks
+    from pytest_attn.plugin.benchmark import deselect_unasked_benchmarks
     from pytest_attn.plugin.bundled_suite import deselect_inapplicable
     from pytest_attn.plugin.fixtures import deselect_oversized
     from pytest_attn.plugin.collected import label
@@ -257,13 +259,27 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from pytest_attn.bench.measure import update_machine_info
+    from pytest_attn.plugin.benchmark import update_machine_info
 
     update_machine_info(config, machine_info)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
-    from pytest_attn.bench.measure import compare_machine_info
+    from pytest_attn.plugin.benchmark import compare_machine_info
 
     compare_machine_info(config, benchmarksession, machine_info, compared_benchmark)
+
+
+def pytest_sessionfinish(session):
+    if configured(session.config):
+        from pytest_attn.plugin.perf_gate import sessionfinish
+
+        sessionfinish(session)  # --attn-gate: its verdict sets the exit status
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if configured(config):
+        from pytest_attn.plugin.perf_gate import terminal_summary
+
+        terminal_summary(terminalreporter, config)

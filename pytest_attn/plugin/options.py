@@ -114,6 +114,15 @@ def add_options(parser) -> None:
                     help="what pytest-benchmark records (and so what --benchmark-compare-fail gates): 'device' "
                          "(device time, CUDA-graph replay where possible; default) or 'eager' (wall time of one "
                          "uncaptured call, host overhead included). Repeat or comma-separate for both.")
+    bench.addoption("--attn-gate", default=None, metavar="BASELINE",
+                    help="end the run with pytest-attn's performance gate against BASELINE (a saved run's JSON, or a "
+                         "folder such as .benchmarks: its newest): a row regresses when the bootstrap interval of its "
+                         "median ratio lies wholly past its threshold; a table of those rows and exit 1.")
+    bench.addoption("--attn-gate-threshold", action="append", default=[], metavar="REGIME=FRACTION",
+                    help="the gate's threshold per regime (default device=0.05,eager=0.10); a row's "
+                         "attn_gate_threshold marker overrides it.")
+    bench.addoption("--attn-gate-cpu", action="store_true", default=False,
+                    help="gate CPU timings too (by default a CPU run's gate table is shown but never fails the run).")
 
 
 def given(config) -> list[str]:
@@ -144,7 +153,7 @@ DEFAULT_SEED = 20261125
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 #: Options that take comma lists: given but empty (an unset $VARIABLE) is a usage error, never "nothing".
 LIST_OPTIONS = ("attn_backend", "attn_cases", "attn_dtype", "attn_isolate", "attn_bench_metric", "attn_report",
-                "attn_known_failures")
+                "attn_known_failures", "attn_gate_threshold")
 
 
 def split_list(config, dest: str) -> list[str]:
@@ -185,6 +194,23 @@ def bench_metrics(config) -> tuple[str, ...]:
     if bad:
         raise _usage(f"--attn-bench-metric={','.join(bad)}: use device, eager, or both (device,eager)")
     return tuple(dict.fromkeys(values))
+
+
+def gate_thresholds(config) -> dict:
+    from pytest_attn.bench.gate import parse_thresholds
+
+    try:
+        return parse_thresholds(split_list(config, "attn_gate_threshold"))
+    except ValueError as exc:
+        raise _usage(f"--attn-gate-threshold {exc}") from None
+
+
+def _check_gate(config) -> None:
+    gate_thresholds(config)
+    baseline = config.getoption("attn_gate", None)
+    if baseline is not None and not os.path.exists(baseline):
+        raise _usage(f"--attn-gate={baseline} does not exist; give a saved run (--benchmark-json FILE) or a folder of "
+                     "them (.benchmarks, written by --benchmark-autosave)")
 
 
 def allow_unavailable(config) -> bool:
@@ -230,5 +256,6 @@ def check(config) -> None:
     if iters < 1 or warmup < 0:
         raise _usage(f"--attn-bench-iters must be >= 1 and --attn-bench-warmup >= 0 (got {iters} and {warmup})")
     bench_metrics(config)
+    _check_gate(config)
     seed(config)
     _check_gpus(config)

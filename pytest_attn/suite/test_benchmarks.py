@@ -1,4 +1,4 @@
-"""How fast is the backend? The seed's microbenchmark (one ViT sequence, 128 to 8192 tokens) and
+"""How fast is the backend? The ViT table (one ViT sequence, 128 to 8192 tokens) and
 ragged ViT batches, recorded by pytest-benchmark (see pytest_attn.bench.measure): device time under CUDA-
 graph replay by default, eager wall time per call with --attn-bench-metric=eager (both: device,eager).
 
@@ -8,7 +8,7 @@ call once, untimed. On CPU the sizes stop at CPU_BENCH_MAX_TOKENS unless --attn-
 import pytest
 
 from pytest_attn.check.batch import build_batch
-from pytest_attn.bench.measure import SEED_SEQ_LENS, SEED_SERIES, VIT_MIXES, bench_max_tokens
+from pytest_attn.bench.measure import VIT_MIXES, VIT_TABLE_SEQ_LENS, VIT_TABLE_SERIES, bench_max_tokens
 from pytest_attn.cases.case import VIT_HEAD_DIM, VIT_HEADS
 
 pytestmark = pytest.mark.attn_bench
@@ -20,9 +20,9 @@ def pytest_generate_tests(metafunc):
     from pytest_attn.plugin.session import attn_session_of
 
     limit = bench_max_tokens(attn_session_of(metafunc.config))
-    if "seed_seq_len" in metafunc.fixturenames:
-        lens = [n for n in SEED_SEQ_LENS if limit is None or n <= limit]
-        metafunc.parametrize("seed_seq_len", lens, ids=[f"seq{n}" for n in lens])
+    if "vit_seq_len" in metafunc.fixturenames:
+        lens = [n for n in VIT_TABLE_SEQ_LENS if limit is None or n <= limit]
+        metafunc.parametrize("vit_seq_len", lens, ids=[f"seq{n}" for n in lens])
     if "vit_mix" in metafunc.fixturenames:
         mixes = [name for name, lens in VIT_MIXES.items() if limit is None or max(lens) <= limit]
         metafunc.parametrize("vit_mix", mixes)
@@ -31,11 +31,11 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("bench_metric", metrics, ids=None if len(metrics) > 1 else [""])
 
 
-def test_seed_microbenchmark(attn_benchmark, attn_backend, seed_seq_len, bench_metric, attn_device, attn_seed):
-    """Batch 1, hidden 1280 (16 heads x 80), bf16, full mask: the seed's table, one row per size."""
-    batch = build_batch([seed_seq_len], num_heads=VIT_HEADS, head_dim=VIT_HEAD_DIM, dtype="bfloat16", mask="full",
+def test_vit_table(attn_benchmark, attn_backend, vit_seq_len, bench_metric, attn_device, attn_seed):
+    """Batch 1, hidden 1280 (16 heads x 80), bf16, full mask: the ViT table, one row per size."""
+    batch = build_batch([vit_seq_len], num_heads=VIT_HEADS, head_dim=VIT_HEAD_DIM, dtype="bfloat16", mask="full",
                         device=attn_device, seed=attn_seed)
-    attn_benchmark(attn_backend, batch, series=SEED_SERIES, label=f"seq {seed_seq_len}", metric=bench_metric)
+    attn_benchmark(attn_backend, batch, series=VIT_TABLE_SERIES, label=f"seq {vit_seq_len}", metric=bench_metric)
 
 
 def test_vit_ragged_mix(attn_benchmark, attn_backend, vit_mix, bench_metric, attn_device, attn_seed):

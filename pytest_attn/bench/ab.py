@@ -1,0 +1,70 @@
+"""A/B timing: two sides measured alternately, in rounds, so that drift (clocks, thermals, a noisy
+neighbour) falls on both alike; then the gate's verdict (pytest_attn.bench.gate) per row and regime.
+
+A side is a backend in this process (``measure_rounds_in_process``), or a backend in another
+environment or commit, timed by one subprocess per round (``ab_worker``, run by ``pytest-attn ab``).
+Each round re-plans and warms up before timing, so the side measured second in a round gains nothing
+from the first. Sides swap order every round. No pytest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from pytest_attn.bench.gate import REGIMES, RowSamples
+
+CPU_DEFAULT_SEQ_LENS = (64, 128)
+CUDA_DEFAULT_SEQ_LENS = (1024, 4096)
+
+
+@dataclass
+class SideSamples:
+    """Every sample one side timed: row label -> regime -> seconds per call."""
+
+    rows: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    def add(self, label: str, samples: dict) -> None:
+        row = self.rows.setdefault(label, {r: [] for r in REGIMES})
+        for regime in REGIMES:
+            row[regime].extend(samples[regime])
+
+    def row_samples(self) -> list[RowSamples]:
+        return [RowSamples(label, regime, tuple(per[regime])) for label, per in self.rows.items()
+                for regime in REGIMES if per[regime]]
+
+
+def vit_batch(seq_len: int, device: str, seed: int = 0):
+    from pytest_attn.cases.case import VIT_HEAD_DIM, VIT_HEADS
+    from pytest_attn.check.batch import build_batch
+
+    return build_batch([seq_len], num_heads=VIT_HEADS, head_dim=VIT_HEAD_DIM, dtype="bfloat16", mask="full",
+                       device=device, seed=seed)
+
+
+def measure_row(backend, batch, settings) -> dict:
+    """{regime: samples} of one measure_backend of one row."""
+    from pytest_attn.bench.measure import measure_backend
+
+    _, timing, _ = measure_backend(backend, batch, settings)
+    return {"device": list(timing.device_s), "eager": list(timing.samples("eager"))}
+
+
+def row_label(seq_len: int) -> str:
+    return f"vit-table seq {seq_len}"
+
+
+def measure_rounds_in_process(base, head, seq_lens: Sequence[int], device: str, settings, rounds: int,
+                              progress: Optional[Callable[[str], None]] = None) -> tuple[SideSamples, SideSamples]:
+    """Both backends on every row, ``rounds`` times, the order of the two swapped every round."""
+    sides = {"base": (base, SideSamples()), "head": (head, SideSamples())}
+    batches = {n: vit_batch(n, device) for n in seq_lens}
+    for index in range(rounds):
+        order = ("base", "head") if index % 2 == 0 else ("head", "base")
+        for seq_len, batch in batches.items():
+            for side in order:
+                backend, samples = sides[side]
+                samples.add(row_label(seq_len), measure_row(backend, batch, settings))
+        if progress:
+            progress(f"round {index + 1}/{rounds} done")
+    return sides["base"][1], sides["head"][1]

@@ -1,0 +1,307 @@
+"""The performance gate: is HEAD slower than BASE, row by row, beyond noise?
+
+Each row's verdict comes from its two sample sets (every timed sample, kept in the saved JSON's
+``extra_info["samples_s"]``, or pytest-benchmark's ``stats.data`` with --benchmark-save-data): the
+ratio of medians HEAD/BASE, with a bootstrap confidence interval (scipy.stats.bootstrap, percentile
+method, both sets resampled independently, a fixed seed so that a rerun prints the same interval).
+A row **regressed** only when the whole interval lies above ``1 + threshold``, and **improved** only
+when it lies wholly below ``1 - threshold``; otherwise it is unchanged, however its median moved.
+Thresholds are per regime (DEFAULT_THRESHOLDS: device time is steadier than eager wall time) and
+per row (``extra_info["gate_threshold"]``, set by the ``attn_gate_threshold`` marker or the
+fixture's ``threshold=``). The Mann-Whitney U p-value is shown beside the interval, not used.
+
+Runs from different machines or library versions are refused (machine.differences names what
+differs), and CPU timings are reported but not gated unless asked (``gate_cpu``): CPU CI must not
+fail on a noisy neighbour. No pytest, no torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from pytest_attn.bench.machine import differences, is_cpu_run
+
+REGIMES = ("device", "eager")
+DEFAULT_THRESHOLDS = {"device": 0.05, "eager": 0.10}
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+MIN_SAMPLES = 5  # fewer samples per side give no interval worth gating on
+BOOTSTRAP_SEED = 20261204
+
+
+class GateError(Exception):
+    """Nothing to gate (no rows, no samples), or two runs that must not be compared."""
+
+
+@dataclass(frozen=True)
+class RowSamples:
+    name: str  # the benchmark's full name (test id), the same in both runs
+    regime: str  # "device" or "eager"
+    samples: tuple  # seconds per call
+    threshold: Optional[float] = None  # the row's own threshold, where it set one
+
+    @property
+    def key(self) -> tuple:
+        return self.name, self.regime
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    regime: str
+    ratio: float  # median(head) / median(base)
+    low: float  # the confidence interval of the ratio
+    high: float
+    threshold: float
+    base_median: float
+    head_median: float
+    base_spread: Optional[float]  # interquartile range / median
+    head_spread: Optional[float]
+    p_value: float  # Mann-Whitney U, two-sided (shown, not used)
+
+    @property
+    def outcome(self) -> str:
+        if self.low > 1 + self.threshold:
+            return "regressed"
+        if self.high < 1 - self.threshold:
+            return "improved"
+        return "unchanged"
+
+
+@dataclass
+class GateResult:
+    verdicts: list[Verdict] = field(default_factory=list)
+    only_base: list[str] = field(default_factory=list)  # rows HEAD did not time
+    only_head: list[str] = field(default_factory=list)
+    too_few: list[str] = field(default_factory=list)  # rows with fewer than MIN_SAMPLES on a side
+    gated: bool = True  # False: CPU timings, reported but not gated
+    why_not_gated: str = ""
+
+    @property
+    def regressed(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.outcome == "regressed"]
+
+    @property
+    def improved(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.outcome == "improved"]
+
+    @property
+    def failed(self) -> bool:
+        return self.gated and bool(self.regressed)
+
+
+def parse_thresholds(items: Iterable[str]) -> dict:
+    """``["device=0.05", "eager=0.1"]`` -> {regime: fraction}; ValueError saying what to write."""
+    found = {}
+    for item in items:
+        regime, eq, value = str(item).partition("=")
+        regime = regime.strip()
+        try:
+            fraction = float(value) if eq else float("nan")
+        except ValueError:
+            fraction = float("nan")
+        if regime not in REGIMES or not 0 < fraction < 10:
+            raise ValueError(f"{item!r}: write REGIME=FRACTION with REGIME device or eager and a fraction, "
+                             "e.g. device=0.05")
+        found[regime] = fraction
+    return found
+
+
+# -- statistics -------------------------------------------------------------------------------------------
+def spread(samples: Sequence[float]) -> Optional[float]:
+    """Interquartile range / median (None with fewer than 4 samples)."""
+    if len(samples) < 4:
+        return None
+    median = statistics.median(samples)
+    if median <= 0:
+        return None
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return (q3 - q1) / median
+
+
+def ratio_interval(base: Sequence[float], head: Sequence[float], confidence: float = CONFIDENCE,
+                   resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """(median(head)/median(base), low, high): the ratio of medians and its bootstrap confidence
+    interval (scipy.stats.bootstrap, percentile method, independent resampling of each side)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(base, dtype=float), np.asarray(head, dtype=float)
+    if a.size < 2 or b.size < 2 or np.median(a) <= 0:
+        raise GateError(f"need at least 2 positive samples per side for an interval (got {a.size} and {b.size})")
+
+    def ratio(x, y, axis=-1):
+        return np.median(y, axis=axis) / np.median(x, axis=axis)
+
+    point = float(ratio(a, b))
+    if np.ptp(a) == 0 and np.ptp(b) == 0:  # no variation at all: the interval is the point
+        return point, point, point
+    result = bootstrap((a, b), ratio, n_resamples=resamples, paired=False, vectorized=True, axis=-1,
+                       confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return point, min(low, point), max(high, point)
+
+
+def mann_whitney_p(base: Sequence[float], head: Sequence[float]) -> float:
+    from scipy.stats import mannwhitneyu
+
+    try:
+        return float(mannwhitneyu(base, head, alternative="two-sided").pvalue)
+    except ValueError:  # all values identical
+        return 1.0
+
+
+def verdict(base: RowSamples, head: RowSamples, thresholds: Optional[dict] = None) -> Verdict:
+    thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    threshold = head.threshold if head.threshold is not None else (
+        base.threshold if base.threshold is not None else thresholds[head.regime])
+    ratio, low, high = ratio_interval(base.samples, head.samples)
+    return Verdict(head.name, head.regime, ratio, low, high, threshold, statistics.median(base.samples),
+                   statistics.median(head.samples), spread(base.samples), spread(head.samples),
+                   mann_whitney_p(base.samples, head.samples))
+
+
+def compare_rows(base: Iterable[RowSamples], head: Iterable[RowSamples], thresholds: Optional[dict] = None
+                 ) -> GateResult:
+    """A verdict for every (row, regime) both sides timed."""
+    base_rows, head_rows = {r.key: r for r in base}, {r.key: r for r in head}
+    result = GateResult()
+    for key in sorted(base_rows.keys() | head_rows.keys()):
+        label = f"{key[0]} [{key[1]}]"
+        if key not in head_rows:
+            result.only_base.append(label)
+        elif key not in base_rows:
+            result.only_head.append(label)
+        elif min(len(base_rows[key].samples), len(head_rows[key].samples)) < MIN_SAMPLES:
+            result.too_few.append(label)
+        else:
+            result.verdicts.append(verdict(base_rows[key], head_rows[key], thresholds))
+    return result
+
+
+# -- saved runs -------------------------------------------------------------------------------------------
+@dataclass
+class SavedRun:
+    path: str
+    machine_info: dict
+    rows: list[RowSamples]
+    commit: str = ""
+
+
+def rows_of(data: dict, *, all_regimes: bool = False) -> list[RowSamples]:
+    """The gated samples of each row of one pytest-benchmark JSON document: the regime its
+    pytest-benchmark statistics hold (extra_info "metric"), or every regime saved with
+    ``all_regimes`` (``pytest-attn ab`` times both from one measurement)."""
+    rows = []
+    for bench in data.get("benchmarks") or []:
+        info = bench.get("extra_info") or {}
+        if "backend" not in info:
+            continue  # not an attention benchmark
+        name = str(bench.get("fullname") or bench.get("name") or "")
+        metric = str(info.get("metric") or "device")
+        saved = info.get("samples_s") or {}
+        if not saved and (bench.get("stats") or {}).get("data"):  # --benchmark-save-data, no extra_info samples
+            saved = {metric: bench["stats"]["data"]}
+        regimes = [r for r in REGIMES if r in saved] if all_regimes else [metric]
+        threshold = info.get("gate_threshold")
+        for regime in regimes:
+            samples = tuple(float(x) for x in saved.get(regime) or ())
+            rows.append(RowSamples(name, regime, samples, float(threshold) if threshold is not None else None))
+    return rows
+
+
+def load_saved(path, *, all_regimes: bool = False) -> SavedRun:
+    """One saved run: a pytest-benchmark JSON file, or the newest JSON file in a folder
+    (``.benchmarks`` or one of its machine folders)."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted((p for p in path.rglob("*.json") if p.is_file()), key=lambda p: (p.stat().st_mtime, str(p)))
+        if not found:
+            raise GateError(f"{path} holds no saved run (*.json); save one with "
+                            "`pytest -m attn_bench --benchmark-autosave` or --benchmark-json FILE")
+        path = found[-1]
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise GateError(f"cannot read {path}: {exc.strerror or exc}; give a saved run (pytest --benchmark-json FILE)"
+                        ) from None
+    except ValueError:
+        raise GateError(f"{path} is not JSON; give a file pytest-benchmark saved (--benchmark-json, "
+                        "--benchmark-autosave)") from None
+    if not isinstance(data, dict) or "benchmarks" not in data:
+        raise GateError(f"{path} is not a pytest-benchmark run (no 'benchmarks'); give a file from --benchmark-json "
+                        "or --benchmark-autosave")
+    rows = rows_of(data, all_regimes=all_regimes)
+    if not rows:
+        raise GateError(f"{path} holds no pytest-attn benchmark row; save one with "
+                        "`pytest -m attn_bench --benchmark-autosave`")
+    if not any(r.samples for r in rows):
+        raise GateError(f"{path} keeps no timed samples (saved by an older pytest-attn?); rerun it, or save with "
+                        "--benchmark-save-data")
+    commit = str((data.get("commit_info") or {}).get("id") or "")
+    return SavedRun(str(path), data.get("machine_info") or {}, rows, commit)
+
+
+def gate(base: SavedRun, head: SavedRun, *, thresholds: Optional[dict] = None, gate_cpu: bool = False
+         ) -> GateResult:
+    """Compare two saved runs. Raises GateError naming what differs when their machines or
+    versions do; CPU runs are compared but not gated unless ``gate_cpu``."""
+    differ = differences(base.machine_info, head.machine_info)
+    if differ:
+        raise GateError("not compared: the runs differ in " + "; ".join(differ)
+                        + " (timings from different machines or versions say nothing about a regression); "
+                          "gate against a baseline saved on this machine with these versions")
+    result = compare_rows(base.rows, head.rows, thresholds)
+    if not result.verdicts:
+        raise GateError("no row was timed in both runs with enough samples "
+                        f"(base only: {len(result.only_base)}, head only: {len(result.only_head)}, "
+                        f"too few samples: {len(result.too_few)}); gate two runs of the same benchmarks")
+    if is_cpu_run(head.machine_info) and not gate_cpu:
+        result.gated = False
+        result.why_not_gated = "CPU timings are reported, not gated (a CPU runner's noise is not a regression); " \
+                               "--attn-gate-cpu / --gate-cpu gates them"
+    return result
+
+
+# -- the table ----------------------------------------------------------------------------------------------
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.1%}"
+
+
+def table(verdicts: Sequence[Verdict]) -> list[str]:
+    """One line per verdict: ratio, interval, threshold, regime, spread of each side, outcome."""
+    if not verdicts:
+        return []
+    width = max(12, max(len(v.name) for v in verdicts))
+    head = (f"{'row':<{width}}  {'regime':<6}  {'ratio':>6}  {'95% interval':>15}  {'threshold':>9}  "
+            f"{'spread base/head':>16}  {'MWU p':>7}  verdict")
+    lines = [head, "-" * len(head)]
+    for v in verdicts:
+        lines.append(f"{v.name:<{width}}  {v.regime:<6}  {v.ratio:>6.3f}  {f'[{v.low:.3f}, {v.high:.3f}]':>15}  "
+                     f"{f'+{v.threshold:.0%}':>9}  {f'{_pct(v.base_spread)}/{_pct(v.head_spread)}':>16}  "
+                     f"{v.p_value:>7.3g}  {v.outcome.upper() if v.outcome != 'unchanged' else v.outcome}")
+    return lines
+
+
+def summary_line(result: GateResult, base_label: str) -> str:
+    n = len(result.verdicts)
+    regressed, improved = len(result.regressed), len(result.improved)
+    extra = []
+    if result.too_few:
+        extra.append(f"{len(result.too_few)} with too few samples")
+    if result.only_base:
+        extra.append(f"{len(result.only_base)} only in the baseline")
+    if result.only_head:
+        extra.append(f"{len(result.only_head)} new")
+    tail = f"; not compared: {', '.join(extra)}" if extra else ""
+    if not result.gated:
+        return (f"pytest-attn gate: NOT GATED: {result.why_not_gated}. {regressed} of {n} rows would have regressed "
+                f"against {base_label}{tail}")
+    if regressed:
+        return (f"pytest-attn gate: FAILED: {regressed} of {n} rows regressed against {base_label} (their whole "
+                f"{CONFIDENCE:.0%} interval past the threshold); {improved} improved{tail}")
+    return f"pytest-attn gate: passed: 0 of {n} rows regressed against {base_label}; {improved} improved{tail}"

@@ -1,0 +1,333 @@
+"""The performance gate (bench.gate, --attn-gate, `pytest-attn gate`), `pytest-attn ab`, `pytest-attn
+history`, timing that cannot be gamed, and bench/ without pytest. On CPU: sleeps and planted
+backends stand in for slow kernels (tests/gaming_backends.py)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from backend_packages import write_backend_package
+from gaming_backends import CachesOutput, CopiesCachedOutput, FinishesLater
+from pytest_attn.bench import gate as gate_mod
+from pytest_attn.bench.gate import GateError, RowSamples, SavedRun, compare_rows, gate, ratio_interval, rows_of
+from pytest_attn.bench.history import Point, Series
+from pytest_attn.bench.machine import differences
+from pytest_attn.cli import main as cli
+
+def samples(median, rel_noise=0.01, n=40):
+    """n samples spread like a normal distribution around ``median`` (its quantiles, in a fixed
+    shuffled order): the same in every test order and process, with exactly that median."""
+    from scipy.stats import norm
+
+    z = norm.ppf((np.arange(n) + 0.5) / n)
+    z = z[np.random.default_rng(n).permutation(n)]
+    return tuple(float(x) for x in median * (1 + rel_noise * z))
+
+
+# -- bench/ imports no pytest ---------------------------------------------------------------------------
+NO_PYTEST = """
+import sys
+{body}
+leaked = sorted(m for m in sys.modules
+                if m in ("pytest", "_pytest") or m.startswith(("_pytest.", "pytest_attn.plugin")))
+assert not leaked, leaked
+print("clean")
+"""
+
+
+@pytest.mark.parametrize("body", [
+    "import pytest_attn.bench.measure, pytest_attn.bench.compare, pytest_attn.bench.gate, pytest_attn.bench.history, "
+    "pytest_attn.bench.ab, pytest_attn.bench.timing, pytest_attn.bench.machine",
+    "from pytest_attn.cli.main import main\nassert main(['compare', 'runs']) == 0",
+    "from pytest_attn.cli.main import main\nassert main(['vit-table', '--backends', 'torch', '--seq-lens', '16', "
+    "'--iters', '1', '--warmup', '0', '--no-mix', '--device', 'cpu']) == 0",
+    "from pytest_attn.cli.main import main\nassert main(['seed-table', '--backends', 'torch', '--seq-lens', '16', "
+    "'--iters', '1', '--warmup', '0', '--no-mix', '--device', 'cpu']) == 0",
+    "from pytest_attn.cli.main import main\nassert main(['gate', 'runs/a.json', 'runs/a.json']) == 0",
+], ids=["modules", "compare", "vit-table", "seed-table", "gate"])
+def test_bench_and_the_benchmark_commands_import_no_pytest(tmp_path, body):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text(json.dumps(saved_run({"t[seq64]": samples(1e-3)})))
+    done = subprocess.run([sys.executable, "-c", NO_PYTEST.format(body=body)], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stdout + done.stderr
+
+
+def test_seed_table_is_a_deprecated_alias_of_vit_table(capsys):
+    argv = ["--backends", "torch", "--seq-lens", "16", "--iters", "1", "--warmup", "0", "--no-mix", "--device", "cpu"]
+    assert cli.main(["seed-table", *argv]) == 0
+    old = capsys.readouterr().out
+    assert cli.main(["vit-table", *argv]) == 0
+    new = capsys.readouterr().out
+    assert old.splitlines()[-1] == cli.DEPRECATED_SEED_TABLE and cli.DEPRECATED_SEED_TABLE not in new
+    assert "ViT table" in new and "seed" not in new.split("\n")[0].lower().replace("seed ", "")
+
+
+# -- the statistics -----------------------------------------------------------------------------------------
+def test_ratio_interval_holds_the_true_ratio_and_is_reproducible():
+    base, head = samples(1.0), samples(1.2)
+    ratio, low, high = ratio_interval(base, head)
+    assert low < ratio < high and low < 1.2 < high and high - low < 0.05
+    assert ratio_interval(base, head) == (ratio, low, high)  # a fixed seed: a rerun prints the same
+
+
+def test_a_row_regresses_only_when_its_whole_interval_is_past_the_threshold():
+    def outcome(head, base=None, threshold=None):
+        b = RowSamples("t", "device", base or samples(1.0))
+        h = RowSamples("t", "device", head, threshold)
+        return compare_rows([b], [h]).verdicts[0].outcome
+
+    assert outcome(samples(1.20)) == "regressed"
+    assert outcome(samples(0.80)) == "improved"
+    assert outcome(samples(1.0)) == "unchanged"
+    # the median moved 8%, but the samples spread 40%: the interval reaches below +5%, so no verdict
+    assert outcome(samples(1.08, 0.4, 12), samples(1.0, 0.4, 12)) == "unchanged"
+    assert outcome(samples(1.20), threshold=0.5) == "unchanged"  # the row's own threshold wins
+
+
+def test_a_planted_gate_that_ignores_the_interval_would_fail_these_tests(monkeypatch):
+    """The check of the check: a gate deciding on the median ratio alone flags the noisy row above."""
+    monkeypatch.setattr(gate_mod.Verdict, "outcome", property(lambda v: "regressed" if v.ratio > 1 + v.threshold
+                                                                else "unchanged"))
+    noisy = compare_rows([RowSamples("t", "device", samples(1.0, 0.4, 12))],
+                         [RowSamples("t", "device", samples(1.3, 0.4, 12))]).verdicts[0]
+    assert noisy.outcome == "regressed" and noisy.low < 1.05  # what the real rule refuses to call
+
+
+def test_regimes_have_their_own_thresholds():
+    base = [RowSamples("t", "device", samples(1.0, 0.002)), RowSamples("t", "eager", samples(1.0, 0.002))]
+    head = [RowSamples("t", "device", samples(1.07, 0.002)), RowSamples("t", "eager", samples(1.07, 0.002))]
+    outcomes = {v.regime: v.outcome for v in compare_rows(base, head).verdicts}
+    assert outcomes == {"device": "regressed", "eager": "unchanged"}  # 5% and 10% by default
+    assert {v.regime: v.outcome for v in compare_rows(base, head, {"eager": 0.02}).verdicts}["eager"] == "regressed"
+
+
+# -- saved runs -----------------------------------------------------------------------------------------------
+def saved_run(rows: dict, *, metric="device", gpu=None, torch="2.13.0", threshold=None) -> dict:
+    attn = {"device": "cuda:0" if gpu else "cpu", "gpu": gpu, "gpu_capability": "9.0" if gpu else None,
+            "torch": torch, "cuda": "12.8" if gpu else None, "cpu": "test cpu"}
+    benchmarks = []
+    for name, values in rows.items():
+        info = {"backend": "b", "metric": metric, "samples_s": {metric: list(values)}}
+        if threshold is not None:
+            info["gate_threshold"] = threshold
+        benchmarks.append({"fullname": name, "extra_info": info, "stats": {"median": float(np.median(values))}})
+    return {"machine_info": {"attn": attn}, "benchmarks": benchmarks, "commit_info": {"id": "abc"},
+            "datetime": "2026-12-04T10:00:00"}
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_gate_command_fails_on_a_regressed_row_with_one_table_and_a_final_line(tmp_path, capsys):
+    base = write(tmp_path, "base.json", saved_run({"t[a]": samples(1e-3), "t[b]": samples(2e-3)}, gpu="NVIDIA H200"))
+    head = write(tmp_path, "head.json", saved_run({"t[a]": samples(1.3e-3), "t[b]": samples(2e-3)}, gpu="NVIDIA H200"))
+    assert cli.main(["gate", base, head]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED" in out.split("t[a]")[1].splitlines()[0] and "Traceback" not in out
+    assert out.splitlines()[-1].startswith("pytest-attn gate: FAILED: 1 of 2 rows regressed")
+    assert cli.main(["gate", base, base]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("pytest-attn gate: passed: 0 of 2 rows regressed")
+
+
+def test_runs_from_other_versions_or_machines_are_refused_naming_the_difference(tmp_path, capsys):
+    base = write(tmp_path, "base.json", saved_run({"t": samples(1e-3)}, gpu="NVIDIA H200"))
+    newer = write(tmp_path, "newer.json", saved_run({"t": samples(1e-3)}, gpu="NVIDIA H200", torch="2.14.0"))
+    other = write(tmp_path, "other.json", saved_run({"t": samples(1e-3)}, gpu="NVIDIA A100"))
+    assert cli.main(["gate", base, newer]) == cli.USAGE
+    assert "torch 2.13.0 -> 2.14.0" in capsys.readouterr().err
+    assert cli.main(["gate", base, other]) == cli.USAGE
+    assert "machine NVIDIA H200 (sm 9.0) -> NVIDIA A100 (sm 9.0)" in capsys.readouterr().err
+    assert differences(json.load(open(base))["machine_info"], json.load(open(base))["machine_info"]) == []
+
+
+def test_cpu_timings_are_shown_but_not_gated_unless_asked(tmp_path, capsys):
+    base = write(tmp_path, "base.json", saved_run({"t": samples(1e-3)}))
+    head = write(tmp_path, "head.json", saved_run({"t": samples(2e-3)}))
+    assert cli.main(["gate", base, head]) == 0
+    assert "NOT GATED" in capsys.readouterr().out
+    assert cli.main(["gate", base, head, "--gate-cpu"]) == 1
+
+
+def test_a_rows_saved_threshold_is_used_and_rows_without_samples_say_so(tmp_path):
+    data = saved_run({"t": samples(1e-3)}, threshold=0.5)
+    (row,) = rows_of(data)
+    assert row.threshold == 0.5 and row.regime == "device"
+    empty = write(tmp_path, "empty.json", {"machine_info": {}, "benchmarks": [
+        {"fullname": "t", "extra_info": {"backend": "b"}, "stats": {"median": 1.0}}]})
+    with pytest.raises(GateError, match="keeps no timed samples"):
+        gate_mod.load_saved(empty)
+
+
+# -- --attn-gate in a pytest run ---------------------------------------------------------------------------------
+SLEEPY = '''
+import os
+import time
+
+from pytest_attn.core.contract import Backend, Plan
+from pytest_attn.plugin.fixtures import build_batch
+
+
+class SleepyBackend(Backend):
+    name = "sleepy"
+
+    def plan(self, metadata, layer, device="cpu"):
+        return Plan(self.name, "sleep", "python", "NHD", "tokens", False, device=str(device), layer=layer)
+
+    def forward(self, q, k, v, metadata, plan, out=None):
+        time.sleep(float(os.environ.get("ATTN_TEST_SLEEP_S", "0")))
+        out.copy_(v * 1)
+        return out
+
+
+def test_speed(attn_benchmark):
+    attn_benchmark(SleepyBackend(), build_batch([8], num_heads=2, head_dim=8), series="sleepy")
+'''
+CHEAP_MACHINE_INFO = """
+def pytest_benchmark_generate_machine_info(config):
+    return {"machine": "x86_64", "cpu": {"brand_raw": "test cpu"}}
+"""
+FAST = ["--attn-bench-iters=12", "--attn-bench-warmup=1", "-p", "no:cacheprovider", "-p", "no:randomly"]
+
+
+@pytest.fixture
+def sleepy(pytester, monkeypatch):
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    pytester.makeconftest(CHEAP_MACHINE_INFO)
+    pytester.makepyfile(test_sleepy=SLEEPY)
+    monkeypatch.setenv("ATTN_TEST_SLEEP_S", "0.004")
+    pytester.runpytest(*FAST, "--benchmark-json=base.json").assert_outcomes(passed=1)
+    return pytester
+
+
+def test_attn_gate_ends_a_slowed_run_with_the_table_and_exit_1_never_a_traceback(sleepy, monkeypatch):
+    monkeypatch.setenv("ATTN_TEST_SLEEP_S", "0.016")
+    slowed = sleepy.runpytest_subprocess(*FAST, "--attn-gate=base.json", "--attn-gate-cpu")
+    assert slowed.ret == 1
+    out = slowed.stdout.str()
+    slowed.stdout.fnmatch_lines(["*pytest-attn performance gate*", "row*regime*ratio*95% interval*threshold*",
+                                 "*test_speed*device*REGRESSED*",
+                                 "pytest-attn gate: FAILED: 1 of 1 rows regressed against base.json*"])
+    assert "Traceback" not in out + slowed.stderr.str() and "PerformanceRegression" not in out
+
+
+def test_attn_gate_passes_an_unchanged_run_and_does_not_gate_cpu_unless_asked(sleepy, monkeypatch):
+    # a loaded CI box stretches a sleep by whole scheduler slices: only a 2x slowdown counts here
+    unchanged = sleepy.runpytest(*FAST, "--attn-gate=base.json", "--attn-gate-cpu", "--attn-gate-threshold=device=1.0")
+    assert unchanged.ret == 0, unchanged.stdout.str()
+    unchanged.stdout.fnmatch_lines(["pytest-attn gate: passed: 0 of 1 rows regressed*"])
+    monkeypatch.setenv("ATTN_TEST_SLEEP_S", "0.016")
+    cpu = sleepy.runpytest(*FAST, "--attn-gate=base.json")
+    assert cpu.ret == 0
+    cpu.stdout.fnmatch_lines(["pytest-attn gate: NOT GATED: CPU timings*1 of 1 rows would have regressed*"])
+
+
+def test_attn_gate_with_no_benchmark_run_fails_saying_so(sleepy):
+    result = sleepy.runpytest(*FAST, "--attn-gate=base.json", "--benchmark-skip")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["pytest-attn gate: FAILED: no attention benchmark was timed*"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attn-gate=nope.json"], "*--attn-gate=nope.json does not exist*"),
+    (["--attn-gate-threshold=device"], "*--attn-gate-threshold 'device': write REGIME=FRACTION*"),
+    (["--attn-gate-threshold=graph=0.1"], "*write REGIME=FRACTION with REGIME device or eager*"),
+])
+def test_bad_gate_options_are_usage_errors(pytester, argv, message):
+    result = pytester.runpytest(*argv)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_the_threshold_marker_lands_in_the_row(sleepy):
+    sleepy.makepyfile(test_sleepy=SLEEPY.replace("def test_speed", "import pytest\n\n"
+                                                 "@pytest.mark.attn_gate_threshold(0.3)\ndef test_speed"))
+    sleepy.runpytest(*FAST, "--benchmark-json=marked.json").assert_outcomes(passed=1)
+    (row,) = json.loads((sleepy.path / "marked.json").read_text())["benchmarks"]
+    assert row["extra_info"]["gate_threshold"] == 0.3 and len(row["extra_info"]["samples_s"]["eager"]) == 12
+
+
+# -- timing that cannot be gamed ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [CachesOutput(), CopiesCachedOutput(), FinishesLater()],
+                         ids=["cached-output", "copies-a-cached-output", "finishes-after-returning"])
+def test_a_backend_that_games_the_timer_is_caught(backend):
+    from pytest_attn.bench.ab import vit_batch
+    from pytest_attn.bench.measure import BenchSettings, TimedCallsDidNotCompute, measure_backend
+
+    with pytest.raises(TimedCallsDidNotCompute, match="its timed calls did not compute"):
+        measure_backend(backend, vit_batch(32, "cpu"), BenchSettings(1, 3, "auto", False))
+
+
+def test_an_honest_backend_passes_the_compute_check():
+    from pytest_attn.bench.ab import vit_batch
+    from pytest_attn.bench.measure import BenchSettings, measure_backend
+    from pytest_attn_backends.torch_sdpa import TorchSDPABackend
+
+    _, timing, _ = measure_backend(TorchSDPABackend(name="torch"), vit_batch(32, "cpu"), BenchSettings(1, 3))
+    assert len(timing.device_s) == 3
+
+
+# -- pytest-attn ab -----------------------------------------------------------------------------------------------
+AB_BACKENDS = """
+import time
+from pytest_attn_backends.torch_sdpa import TorchSDPABackend
+
+class Slower(TorchSDPABackend):
+    def forward(self, q, k, v, metadata, plan, out=None, lse=None):
+        time.sleep(0.01)
+        return super().forward(q, k, v, metadata, plan, out=out)
+
+BACKENDS = [TorchSDPABackend(name="same"), Slower(name="slower")]
+"""
+AB_FAST = ["--seq-lens", "16", "--rounds", "2", "--iters", "6", "--warmup", "1", "--device", "cpu"]
+
+
+@pytest.mark.attn_long
+def test_ab_flags_a_slower_head_and_passes_the_same_code(pytester, capsys):
+    write_backend_package(pytester, "ab_attn", AB_BACKENDS, {"ab": "ab_attn:BACKENDS"})
+    assert cli.main(["ab", "--base", "same", "--head", "slower", "--gate-cpu", *AB_FAST]) == 1
+    out = capsys.readouterr().out
+    assert "vit-table seq 16  device" in out and "REGRESSED" in out and "round 2/2 done" in out
+    assert out.splitlines()[-1].startswith("pytest-attn gate: FAILED")
+    assert cli.main(["ab", "--base", "same", "--head", "torch", "--gate-cpu", "--threshold",
+                     "device=0.9,eager=0.9", *AB_FAST]) == 0
+
+
+def test_ab_refuses_the_same_backend_in_one_environment(capsys):
+    assert cli.main(["ab", "--base", "torch", "--head", "torch", "--device", "cpu"]) == cli.USAGE
+    assert "name two backends" in capsys.readouterr().err
+
+
+@pytest.mark.attn_long
+def test_ab_times_another_environment_in_alternating_subprocesses(capsys):
+    assert cli.main(["ab", "--base", "torch", "--head", "torch", "--head-python", sys.executable,
+                     "--base-python", sys.executable, *AB_FAST]) == 0
+    out = capsys.readouterr().out
+    assert "base torch@" in out and "round 2/2 done" in out and "NOT GATED" in out.splitlines()[-1]
+    assert f"  head: {sys.executable} with pytest_attn from " in out
+
+
+# -- history ------------------------------------------------------------------------------------------------------
+def test_history_marks_a_step_and_names_the_regressed_row(tmp_path, capsys):
+    runs = [(1.0, 0.01), (1.0, 0.01), (1.02, 0.3), (1.25, 0.01)]  # the noisy third run makes no step
+    for i, (median, noise) in enumerate(runs):
+        data = saved_run({"t[a]": samples(median * 1e-3, noise), "t[b]": samples(2e-3, 0.01)})
+        data["datetime"] = f"2026-12-0{i + 1}T10:00:00"
+        write(tmp_path, f"run{i}.json", data)
+    assert cli.main(["history", str(tmp_path), "--fail-on-regression", "--plot", str(tmp_path / "h.png")]) == 1
+    out = capsys.readouterr().out
+    assert out.count("<- step up (slower)") == 1 and "t[a] [device]  REGRESSED" in out
+    assert out.splitlines()[-1] == "pytest-attn history: 2 rows over up to 4 runs; regressed: t[a] [device]"
+    assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_overlapping_intervals_make_no_step():
+    series = Series("t", "device", [Point("a", 1.0, 0.9, 1.2, 10), Point("b", 1.15, 1.1, 1.3, 10)])
+    assert series.steps() == [] and not series.regressed()
+    series.points.append(Point("c", 1.5, 1.45, 1.55, 10))
+    assert [s.after.run for s in series.steps()] == ["c"] and series.regressed()
