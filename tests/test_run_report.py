@@ -538,7 +538,7 @@ def test_a_benchmark_run_reports_the_seed_table_crossovers_plot_and_spread(pytes
         assert shown[(label, info["backend"])] == pytest.approx(info["device_ms"], abs=6e-5)
     # crossovers: compare.py's own words for the run
     run = load_run(pytester.path / "b.json")
-    for line in pair_lines(next(iter(sweeps(run, "graph").values()))):
+    for line in pair_lines(next(iter(sweeps(run, "device").values()))):
         assert line in html
     # the plot, embedded
     [plot] = [src for src in reader.images if src.startswith("data:image/png;base64,")]

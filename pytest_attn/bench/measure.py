@@ -17,8 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-# plugin.run_report imports attn_machine_info from here until it imports bench.machine
-from pytest_attn.bench.machine import attn_machine_info  # noqa: F401
 from pytest_attn.bench.roofline import achieved, attention_bytes, attention_flops
 from pytest_attn.core.contract import Backend
 

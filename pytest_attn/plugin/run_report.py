@@ -201,7 +201,7 @@ def environment(config, session) -> dict:
     import platform
     import shlex
 
-    from pytest_attn.bench.measure import attn_machine_info
+    from pytest_attn.bench.machine import attn_machine_info
     from pytest_attn.env.packages import dist_version
 
     try:
