@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from pytest_attn.core.contract import Availability, Backend, Capabilities, LayerSpec, Plan
+from pytest_attn.core.contract import Availability, Backend, BatchShape, Capabilities, LayerSpec, Plan
 from pytest_attn.core.errors import AttnInputError, UnsupportedCase
 from pytest_attn.core.metadata import AttentionMetadata
 from pytest_attn.env import torch_build
@@ -132,12 +132,11 @@ def decide(metadata: AttentionMetadata, layer: LayerSpec, variant: str = "fa2", 
                ("causal", layer.causal), ("sm_scale", layer.scale), ("q_data_type", layer.dtype),
                ("kv_data_type", kv_dtype), ("lse_mode", "base2" if layer.return_lse else "none"),
                ("kv_indptr", pages["kv_indptr"]), ("kv_indices", pages["kv_indices"]), ("kv_source", pages["kv_source"]),
-               ("num_requests", metadata.num_requests), ("num_contexts", metadata.num_contexts),
-               ("num_tokens", metadata.num_tokens), ("flashinfer_version", version), ("sm", _sm_text(sm)))
+               ("flashinfer_version", version), ("sm", _sm_text(sm)))
     if layer.quantized_kv:
         details += (("kv_scales", f"ckv_scale = kpe_scale = k_scale {layer.k_scale:g} (one latent cache, one scale)"),)
     return Plan(name, WRAPPER, variant, layout, "pages", metadata.has_cache, device=str(device), layer=layer,
-                details=details)
+                details=details, made_for=BatchShape.of(metadata))
 
 
 def expected_specialization(plan: Plan) -> dict:
@@ -253,9 +252,8 @@ class FlashInferMLABackend(Backend):
             raise AttnInputError("this plan was made without a GPU (no planned wrapper): plan on a CUDA device")
         if (lse is not None) != layer.return_lse:
             raise AttnInputError("lse= is given exactly when the layer has return_lse")
-        manager = metadata.kv_cache_manager
+        manager = metadata.kv_cache_manager  # start_forward wrote this step's K/V into it
         if manager is not None:
-            manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale, v_scale=layer.v_scale)
             pages = manager.k_cache(layer.layer_idx)  # [pages, page_size, 1, D] or [pages, 1, page_size, D]
             kv_cache = pages.view(manager.num_pages, manager.page_size, layer.head_dim)
         else:

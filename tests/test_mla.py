@@ -131,10 +131,7 @@ class LatentOnly(Backend):
         return Plan(self.name, "latent", "torch", layout, "tokens", metadata.has_cache, device=str(device), layer=layer)
 
     def forward(self, q, k, v, metadata, plan, out=None, lse=None):
-        layer, out = self.start_forward(q, k, v, metadata, plan, out)
-        if metadata.kv_cache_manager is not None:
-            metadata.kv_cache_manager.write(layer.layer_idx, metadata, k, v, k_scale=layer.k_scale,
-                                            v_scale=layer.v_scale)
+        layer, out = self.start_forward(q, k, v, metadata, plan, out)  # writes the cache first
         ckv = layer.head_dim_v
         scale = layer.head_dim ** -0.5 if self.bug == "scale-of-576" else layer.scale
         q_off = metadata.qo_indptr
