@@ -16,7 +16,7 @@ paged cache, NHD or HND, and dequantized to the input dtype for an FP8 cache):
   nothing to the output; flex's log-sum-exp (natural log) then includes it, as this project's LSE
   does.
 - the scale goes to flex's ``scale``, GQA to ``enable_gqa``; V (and the output) may have a head
-  dim of their own.
+  dim of their own, and so absorbed MLA (``latent_kv``) runs as MQA with V = K[..., :head_dim_vo].
 
 What score_mod and mask_mod read (offsets, window, cap, sinks) is captured as 0-d tensors, never
 Python numbers, so that a compiled flex reuses its graph across requests and layers rather than
@@ -174,7 +174,7 @@ class FlexAttentionBackend(Backend):
     capabilities = Capabilities(sliding_window=True, soft_cap=True, sinks=True, head_dim_vo=True,
                                 cross_attention=True, chunked_prefill=True, multi_token_generation=True,
                                 kv_dtypes=frozenset({"float8_e4m3fn", "bfloat16", "float16"}), lse_base="e",
-                                never_reads_masked_slots=True)
+                                never_reads_masked_slots=True, latent_kv=True)
     requires_contiguous = False  # flex takes strided q/k/v (views of a fused QKV projection)
 
     def available(self) -> Availability:

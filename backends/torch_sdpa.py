@@ -9,7 +9,8 @@ runs: if torch cannot use that kernel it raises rather than falling back.
 
 What SDPA can express, these backends do: bottom-right causal masks, sliding windows, chunked
 prefill and speculative rows through explicit masks; a custom scale; cross-attention; a V head dim
-of its own (math kernel); attention sinks as one extra key of zeros whose logit is the sink (an
+of its own (math kernel), and so absorbed MLA (``latent_kv``: one latent KV head, V the first
+head_dim_vo channels of K); attention sinks as one extra key of zeros whose logit is the sink (an
 additive mask column; its value row is zero); an FP8 cache by dequantizing what it gathers. A
 logit soft-cap cannot be expressed (no score modification in SDPA): the ``flex`` backend does it.
 """
@@ -115,7 +116,9 @@ class TorchSDPABackend(Backend):
                                 chunked_prefill=True, multi_token_generation=True,
                                 # request_kv converts what the cache holds to q's dtype
                                 kv_dtypes=frozenset({"float8_e4m3fn", "bfloat16", "float16"}),
-                                never_reads_masked_slots=True)
+                                never_reads_masked_slots=True,
+                                # absorbed MLA is MQA with head_dim_vo < head_dim: the math kernel
+                                latent_kv=True)
     requires_contiguous = False  # SDPA takes strided inputs
 
     def __init__(self, name: str = "torch", kernel: Optional[str] = None, use_varlen: bool = True):

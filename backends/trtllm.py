@@ -376,6 +376,12 @@ class TrtllmBackend(Backend):
 
     def unsupported(self, layer, metadata, device="cpu"):
         reasons = super().unsupported(layer, metadata, device)
+        if layer.latent_kv:
+            reasons.append("absorbed MLA: TensorRT-LLM's MLA kernels as FlashInfer ships them (trtllm-gen: "
+                           "trtllm_batch_decode_with_kv_cache_mla, BatchMLAPagedAttentionWrapper(backend='trtllm-gen')) "
+                           "need SM100/SM103/SM107, Blackwell (FlashInfer 0.7.2.post1, "
+                           "_validate_trtllm_gen_mla_device_capability), and these ports are FMHAv2 and XQA for "
+                           "Hopper: run MLA layers with flashinfer-mla or flashinfer-mla-fa3")
         if reasons:
             return reasons
         return route(metadata, layer, self.variant, self.sm(device), budget_from_env())[1]

@@ -23,7 +23,8 @@ class FullFeaturedBackend(Backend):
         sliding_window=True, soft_cap=True, sinks=True, head_dim_vo=True, cross_attention=True,
         chunked_prefill=True, multi_token_generation=True,
         kv_dtypes=frozenset({"float8_e4m3fn", "bfloat16", "float16"}),  # request_kv converts what the cache holds
-        lse_base="e", never_reads_masked_slots=True)  # it gathers each request's own tokens only
+        lse_base="e", never_reads_masked_slots=True,  # it gathers each request's own tokens only
+        latent_kv=True)  # absorbed MLA: the suite gives V as K's first head_dim_vo channels
     requires_contiguous = False  # it slices q, k and v; views of a fused QKV projection are fine
 
     def available(self) -> Availability:

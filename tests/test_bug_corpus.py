@@ -34,6 +34,7 @@ REPOS = {
     "pytorch": "pytorch/pytorch",
     "cudnn-frontend": "NVIDIA/cudnn-frontend",
     "mlc-llm": "mlc-ai/mlc-llm",
+    "aiter": "ROCm/aiter",
 }
 #: "#N", optionally after a repository and/or "PR"/"issue": with either it names an upstream
 #: thread, with neither a corpus bug.

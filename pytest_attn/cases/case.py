@@ -60,7 +60,7 @@ def sink_logits(num_heads: int) -> tuple[float, ...]:
 #: The layer's parameters a case takes as keywords (``BatchCase("x", 8, 8, 64, (10,), window_left=8)``);
 #: they live in the case's one :class:`LayerSpec` (``case.layer_spec``), never beside it.
 LAYER_KEYWORDS = ("num_heads", "num_kv_heads", "head_dim", "dtype", "mask", "window_left", "logits_soft_cap",
-                  "sinks", "sm_scale", "head_dim_vo", "kv_dtype", "k_scale", "v_scale", "return_lse")
+                  "sinks", "sm_scale", "head_dim_vo", "kv_dtype", "k_scale", "v_scale", "return_lse", "latent_kv")
 
 
 @dataclass(frozen=True, init=False)

@@ -13,6 +13,7 @@ from typing import Optional
 
 from pytest_attn.cases.case import VIT_HEAD_DIM, VIT_HEADS, VIT_TOKENS_224, BatchCase
 from pytest_attn.core.errors import AttnInputError
+from pytest_attn.core.layer import LayerSpec
 
 
 def _vit(name, seq_lens, mask="full", tags=(), **kw):
@@ -35,6 +36,67 @@ def _gqa(ratio: int, kv_heads: int) -> BatchCase:
     return _paged(f"gqa-r{ratio}-kv{kv_heads}", ratio * kv_heads, kv_heads, 64, (33, 17), tags=("gqa", "decode"),
                   description=f"group size {ratio} over {kv_heads} KV head(s): prefill and decode kernels (D4)")
 
+
+# -- absorbed multi-head latent attention (MLA): DeepSeek-V2/V3/R1, Kimi K2 ---------------------------
+#: DeepSeek-V3's (and Kimi K2's) latent KV: c_kv of kv_lora_rank 512 and a rope part of 64, one
+#: latent head; the softmax scale stays the un-absorbed 1/sqrt(qk_nope_head_dim + qk_rope_head_dim).
+MLA_CKV, MLA_ROPE, MLA_QK_NOPE = 512, 64, 128
+MLA_SCALE = (MLA_QK_NOPE + MLA_ROPE) ** -0.5  # 1/sqrt(192)
+DEEPSEEK_V3_HEADS, KIMI_K2_HEADS = 128, 64
+MLA_TP8_HEADS = DEEPSEEK_V3_HEADS // 8  # DeepSeek-V3 under tensor parallelism 8: 16 heads per GPU
+
+
+def _mla(name, heads, seq_lens, *, tags, cache=True, **kw):
+    layer = LayerSpec(heads, 1, MLA_CKV + MLA_ROPE, "bfloat16", "causal", sm_scale=MLA_SCALE, head_dim_vo=MLA_CKV,
+                      latent_kv=True)
+    if cache:
+        kw.setdefault("decode_steps", 2)
+    return BatchCase(name, seq_lens=tuple(seq_lens), layer_spec=layer, cache=cache,
+                     tags=("mla",) + tuple(tags) + (("cache",) if cache else ("no-cache",)), **kw)
+
+
+_MLA_CASES = [
+    _mla("mla-dsv3-decode-page64", DEEPSEEK_V3_HEADS, (37, 100), page_size=64, decode_steps=3,
+         tags=("decode", "page-size"),
+         description="DeepSeek-V3's 128 heads decoding on 64-token pages: absorbed-MLA decode silently wrong at "
+                     "page_size > 1 (ROCm/aiter #2996); FlashInfer's MLA kernel was tested at page size 1 only "
+                     "(flashinfer PR #810)"),
+    _mla("mla-tp8-decode-page1-prime", MLA_TP8_HEADS, (127, 31, 5), page_size=1, decode_steps=3,
+         tags=("decode", "page-size"),
+         description="one-token pages and prime lengths: the last page's length set to the whole sequence's in "
+                     "vLLM's AITER MLA decode (vllm PR #31282)"),
+    _mla("mla-tp8-decode-ragged-page16", MLA_TP8_HEADS, (1, 17, 200, 64, 3), decode_steps=4,
+         tags=("decode",),
+         description="decode over very different KV lengths, each request on several scattered pages: FlashInfer's "
+                     "fa2 MLA returned zeros for non-contiguous kv_indices (flashinfer #3219)"),
+    _mla("mla-tp8-chunked-prefill", MLA_TP8_HEADS, (300, 40), chunk_size=128, tags=("chunked", "mixed"),
+         description="a prompt in chunks over its own cached latent KV (qo_len < kv_len) beside a decoding request: "
+                     "MLA chunked prefill wrong in SGLang (sglang #22291, flashinfer #3047)"),
+    _mla("mla-tp8-mixed-page64", MLA_TP8_HEADS, (50, 20), joining=(33, 5), decode_steps=3, page_size=64,
+         tags=("mixed", "page-size"),
+         description="new prompts and decoding requests in one step: MLA's decode/prefill split of a batch "
+                     "mishandled, inaccurate results and illegal accesses in vLLM V1 (vllm PR #14253)"),
+    _mla("mla-tp8-spec-decode", MLA_TP8_HEADS, (40, 17), draft_tokens=3, decode_steps=3,
+         tags=("spec-decode",),
+         description="MTP/EAGLE verification: four query tokens per request over pages > 1 (target_verify, "
+                     "sglang PR #9990); wrong output of an MLA backend under speculative decoding (vllm PR #25984)"),
+    _mla("mla-tp8-prefix-reuse", MLA_TP8_HEADS, (100, 30), shared_prefix=64,
+         tags=("prefix", "chunked"),
+         description="a request reusing another's cached latent pages: MLA with prefix caching failed on a cache "
+                     "hit (vllm PR #13747, its review thread)"),
+    _mla("mla-kimi-k2-ragged-no-cache", KIMI_K2_HEADS, (64, 17, 1), cache=False, tags=(),
+         description="Kimi K2's 64 heads over a ragged batch without a cache: the latent K given directly"),
+    _mla("mla-tp8-fp8-kv", MLA_TP8_HEADS, (60, 17), kv_dtype="float8_e4m3fn", k_scale=0.05, v_scale=0.05,
+         decode_steps=3, tags=("fp8", "decode"),
+         description="an FP8 latent cache with its scale: FlashInfer takes it as ckv_scale and kpe_scale, two "
+                     "arguments where a scale can be dropped or read as 1.0 (sglang PR #20705 for the class)"),
+    _mla("mla-tp8-lse-decode", MLA_TP8_HEADS, (40, 17), return_lse=True, decode_steps=2, tags=("lse", "decode"),
+         description="the log-sum-exp with which decode context parallelism merges partial MLA outputs"),
+    _mla("mla-dsv3-chunked-2500", DEEPSEEK_V3_HEADS, (2500,), chunk_size=1024, page_size=64, decode_steps=2,
+         tags=("chunked", "large"),
+         description="DeepSeek-V3 prefilling a 2.5k-token document in 1024-token chunks: logprob MSE 3.3 on a "
+                     "2471-token document through MLA chunked prefill (sglang #22291)"),
+]
 
 _CASES = [
     # -- the seed: the ViT encoder, no cache, full (bidirectional) attention, head_dim 80 ----------------
@@ -190,6 +252,8 @@ _CASES = [
     # -- strided inputs: q, k, v as views of one fused QKV projection (D16: #9, #37) ----------------------
     _ragged("strided-fused-qkv", 8, 2, 128, (100, 33), strided=True, tags=("strided", "gqa")),
     _paged("strided-fused-qkv-paged", 8, 2, 64, (40, 17), strided=True, tags=("strided", "decode")),
+    # -- absorbed MLA (above) --------------------------------------------------------------------------
+    *_MLA_CASES,
 ]
 
 CATALOG: dict[str, BatchCase] = {c.name: c for c in _CASES}

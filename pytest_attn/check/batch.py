@@ -54,7 +54,8 @@ def build_batch(seq_lens: Sequence[int], *, num_heads: int = 16, num_kv_heads: O
     requests already hold that many tokens: lengths 0 are context requests, others generation.
     ``kv_lens`` (no cache) gives each request keys of its own: cross-attention. Other keywords
     (window_left, logits_soft_cap, sinks, sm_scale, head_dim_vo, kv_dtype, k_scale, v_scale,
-    return_lse) go to the LayerSpec."""
+    return_lse, latent_kv) go to the LayerSpec; a latent_kv (absorbed MLA) layer's V is K's first
+    head_dim_vo channels (see make_qkv)."""
     from pytest_attn.check.harness import derive_seed, make_qkv
     from pytest_attn.check.history import KVHistory, split_tokens
     from pytest_attn.core.kv_cache import PagedKVCacheManager

@@ -58,7 +58,8 @@ def make_qkv(num_tokens: int, layer: LayerSpec, device, seed: int, *, num_kv_tok
     computed exactly in float32 in any order, so the case tests what a kernel does with logits that
     low (a finite -inf sentinel above them) and not how float32 rounds products of 700.
     strided: q, k and v are views of one fused [tokens, (H + 2 Hkv) x D] projection, as engines
-    produce them (non-contiguous; needs num_kv_tokens == num_tokens)."""
+    produce them (non-contiguous; needs num_kv_tokens == num_tokens).
+    A latent_kv (absorbed MLA) layer gets v = k[..., :head_dim_vo]: V is the latent c_kv part of K."""
     import torch
 
     num_kv_tokens = num_tokens if num_kv_tokens is None else num_kv_tokens
@@ -84,6 +85,8 @@ def make_qkv(num_tokens: int, layer: LayerSpec, device, seed: int, *, num_kv_tok
         q, k = torch.round(q * 2) / 2, torch.round(k * 2) / 2
         q[..., 0] = a
         k[..., 0] = -a
+    if layer.latent_kv:  # one latent cache: V is K's c_kv part, not numbers of its own
+        v = k[..., :dv].clone()
     if strided:  # rebuild the fused buffer on the device and view into it
         fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1).to(device=device,
                                                                              dtype=torch_dtype(layer.dtype))

@@ -42,7 +42,8 @@ def capability_lines(caps: Capabilities, requires_contiguous: bool) -> list[str]
         if getattr(caps, flag):
             paths.append(text)
     features = [text for flag, text in (("gqa", "GQA"), ("sliding_window", "sliding window"), ("soft_cap", "soft-cap"),
-                                        ("sinks", "sinks"), ("head_dim_vo", "head_dim_vo != head_dim"))
+                                        ("sinks", "sinks"), ("head_dim_vo", "head_dim_vo != head_dim"),
+                                        ("latent_kv", "absorbed MLA (latent_kv)"))
                 if getattr(caps, flag)]
     if caps.lse_base:
         features.append(f"LSE (base {caps.lse_base})")

@@ -188,6 +188,8 @@ class Capabilities:
     #: size, long requests or decodes beside it), each batch planned anew: no split-KV or tile choice
     #: that depends on the batch. None: measured and reported, not required. True: a difference fails.
     batch_invariant: Optional[bool] = None
+    #: Absorbed MLA layers (LayerSpec.latent_kv: one latent KV head, V = K[..., :head_dim_vo]).
+    latent_kv: bool = False
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,8 @@ class Backend(abc.ABC):
             reasons.append("attention sinks not supported")
         if layer.head_dim_v != layer.head_dim and not caps.head_dim_vo:
             reasons.append(f"head_dim_vo {layer.head_dim_v} != head_dim {layer.head_dim} not supported")
+        if layer.latent_kv and not caps.latent_kv:
+            reasons.append("absorbed MLA (latent_kv: one latent KV head, V = K's first head_dim_vo channels) not supported")
         if layer.return_lse and caps.lse_base is None:
             reasons.append("returning the log-sum-exp (LSE) not supported")
         if metadata.is_cross and not caps.cross_attention:

@@ -82,6 +82,13 @@ class LayerSpec:
       holds, so a backend that keeps the unrounded K/V instead is wrong.
     - ``return_lse``: the backend also returns each query's log-sum-exp of its logits (the sink
       included), in the base its capabilities declare.
+    - ``latent_kv``: absorbed multi-head latent attention (MLA: DeepSeek-V2/V3/R1, Kimi K2): K is
+      [c_kv | k_pe] of head_dim = head_dim_ckv + head_dim_kpe (512 + 64) with num_kv_heads == 1, and
+      V is K's first head_dim_vo (= head_dim_ckv) channels, so one latent cache serves both; q is
+      [q_nope absorbed | q_pe]. Inputs of such a layer come with v == k[..., :head_dim_vo] (the
+      reference needs nothing else), and a backend may read only the K pages of the cache
+      (ckv = k[..., :head_dim_vo], kpe = k[..., head_dim_vo:]). MLA's scale is the un-absorbed one,
+      1/sqrt(qk_nope_head_dim + qk_rope_head_dim) (1/sqrt(192) for DeepSeek-V3), set as sm_scale.
     - ``layer_idx``: which layer of the paged cache this is.
     """
 
@@ -100,6 +107,7 @@ class LayerSpec:
     k_scale: float = 1.0
     v_scale: float = 1.0
     return_lse: bool = False
+    latent_kv: bool = False  # absorbed MLA: one latent KV head, V = K[..., :head_dim_vo]
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
@@ -135,6 +143,21 @@ class LayerSpec:
                 raise AttnInputError(f"LayerSpec.{name} must be a positive number, got {value!r}")
         if not isinstance(self.return_lse, bool):
             raise AttnInputError(f"LayerSpec.return_lse must be True or False, got {self.return_lse!r}")
+        self._check_latent_kv()
+
+    def _check_latent_kv(self) -> None:
+        if not isinstance(self.latent_kv, bool):
+            raise AttnInputError(f"LayerSpec.latent_kv must be True or False, got {self.latent_kv!r}")
+        if not self.latent_kv:
+            return
+        if self.num_kv_heads != 1:
+            raise AttnInputError(f"latent_kv (absorbed MLA) has one latent KV head, not num_kv_heads={self.num_kv_heads}")
+        if self.head_dim_vo is None or self.head_dim_vo >= self.head_dim:
+            raise AttnInputError(f"latent_kv (absorbed MLA) needs head_dim_vo (the latent c_kv width, e.g. 512) below "
+                                 f"head_dim (c_kv + rope, e.g. 576), got {self.head_dim}/{self.head_dim_vo}")
+        if self.k_scale != self.v_scale:
+            raise AttnInputError(f"latent_kv (absorbed MLA) stores K and V as one latent cache with one scale: "
+                                 f"k_scale {self.k_scale:g} != v_scale {self.v_scale:g}")
 
     @property
     def scale(self) -> float:
@@ -152,6 +175,11 @@ class LayerSpec:
     def head_dim_v(self) -> int:
         """Head dim of V and the output."""
         return self.head_dim_vo if self.head_dim_vo is not None else self.head_dim
+
+    @property
+    def head_dim_rope(self) -> int:
+        """Absorbed MLA: the width of the rope part of q and K (head_dim - head_dim_vo); 0 otherwise."""
+        return self.head_dim - self.head_dim_v if self.latent_kv else 0
 
     @property
     def cache_dtype(self) -> str:
@@ -172,7 +200,10 @@ class LayerSpec:
         scale = "" if self.sm_scale is None else " (sm_scale)"
         parts.append(f"scale {self.scale:.4g}{scale}")
         heads = f"{self.num_heads}/{self.num_kv_heads} heads x {self.head_dim}"
-        parts.append(heads + (f"/{self.head_dim_vo}" if self.head_dim_vo is not None else ""))
+        if self.latent_kv:
+            heads = (f"absorbed MLA {self.num_heads} heads over one latent KV head x {self.head_dim} "
+                     f"(c_kv {self.head_dim_v} + rope {self.head_dim_rope}; V = c_kv)")
+        parts.append(heads + (f"/{self.head_dim_vo}" if self.head_dim_vo is not None and not self.latent_kv else ""))
         parts.append(self.dtype + (f", cache {self.kv_dtype} (k_scale {self.k_scale:g}, v_scale {self.v_scale:g})"
                                    if self.kv_dtype is not None and self.kv_dtype != self.dtype else ""))
         if self.return_lse:
@@ -192,4 +223,6 @@ class LayerSpec:
             found.append("head_dim_vo")
         if self.return_lse:
             found.append("lse")
+        if self.latent_kv:
+            found.append("latent_kv")
         return tuple(found)
