@@ -447,8 +447,10 @@ class FlashInferBackend(Backend):
         for part in plan.launches:
             wrapper = self._planned_wrapper(part, self._subset(metadata, *part.request_range(metadata)), device)
             resolved = _resolved_backend(wrapper)
-            if resolved == "fa2" and layer.head_dim % FA2_SAFE_HEAD_DIM_MULTIPLE:
-                raise UnsupportedCase(self.name, [f"{part.kernel} resolved to fa2: " + _REASON_4299.format(hd=layer.head_dim)])
+            known = resolved == "fa2" and KNOWN.reasons("fa2-head-dim", sm=self.sm(device), hd=layer.head_dim,
+                                                        holds=lambda p: layer.head_dim % p["multiple_of"] != 0)
+            if known:  # the live wrapper chose fa2 where it is a known crash: refuse before the launch
+                raise UnsupportedCase(self.name, [f"{part.kernel} resolved to fa2: {reason}" for reason in known])
             kv_layout = self.ragged_kv_layout if part.kernel == RAGGED else part.layout
             parts.append(dataclasses.replace(part, details=part.details + (("resolved_backend", resolved),
                                                                            ("kernel_kv_layout", kv_layout))))

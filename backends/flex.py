@@ -42,6 +42,9 @@ from pytest_attn.core.metadata import AttentionMetadata
 MIN_TORCH = "2.5"
 #: flex's Triton kernel multiplies with tl.dot, which takes no head dim under 16.
 MIN_CUDA_HEAD_DIM = 16
+# Measured on an H200 (torch 2.11): at head_dim 576/512 (absorbed MLA) the Triton template needs
+# 425984 bytes of shared memory against a limit of 232448, and no config fits.
+MAX_CUDA_HEAD_DIM = 256
 #: Graphs TorchDynamo may compile for flex_attention's one code object (see _call_context).
 RECOMPILE_LIMIT = 1024
 _COMPILED_FLEX = None  # torch.compile(flex_attention, ...), made on first CUDA use
@@ -210,6 +213,9 @@ class FlexAttentionBackend(Backend):
         if str(device).startswith("cuda") and min(layer.head_dim, layer.head_dim_v) < MIN_CUDA_HEAD_DIM:
             reasons.append(f"flex_attention's Triton kernel needs head dims of at least {MIN_CUDA_HEAD_DIM} (tl.dot), "
                            f"not {layer.head_dim}/{layer.head_dim_v}")
+        if str(device).startswith("cuda") and max(layer.head_dim, layer.head_dim_v) > MAX_CUDA_HEAD_DIM:
+            reasons.append(f"flex_attention's Triton kernel runs out of shared memory above head dim {MAX_CUDA_HEAD_DIM} "
+                           f"(head dims {layer.head_dim}/{layer.head_dim_v}; measured on an H200)")
         return reasons
 
     def plan(self, metadata: AttentionMetadata, layer: LayerSpec, device: str = "cpu") -> Plan:

@@ -183,3 +183,14 @@ def test_traces_are_on_unless_the_option_or_the_environment_turns_them_off(monke
     monkeypatch.setenv(TRACE_ENV, "off")
     assert tracing_enabled(_Config()) == (False, "kernel traces are off ($PYTEST_ATTN_TRACE=off)")
     assert tracing_enabled(_Config("on"))[0]  # the option wins over the environment
+
+
+def test_a_kernel_the_profiler_could_not_name_is_not_judged_but_a_named_stranger_still_fails():
+    """An H200 run (torch 2.11) recorded SDPA math's GEMMs at head dim 576 without names: they are
+    neither outside the families nor proof that a family ran; a named kernel outside still fails."""
+    families = [KernelFamily("SDPA math (cuda)", (r"(?i)gemm",))]
+    assert check_trace(KernelTrace.of("cuda", ["", ""]), families) == []
+    (problem,) = check_trace(KernelTrace.of("cuda", ["", "flash_fwd_kernel"]), families)
+    assert "flash_fwd_kernel x1, outside the declared kernel families" in problem
+    (problem,) = check_trace(KernelTrace.of("cuda", []), families)
+    assert "launched nothing" in problem
