@@ -143,8 +143,9 @@ def _checked_fields(data: dict, cls, skip: Iterable[str], where: _Where, prefix:
     hints, names = _hints(cls), {f.name for f in dataclasses.fields(cls)} - set(skip)
     for key, value in data.items():
         if key not in names:
+            known = names if cls is LayerSpec else names | {FORMAT_KEY, *skip}
             raise where.error(f"unknown field; a {'layer' if cls is LayerSpec else 'case'} has "
-                              f"{', '.join(sorted(names))}", prefix + key)
+                              f"{', '.join(sorted(known))}", prefix + key)
         if key == "sinks" and isinstance(value, bool):
             continue  # true: the case's sink_logits
         if not _fits(value, hints[key]):
