@@ -12,6 +12,8 @@
   pytest-attn report RUN.json [B.json] -o OUT.html  a run's report from saved results, or two runs side by side
   pytest-attn trace CASE --backends a,b             the kernels each backend launched, against its declaration
   pytest-attn properties [--json PATH]              deterministic? batch-invariant? per backend and case family
+  pytest-attn export-cases [NAME|TAG ...] [-o F]    the catalog as JSON (cases as data: --attn-case-file)
+  pytest-attn minimize CASE_OR_FILE --backend NAME  shrink a failing case to a minimal reproducer
 
 Exit status: 0 when all is well; 1 when a command ran and found a failure (a backend broke or
 disagrees, or one named on the command line did not run); 4 for a bad argument, said in one line on
@@ -197,6 +199,11 @@ def _build_parser() -> argparse.ArgumentParser:
     properties.add_parser(sub)
     for command in extra_commands().values():
         command.add_parser(sub)
+    from pytest_attn.cli.export import add_export_parser
+    from pytest_attn.cli.minimize import add_minimize_parser
+
+    add_export_parser(sub)
+    add_minimize_parser(sub)
     return parser
 
 
@@ -241,6 +248,14 @@ def _run(args) -> int:
         from pytest_attn.report.render import report_command
 
         return report_command(args)
+    if args.command == "export-cases":
+        from pytest_attn.cli.export import export_command
+
+        return export_command(args)
+    if args.command == "minimize":
+        from pytest_attn.cli.minimize import minimize_command
+
+        return minimize_command(args)
     return cases_command(args)
 
 
