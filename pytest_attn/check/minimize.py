@@ -12,7 +12,7 @@ changes nothing; each pass keeps every change after which the case still fails t
 2. requests: drop each joining prompt, the shared prefix, then each request;
 3. decode steps: fewer (0, else halve while failing, then bisect);
 4. schedule features: no chunking, fewer draft tokens, no solo check;
-5. layer features: no window, soft-cap, sinks, LSE, separate V head dim, cache dtype, custom scale;
+5. layer features: no layer overrides, no window, soft-cap, sinks, LSE, separate V head dim, cache dtype, custom scale;
    contiguous inputs, unit input scale, no logit shift;
 6. lengths: each prompt, joining prompt and cross-attention key length: 1 if that still fails, else
    halved while it fails, then bisected between the last passing and failing lengths (so the result
@@ -184,6 +184,8 @@ _PLAIN_CASE = (("contiguous inputs", "strided", False), ("input scale 1", "input
 
 
 def _layer_features(s: _Search, case: BatchCase) -> BatchCase:
+    if any(case.layer_overrides):
+        case = s.attempt(case, "no layer overrides", layer_overrides=()) or case
     for what, name, plain in _PLAIN_LAYER:
         if getattr(case.layer_spec, name) != plain:
             case = s.attempt(case, what, **{name: plain}) or case
