@@ -145,7 +145,7 @@ def draw_case(seed: int, backend: str, caps, size: FuzzTier, index: int, draw: i
     if rng.random() < 0.1:
         fields["input_scale"] = rng.choice((3.0, 8.0))
     return BatchCase(fuzz_name(seed, index), **layer, **fields, tags=(FUZZ_TAG,),
-                     description=f"random case {index} of seed {seed} for {backend} ({size.name} sizes)")
+                     description=f"random case {index} of seed {seed} for {backend}")
 
 
 def fuzz_case(seed: int, backend: str, caps, size: FuzzTier, index: int,
