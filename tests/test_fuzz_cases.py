@@ -10,11 +10,12 @@ import pytest
 from planted_backends import Einsum
 from shrink_planted import write_shrink_package
 
+from pytest_attn.cases.serialize import cases_in_file
 from pytest_attn.cases.fuzz import TIERS, fuzz_case, fuzz_cases, fuzz_name, tier
 from pytest_attn.core.contract import Capabilities
 from pytest_attn.core.errors import AttnInputError
 from pytest_attn.env.registry import Registry
-from pytest_attn.plugin.session import _runs_case
+from pytest_attn.check.minimize import runs_every_step
 
 SUITE = ("--attn-suite=on", "-p", "no:cacheprovider")
 
@@ -63,7 +64,7 @@ class RefusesLongBatches(Einsum):
 
 def test_a_draw_the_backend_refuses_is_redrawn():
     backend = RefusesLongBatches()
-    accept = lambda case: _runs_case(backend, "cpu", case)  # noqa: E731
+    accept = lambda case: runs_every_step(backend, case)  # noqa: E731
     cases = fuzz_cases(11, backend.name, backend.capabilities, TIERS["ci"], accept)
     assert len(cases) == 16 and all(c.max_tokens <= 100 for c in cases)
     unfiltered = fuzz_cases(11, backend.name, backend.capabilities, TIERS["ci"])
@@ -74,7 +75,7 @@ def test_a_draw_the_backend_refuses_is_redrawn():
 def test_the_bundled_backends_accept_every_case_drawn_for_them(name):
     backend = Registry.discover().get(name)
     cases = [fuzz_case(20261125, name, backend.capabilities, TIERS["nightly"], i) for i in range(64)]
-    assert all(c is not None and _runs_case(backend, "cpu", c) for c in cases)
+    assert all(c is not None and runs_every_step(backend, c) for c in cases)
     assert any(c.layer_spec.window_left >= 0 for c in cases) and any(c.cache for c in cases)
 
 
@@ -94,6 +95,11 @@ def shrink(pytester, monkeypatch):
 def test_fuzz_finds_a_declared_feature_done_wrong_and_reruns_exactly_that_case(pytester, shrink):
     """nowindow declares sliding windows and ignores them; the catalog's cases it is given here
     (no window) pass, the fuzz cases with a window fail, and each rerun command regenerates its case."""
+    assert failing_fuzz_case(pytester).startswith("fuzz-5-")
+
+
+def failing_fuzz_case(pytester) -> str:
+    """The name of the first fuzz case that fails on nowindow (seed 5, ci), checked on the way."""
     result = pytester.runpytest("--attn-backend=nowindow", "--attn-fuzz=ci", "--attn-seed=5",
                                 "--attn-cases=fuzz,hd64-ragged", "-k", "test_output_matches_reference", *SUITE)
     outcomes = result.parseoutcomes()
@@ -109,7 +115,23 @@ def test_fuzz_finds_a_declared_feature_done_wrong_and_reruns_exactly_that_case(p
     again = pytester.runpytest(*words[3:], "-p", "no:cacheprovider")
     again.assert_outcomes(failed=1)
     assert f"test_output_matches_reference[nowindow-{case}]" in again.stdout.str()
-    assert "window_left" in again.stdout.str() or "window" in again.stdout.str()
+    assert "window_left" in again.stdout.str()
+    return case
+
+
+def test_a_failing_fuzz_case_minimizes_from_its_name(pytester, shrink, capsys):
+    from pytest_attn.cli.main import main
+
+    case = failing_fuzz_case(pytester)
+    out = pytester.path / "small.json"
+    assert main(["minimize", case, "--backend", "nowindow", "--fuzz", "ci", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"minimizing {case} (" in printed and "seed 5" in printed
+    (small,) = cases_in_file(out)
+    assert small.layer_spec.window_left >= 0 and small.num_layers == 1  # the window is what it needs
+    assert f"--attn-cases={case}-min --attn-seed=5" in printed
+    assert main(["minimize", case, "--backend", "nowindow"]) == 4
+    assert "is a fuzz case: give the --fuzz tier of its run" in capsys.readouterr().err
 
 
 def test_fuzz_on_a_correct_backend_runs_every_case_and_passes(pytester, shrink):

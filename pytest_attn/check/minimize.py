@@ -73,6 +73,18 @@ def failure_of(backend: Backend, case: BatchCase, device: str = "cpu", seed: int
     return None
 
 
+def runs_every_step(backend: Backend, case: BatchCase, device: str = "cpu") -> bool:
+    """Whether the backend says it runs every step and layer of the case (its unsupported() is
+    empty everywhere): a fuzz draw it refuses is redrawn."""
+    from pytest_attn.check.harness import step_metadata
+
+    try:
+        return not any(guard.unsupported(backend, case.layer(i), metadata, device)
+                       for metadata in step_metadata(case) for i in range(case.num_layers))
+    except guard.BackendError:
+        return False
+
+
 @dataclass
 class Minimized:
     original: BatchCase

@@ -2,6 +2,7 @@
 as JSON and print the pytest command that reruns it (the search: pytest_attn.check.minimize)."""
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -19,7 +20,8 @@ def add_minimize_parser(subparsers) -> None:
     parser = subparsers.add_parser("minimize", help="shrink a failing case to a minimal reproducer",
                                    description=MINIMIZE_DESCRIPTION)
     parser.add_argument("case", metavar="CASE_OR_FILE",
-                        help="a catalog case name, or a .json/.jsonl case file (pytest-attn export-cases writes them)")
+                        help="a catalog case name, a .json/.jsonl case file (pytest-attn export-cases writes them), or "
+                             "a fuzz case's name (fuzz-SEED-I, with --fuzz)")
     parser.add_argument("--backend", required=True, metavar="NAME", help="the backend the case fails on")
     parser.add_argument("--case", dest="case_name", default=None, metavar="NAME",
                         help="which case of a file that holds several")
@@ -27,11 +29,46 @@ def add_minimize_parser(subparsers) -> None:
                         help="where to write the minimized case (default: NAME-min.json here)")
     parser.add_argument("--device", type=_device_name, default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=20261125,
-                        help="input seed (default 20261125, the plugin's; the printed command repeats it)")
+    parser.add_argument("--fuzz", default=None, metavar="ci|nightly|N",
+                        help="the --attn-fuzz tier of the run a fuzz case failed in (regenerates fuzz-SEED-I)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="input seed (default: a fuzz case's seed, else 20261125, the plugin's); the printed "
+                             "command repeats it")
 
 
-def _load_case(args):
+FUZZ_NAME = re.compile(r"fuzz-(\d+)-(\d+)")
+DEFAULT_SEED = 20261125  # the plugin's default --attn-seed (pytest_attn.plugin.options.DEFAULT_SEED)
+
+
+def _fuzz_case(args, backend):
+    """A fuzz case regenerated as the run that named it drew it: its seed and index from its name,
+    the backend's capabilities and the --fuzz tier."""
+    from pytest_attn.cases.fuzz import fuzz_case, tier
+    from pytest_attn.check.minimize import runs_every_step
+    from pytest_attn.cli.main import UsageError
+    from pytest_attn.core.errors import AttnInputError
+
+    seed, index = map(int, FUZZ_NAME.fullmatch(args.case).groups())
+    try:
+        size = tier(args.fuzz)
+    except AttnInputError as exc:
+        raise UsageError(str(exc).replace("--attn-fuzz", "--fuzz")) from None
+    if index >= size.count:
+        raise UsageError(f"{args.case}: --fuzz={args.fuzz} draws cases 0 to {size.count - 1}")
+    case = fuzz_case(seed, backend.name, backend.capabilities, size, index,
+                     lambda c: runs_every_step(backend, c, _device(args)))
+    if case is None:
+        raise UsageError(f"{args.case}: no case of {backend.name}'s capabilities was drawn there")
+    return case
+
+
+def _device(args) -> str:
+    from pytest_attn.cli.main import _device as resolve
+
+    return resolve(args.device)
+
+
+def _load_case(args, backend):
     from pytest_attn.cases.catalog import CATALOG
     from pytest_attn.cases.serialize import cases_in_file
     from pytest_attn.cli.main import UsageError
@@ -39,6 +76,10 @@ def _load_case(args):
 
     if args.case in CATALOG and not Path(args.case).exists():
         return CATALOG[args.case]
+    if FUZZ_NAME.fullmatch(args.case) and not Path(args.case).exists():
+        if args.fuzz is None:
+            raise UsageError(f"{args.case} is a fuzz case: give the --fuzz tier of its run (ci, nightly or N)")
+        return _fuzz_case(args, backend)
     if not Path(args.case).is_file():
         raise UsageError(f"{args.case!r} is neither a catalog case (pytest-attn cases lists them) nor a case file")
     try:
@@ -66,18 +107,20 @@ def rerun_command(backend: str, path: Path, name: str, seed: int, device) -> str
 def minimize_command(args) -> int:
     from pytest_attn.cases.serialize import case_to_json, dump_cases
     from pytest_attn.check.minimize import minimize
-    from pytest_attn.cli.main import FAILED, UsageError, _device, _resolve
+    from pytest_attn.cli.main import FAILED, UsageError, _resolve
     from pytest_attn.core import calls as guard
     from pytest_attn.env.registry import Registry
 
-    case = _load_case(args)
     (backend,) = _resolve([args.backend], Registry.discover())
     availability = guard.availability(backend)
     if not availability:
         raise UsageError(f"backend {backend.name!r} is unavailable here: {availability.reason}")
-    device = _device(args.device)
-    print(f"minimizing {case.name} ({case.describe()}) on {backend.name}, device {device}, seed {args.seed}")
-    result = minimize(backend, case, device=device, seed=args.seed, log=lambda line: print(f"  still fails: {line}"))
+    device = _device(args)
+    case = _load_case(args, backend)
+    fuzzed = FUZZ_NAME.fullmatch(case.name)
+    seed = args.seed if args.seed is not None else int(fuzzed.group(1)) if fuzzed else DEFAULT_SEED
+    print(f"minimizing {case.name} ({case.describe()}) on {backend.name}, device {device}, seed {seed}")
+    result = minimize(backend, case, device=device, seed=seed, log=lambda line: print(f"  still fails: {line}"))
     if result is None:
         print(f"pytest-attn minimize: {case.name} does not fail on {backend.name} (it passes, or the backend cannot "
               "run it): nothing to minimize")
@@ -93,5 +136,5 @@ def minimize_command(args) -> int:
     print(f"smallest case: {small.name}: {small.describe()}")
     print(case_to_json(small))
     print(f"written to {out}")
-    print(f"rerun: {rerun_command(backend.name, out, small.name, args.seed, args.device)}")
+    print(f"rerun: {rerun_command(backend.name, out, small.name, seed, args.device)}")
     return 0

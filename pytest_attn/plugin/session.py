@@ -93,7 +93,10 @@ class AttnSession:
         if not self.fuzz:
             return []
         if backend.name not in self._fuzzed:
-            accept = functools.partial(_runs_case, backend, self.device) if self.availability(backend) else None
+            from pytest_attn.check.minimize import runs_every_step
+
+            accept = functools.partial(runs_every_step, backend, device=self.device) if self.availability(backend) \
+                else None
             self._fuzzed[backend.name] = fuzz_cases(self.seed, backend.name, backend.capabilities, tier(self.fuzz),
                                                     accept)
         chosen = self._fuzzed[backend.name]
@@ -200,13 +203,3 @@ def _load_case_files(paths: list[str]) -> dict:
                                  f"{name!r}; rename the one in {path}")
     return loaded
 
-
-def _runs_case(backend: Backend, device: str, case) -> bool:
-    """Whether the backend says it runs every step and layer of the case (a fuzz draw it refuses is redrawn)."""
-    from pytest_attn.check.harness import step_metadata
-
-    try:
-        return not any(guard.unsupported(backend, case.layer(i), metadata, device)
-                       for metadata in step_metadata(case) for i in range(case.num_layers))
-    except guard.BackendError:
-        return False
