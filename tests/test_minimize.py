@@ -115,3 +115,24 @@ def test_a_file_of_several_cases_needs_case(tmp_path, capsys):
     dump_cases([CATALOG["hd64-ragged"], CATALOG["hd80-ragged"]], source)
     assert main(["minimize", str(source), "--backend", "torch"]) == 4
     assert "holds 2 cases (hd64-ragged, hd80-ragged); pick one with --case NAME" in capsys.readouterr().err
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=TEXT.filter(lambda t: t not in CATALOG and not os.path.exists(t) and not t.startswith("-")),
+       fuzz=st.one_of(st.none(), TEXT), seed=st.one_of(st.none(), TEXT))
+def test_random_bad_minimize_arguments_are_one_line_and_exit_4(case, fuzz, seed, capsys):
+    argv = ["minimize", "--backend=torch", *([f"--fuzz={fuzz}"] if fuzz is not None else []),
+            *([f"--seed={seed}"] if seed is not None else []), "--", case]
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 4 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)

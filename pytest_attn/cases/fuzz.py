@@ -9,7 +9,7 @@ pass ``accept`` (the plugin asks the backend's own ``unsupported`` of every step
 either is redrawn from the next sub-seed. The cases are named ``fuzz-<seed>-<i>`` and tagged ``fuzz``.
 
 Tiers: ``ci`` draws 16 small cases (prompts up to 160 tokens), ``nightly`` 256 larger ones (up to
-1024); an integer N draws N cases of the ci tier's sizes.
+512); an integer N draws N cases of the ci tier's sizes.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class FuzzTier:
     max_decode_steps: int
 
 
-TIERS = {"ci": FuzzTier("ci", 16, 160, 4, 3), "nightly": FuzzTier("nightly", 256, 1024, 8, 6)}
+TIERS = {"ci": FuzzTier("ci", 16, 160, 4, 3), "nightly": FuzzTier("nightly", 256, 512, 6, 4)}
 
 
 def tier(value) -> FuzzTier:
