@@ -121,3 +121,12 @@ def test_an_exported_catalog_case_runs_as_the_catalog_one(pytester, planted):
     result = pytester.runpytest("--attn-backend=einsum", "--attn-case-file=copy.json", "--attn-cases=copy", "-v",
                                 *SUITE)
     result.assert_outcomes(passed=2)
+
+
+def test_file_and_fuzz_cases_run_isolated(pytester, planted):
+    """--attn-isolate runs each test in a child, which must be given the file and the fuzz tier too."""
+    write(pytester, "mine.json", MINE)
+    result = pytester.runpytest("--attn-backend=einsum", "--attn-case-file=mine.json", "--attn-fuzz=1",
+                                "--attn-cases=mine,fuzz", "--attn-isolate=all", "-k", "test_output_matches_reference",
+                                *SUITE)
+    result.assert_outcomes(passed=2)
