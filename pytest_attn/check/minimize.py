@@ -12,8 +12,8 @@ changes nothing; each pass keeps every change after which the case still fails t
 2. requests: drop each joining prompt, the shared prefix, then each request;
 3. decode steps: fewer (0, else halve while failing, then bisect);
 4. schedule features: no chunking, fewer draft tokens, no solo check;
-5. layer features: no layer overrides, no window, soft-cap, sinks, LSE, separate V head dim, cache dtype, custom scale;
-   contiguous inputs, unit input scale, no logit shift;
+5. layer features: no layer overrides, window, soft-cap, sinks, LSE, separate V head dim, custom
+   scale or cache dtype; contiguous inputs, unit input scale, no logit shift;
 6. lengths: each prompt, joining prompt and cross-attention key length: 1 if that still fails, else
    halved while it fails, then bisected between the last passing and failing lengths (so the result
    fails and one token less passes);
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from pytest_attn.cases.case import BatchCase, sink_logits
 from pytest_attn.core import calls as guard
@@ -189,7 +189,8 @@ def _schedule_features(s: _Search, case: BatchCase) -> BatchCase:
 
 #: (what, field, the plain value) for pass 5.
 _PLAIN_LAYER = (("no sliding window", "window_left", -1), ("no soft-cap", "logits_soft_cap", 0.0),
-                ("no sinks", "sinks", ()), ("no LSE", "return_lse", False), ("V head dim = head dim", "head_dim_vo", None),
+                ("no sinks", "sinks", ()), ("no LSE", "return_lse", False),
+                ("V head dim = head dim", "head_dim_vo", None),
                 ("default softmax scale", "sm_scale", None))
 _PLAIN_CASE = (("contiguous inputs", "strided", False), ("input scale 1", "input_scale", 1.0),
                ("no logit shift", "logit_shift", 0.0))
@@ -263,7 +264,7 @@ def minimize(backend: Backend, case: BatchCase, *, device: str = "cpu", seed: in
         return None
     renamed = dataclasses.replace(case, name=name or f"{case.name}-min")
     start = renamed if _same(failure_of(backend, renamed, device, seed), original) else case  # inputs follow the name
-    runs = [0]
+    runs = [0]  # candidates run (each once)
     seen: dict[BatchCase, bool] = {start: True}
 
     def fails(candidate: BatchCase) -> bool:
@@ -283,13 +284,9 @@ def minimize(backend: Backend, case: BatchCase, *, device: str = "cpu", seed: in
     final = failure_of(backend, current, device, seed)
     description = f"minimized from {case.name} for {backend.name}: {final.summary}"
     current = dataclasses.replace(current, description=description[:300])
-    return Minimized(case, current, final, runs[0] + 2, search.changes)
+    return Minimized(case, current, final, runs[0] + 3, search.changes)  # + the original, renamed, final
 
 
 def _same(found: Optional[Failure], original: Failure) -> bool:
     return found is not None and found.same_as(original)
 
-
-def iter_passes() -> Iterator[str]:
-    """The passes' names, in order (for docs and tests)."""
-    return (p.__name__.lstrip("_") for p in PASSES)

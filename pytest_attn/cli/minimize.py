@@ -131,7 +131,8 @@ def minimize_command(args) -> int:
         dump_cases([small], out)
     except OSError as exc:
         raise UsageError(f"--out {out}: {exc.strerror or exc}; give a path you can write to") from None
-    print(f"fails the same way ({result.failure.kind}{', ' + result.failure.step + ' step' if result.failure.step else ''})"
+    step = f", {result.failure.step} step" if result.failure.step else ""
+    print(f"fails the same way ({result.failure.kind}{step})"
           f" after {len(result.changes)} change(s), {result.runs} run(s): {result.failure.summary}")
     print(f"smallest case: {small.name}: {small.describe()}")
     print(case_to_json(small))
