@@ -14,6 +14,7 @@ from pytest_attn.cases.catalog import CATALOG
 from pytest_attn.cases.serialize import dump_cases
 
 SUITE = ("--attn-suite=on", "-p", "no:cacheprovider")
+TWO_TESTS = ("-k", "test_output_matches_reference or test_plan_matches_the_batch")  # of the suite's case tests
 MINE = {"name": "mine", "layer_spec": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 64}, "seq_lens": [70, 5]}
 
 
@@ -36,7 +37,7 @@ def write(pytester, name: str, *cases) -> str:
 def test_a_file_case_runs_in_the_bundled_suite_beside_the_catalog(pytester, planted):
     write(pytester, "mine.json", MINE)
     result = pytester.runpytest("--attn-backend=einsum", "--attn-case-file=mine.json", "--attn-cases=mine,hd64-ragged",
-                                "-v", *SUITE)
+                                "-v", *TWO_TESTS, *SUITE)
     output = result.stdout.str()
     for test in ("test_output_matches_reference", "test_plan_matches_the_batch"):
         for case in ("mine", "hd64-ragged"):
@@ -60,7 +61,7 @@ def test_a_failing_file_case_reruns_with_its_file(pytester, planted):
     os.mkdir(pytester.path / "cases")
     write(pytester, "cases/mine.jsonl", MINE)
     result = pytester.runpytest("--attn-backend=nocausal,einsum", "--attn-case-file=cases", "--attn-cases=mine",
-                                *SUITE)
+                                *TWO_TESTS, *SUITE)
     result.assert_outcomes(failed=1, passed=3)
     reruns = [line.strip().removeprefix("rerun: ") for line in result.stdout.lines if line.strip().startswith("rerun: ")]
     assert len(reruns) == 1, result.stdout.str()
@@ -119,7 +120,7 @@ def test_an_exported_catalog_case_runs_as_the_catalog_one(pytester, planted):
 
     dump_cases([dataclasses.replace(case, name="copy")], pytester.path / "copy.json")
     result = pytester.runpytest("--attn-backend=einsum", "--attn-case-file=copy.json", "--attn-cases=copy", "-v",
-                                *SUITE)
+                                *TWO_TESTS, *SUITE)
     result.assert_outcomes(passed=2)
 
 

@@ -135,7 +135,8 @@ def test_a_failing_fuzz_case_minimizes_from_its_name(pytester, shrink, capsys):
 
 
 def test_fuzz_on_a_correct_backend_runs_every_case_and_passes(pytester, shrink):
-    result = pytester.runpytest("--attn-backend=einsum", "--attn-fuzz=ci", "--attn-cases=fuzz", *SUITE)
+    result = pytester.runpytest("--attn-backend=einsum", "--attn-fuzz=ci", "--attn-cases=fuzz",
+                                "-k", "test_output_matches_reference or test_plan_matches_the_batch", *SUITE)
     result.assert_outcomes(passed=2 * TIERS["ci"].count)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from pytest_attn.cases.case import BatchCase, sink_logits
-from pytest_attn.core import calls as guard
+from pytest_attn.core import calls
 from pytest_attn.core.contract import Backend
 from pytest_attn.core.errors import AttnCheckFailure, AttnInputError, UnsupportedCase
 
@@ -67,7 +67,7 @@ def failure_of(backend: Backend, case: BatchCase, device: str = "cpu", seed: int
     except AttnCheckFailure as exc:
         wrong = [r for r in results if not r.passed]
         return Failure("wrong", step_kind(wrong[0].metadata) if wrong else None, exc.summary)
-    except guard.BackendError as exc:
+    except calls.BackendError as exc:
         cause = exc.__cause__ or exc.__context__
         return Failure(f"error: {type(cause or exc).__name__}", None, str(exc).splitlines()[0])
     return None
@@ -79,9 +79,9 @@ def runs_every_step(backend: Backend, case: BatchCase, device: str = "cpu") -> b
     from pytest_attn.check.harness import step_metadata
 
     try:
-        return not any(guard.unsupported(backend, case.layer(i), metadata, device)
+        return not any(calls.unsupported(backend, case.layer(i), metadata, device)
                        for metadata in step_metadata(case) for i in range(case.num_layers))
-    except guard.BackendError:
+    except calls.BackendError:
         return False
 
 

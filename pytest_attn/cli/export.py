@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 
-def add_export_parser(subparsers) -> None:
+def add_parser(subparsers) -> None:
     export = subparsers.add_parser(
         "export-cases", help="the catalog's cases as JSON (to edit, or run with --attn-case-file)",
         description="Writes catalog cases as JSON (docs/cases-as-data.md gives the format): to stdout as a list, or "
@@ -13,7 +13,7 @@ def add_export_parser(subparsers) -> None:
     export.add_argument("-o", "--output", default=None, metavar="PATH", help="a .json or .jsonl file to write")
 
 
-def export_command(args) -> int:
+def run(args) -> int:
     import json
     from pathlib import Path
 

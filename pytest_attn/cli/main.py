@@ -199,20 +199,15 @@ def _build_parser() -> argparse.ArgumentParser:
     properties.add_parser(sub)
     for command in extra_commands().values():
         command.add_parser(sub)
-    from pytest_attn.cli.export import add_export_parser
-    from pytest_attn.cli.minimize import add_minimize_parser
-
-    add_export_parser(sub)
-    add_minimize_parser(sub)
     return parser
 
 
 def extra_commands() -> dict:
     """Subcommands that live in their own modules (each: add_parser(sub), run(args)); they import
     only argparse and this module at import time."""
-    from pytest_attn.cli import ab, gate, history
+    from pytest_attn.cli import ab, export, gate, history, minimize
 
-    return {"gate": gate, "ab": ab, "history": history}
+    return {"gate": gate, "ab": ab, "history": history, "export-cases": export, "minimize": minimize}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -248,14 +243,6 @@ def _run(args) -> int:
         from pytest_attn.report.render import report_command
 
         return report_command(args)
-    if args.command == "export-cases":
-        from pytest_attn.cli.export import export_command
-
-        return export_command(args)
-    if args.command == "minimize":
-        from pytest_attn.cli.minimize import minimize_command
-
-        return minimize_command(args)
     return cases_command(args)
 
 

@@ -14,7 +14,7 @@ MINIMIZE_DESCRIPTION = (
     "Exit 0: minimized; 1: the case does not fail on this backend (nothing to minimize); 4: a bad argument.")
 
 
-def add_minimize_parser(subparsers) -> None:
+def add_parser(subparsers) -> None:
     from pytest_attn.cli.main import _device_name
 
     parser = subparsers.add_parser("minimize", help="shrink a failing case to a minimal reproducer",
@@ -104,15 +104,15 @@ def rerun_command(backend: str, path: Path, name: str, seed: int, device) -> str
     return " ".join(shlex.quote(w) for w in words)
 
 
-def minimize_command(args) -> int:
+def run(args) -> int:
     from pytest_attn.cases.serialize import case_to_json, dump_cases
     from pytest_attn.check.minimize import minimize
     from pytest_attn.cli.main import FAILED, UsageError, _resolve
-    from pytest_attn.core import calls as guard
+    from pytest_attn.core import calls
     from pytest_attn.env.registry import Registry
 
     (backend,) = _resolve([args.backend], Registry.discover())
-    availability = guard.availability(backend)
+    availability = calls.availability(backend)
     if not availability:
         raise UsageError(f"backend {backend.name!r} is unavailable here: {availability.reason}")
     device = _device(args)
