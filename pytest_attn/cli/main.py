@@ -12,6 +12,8 @@
   pytest-attn report RUN.json [B.json] -o OUT.html  a run's report from saved results, or two runs side by side
   pytest-attn trace CASE --backends a,b             the kernels each backend launched, against its declaration
   pytest-attn properties [--json PATH]              deterministic? batch-invariant? per backend and case family
+  pytest-attn export-cases [NAME|TAG ...] [-o F]    the catalog as JSON (cases as data: --attn-case-file)
+  pytest-attn minimize CASE_OR_FILE --backend NAME  shrink a failing case to a minimal reproducer
 
 Exit status: 0 when all is well; 1 when a command ran and found a failure (a backend broke or
 disagrees, or one named on the command line did not run); 4 for a bad argument, said in one line on
@@ -203,9 +205,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def extra_commands() -> dict:
     """Subcommands that live in their own modules (each: add_parser(sub), run(args)); they import
     only argparse and this module at import time."""
-    from pytest_attn.cli import ab, gate, history
+    from pytest_attn.cli import ab, export, gate, history, minimize
 
-    return {"gate": gate, "ab": ab, "history": history}
+    return {"gate": gate, "ab": ab, "history": history, "export-cases": export, "minimize": minimize}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

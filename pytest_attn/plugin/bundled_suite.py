@@ -155,9 +155,7 @@ def inapplicable(item, session) -> bool:
         if len(runnable) < 2:
             return True
         if session.case_filter and case is not None:
-            from pytest_attn.cases.catalog import select
-
-            return case not in {c.name for c in select(session.case_filter)}
+            return case not in {c.name for c in session.cases()}
     return False
 
 

@@ -14,6 +14,9 @@ from pytest_attn.core.metadata import AttentionMetadata
 
 # -- parametrization ------------------------------------------------------------------------------
 def parametrize(metafunc, session) -> None:
+    if _pairs_with_fuzz(metafunc, session):
+        _parametrize_with_fuzz(metafunc, session, session.cases())
+        return
     if "attn_backend" in metafunc.fixturenames:
         backends = session.selected
         if backends:
@@ -23,19 +26,47 @@ def parametrize(metafunc, session) -> None:
                               + "; ".join(f"{n} ({why})" for n, why in session.unavailable))
     if "attn_case" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("attn_cases")
-        cases = select(session.case_filter)
+        cases = session.cases()  # the catalog's and --attn-case-file's
         if marker is not None:  # a test narrows the catalog: @pytest.mark.attn_cases("cache", ...)
             wanted = set(_marked_cases(marker))
             cases = [c for c in cases if c in wanted]
         if not cases:
             _parametrize_none(metafunc, "attn_case", _no_case_reason(marker, session))
             return
-        if session.dtypes:
-            params = [c.with_dtype(d) for c in cases for d in session.dtypes]
-            ids = [f"{c.name}-{c.layer_spec.dtype}" for c in params]
-        else:
-            params, ids = cases, [c.name for c in cases]
+        params, ids = _in_dtypes(cases, session)
         metafunc.parametrize("attn_case", params, ids=ids, indirect=True)
+
+
+def _in_dtypes(cases: list, session) -> tuple[list, list[str]]:
+    """The cases as parameters, each in every --attn-dtype (its own dtype without one), and their IDs."""
+    if not session.dtypes:
+        return cases, [c.name for c in cases]
+    params = [c.with_dtype(d) for c in cases for d in session.dtypes]
+    return params, [f"{c.name}-{c.layer_spec.dtype}" for c in params]
+
+
+def _pairs_with_fuzz(metafunc, session) -> bool:
+    """--attn-fuzz, on a test that takes a backend and a case and no @pytest.mark.attn_cases."""
+    names = metafunc.fixturenames
+    return bool(session.fuzz and "attn_backend" in names and "attn_case" in names and session.selected
+                and metafunc.definition.get_closest_marker("attn_cases") is None)
+
+
+def _parametrize_with_fuzz(metafunc, session, cases: list) -> None:
+    """--attn-fuzz: (backend, case) pairs, since each backend's random cases are drawn within its own
+    capabilities: every backend with every selected case, then with its fuzz cases. The IDs are those
+    two separate parametrizations would give (backend-case)."""
+    pairs, ids = [], []
+    for backend in session.selected:
+        params, names = _in_dtypes(cases + session.fuzz_cases(backend), session)
+        pairs += [(backend, c) for c in params]
+        ids += [f"{backend.name}-{n}" for n in names]
+    if not pairs:
+        reason = f"no case is selected and no fuzz case fits the backends (--attn-fuzz={session.fuzz})"
+        metafunc.parametrize(["attn_backend", "attn_case"], [pytest.param(None, None, marks=pytest.mark.skip(
+            reason=reason))], ids=["none"], indirect=True)
+        return
+    metafunc.parametrize(["attn_backend", "attn_case"], pairs, ids=ids, indirect=True)
 
 
 def _marked_cases(marker) -> list:
@@ -93,7 +124,7 @@ def attn_backend(request, attn_session) -> Backend:
 
 @pytest.fixture
 def attn_case(request):
-    """One case of the catalog (pytest_attn.cases.catalog.CATALOG)."""
+    """One case: of the catalog (pytest_attn.cases.catalog.CATALOG), of --attn-case-file, or of --attn-fuzz."""
     return request.param
 
 

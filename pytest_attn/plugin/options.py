@@ -37,6 +37,18 @@ def _choice(*choices: str):
     return parse
 
 
+def _fuzz_tier(text: str, flag: str) -> str:
+    """ci, nightly or a count >= 1, as given (the rerun command repeats it)."""
+    from pytest_attn.cases.fuzz import tier
+    from pytest_attn.core.errors import AttnInputError
+
+    try:
+        tier(text)
+    except AttnInputError as exc:
+        raise _usage(str(exc)) from None
+    return str(text).strip()
+
+
 class _Group:
     """An option group that records each option's default in DEFAULTS, and its parser in PARSERS,
     as it adds it."""
@@ -76,6 +88,13 @@ def add_options(parser) -> None:
                          "no test (for CPU-only CI that names GPU backends); by default such a run fails.")
     group.addoption("--attn-cases", action="append", default=[], metavar="NAME|TAG[,...]",
                     help="only catalog cases with these names or tags (see `pytest-attn cases`).")
+    group.addoption("--attn-case-file", action="append", default=[], metavar="PATH[,PATH...]",
+                    help="also run the cases in these files (.json: a case or a list; .jsonl: a case a line) or "
+                         "folders of them, beside the catalog's (repeatable); --attn-cases selects them by name "
+                         "(see docs/cases-as-data.md).")
+    group.addoption("--attn-fuzz", parse=_fuzz_tier, default=None, metavar="ci|nightly|N",
+                    help="also run seeded random cases within each backend's capabilities, named fuzz-SEED-I: "
+                         "ci (16 small), nightly (256 larger) or N of the ci sizes; from --attn-seed.")
     group.addoption("--attn-max-tokens", parse=_integer, default=None,
                     help="deselect cases with sequences longer than N tokens (default 2048 on cpu, "
                          "no limit on cuda; 0 = no limit).")
@@ -152,8 +171,8 @@ def _usage(message: str):
 DEFAULT_SEED = 20261125
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 #: Options that take comma lists: given but empty (an unset $VARIABLE) is a usage error, never "nothing".
-LIST_OPTIONS = ("attn_backend", "attn_cases", "attn_dtype", "attn_isolate", "attn_bench_metric", "attn_report",
-                "attn_known_failures", "attn_gate_threshold")
+LIST_OPTIONS = ("attn_backend", "attn_cases", "attn_case_file", "attn_dtype", "attn_isolate", "attn_bench_metric",
+                "attn_report", "attn_known_failures", "attn_gate_threshold")
 
 
 def split_list(config, dest: str) -> list[str]:

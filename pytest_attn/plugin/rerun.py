@@ -44,7 +44,10 @@ def attn_options(item, seed: Optional[int]) -> list[str]:
     backends = [backend] if backend else split_list(config, "attn_backend")
     args = [f"--attn-backend={','.join(backends)}"] if backends else []
     if case is not None:  # a test that takes no case needs no filter, and one would select nothing
+        from pytest_attn.plugin.session import attn_session_of
+
         args.append(f"--attn-cases={case.name}")
+        args += attn_session_of(config).case_source_options(case)  # its --attn-case-file or --attn-fuzz
     dtypes = split_list(config, "attn_dtype")
     if dtypes:
         args.append(f"--attn-dtype={','.join(dtypes)}")

@@ -70,9 +70,7 @@ class RunVerdict:
         return [f"{given} selected no test: {self._why_no_case_ran()}"]
 
     def _why_no_case_ran(self) -> str:
-        from pytest_attn.cases.catalog import select
-
-        cases, limit = select(self.session.case_filter), self.session.max_tokens
+        cases, limit = self.session.cases(), self.session.max_tokens
         if limit and cases and all(c.max_tokens > limit for c in cases):
             return (f"its {len(cases)} case(s) are all longer than the {limit}-token limit "
                     "(--attn-max-tokens=0 runs them)")

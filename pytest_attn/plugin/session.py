@@ -43,20 +43,77 @@ class AttnSession:
     max_tokens_option: Optional[int]
     allow_unavailable: bool = False
     config: Any = field(default=None, repr=False, compare=False)  # the pytest config (its hooks)
+    file_cases: dict = field(default_factory=dict)  # name -> (case, its file): --attn-case-file
+    fuzz: Optional[str] = None  # --attn-fuzz as given: ci, nightly or a count
     _availability: dict = field(default_factory=dict)
+    _fuzzed: dict = field(default_factory=dict)  # backend name -> its fuzz cases
 
     @classmethod
     def from_config(cls, config) -> "AttnSession":
-        from pytest_attn.cases.catalog import select
         from pytest_attn.plugin.options import allow_unavailable, seed, split_list
 
         opt = config.getoption
         dtypes = [dtype_name(d) for d in split_list(config, "attn_dtype")]
         cases = split_list(config, "attn_cases")
-        select(cases)  # an unknown case name or tag is a usage error now, not at collection
-        return cls(Registry.discover(), split_list(config, "attn_backend"), opt("attn_device"), dtypes, seed(config),
-                   bool(opt("attn_strict")), cases, opt("attn_max_tokens"), allow_unavailable(config),
-                   config=config)
+        session = cls(Registry.discover(), split_list(config, "attn_backend"), opt("attn_device"), dtypes, seed(config),
+                      bool(opt("attn_strict")), cases, opt("attn_max_tokens"), allow_unavailable(config),
+                      config=config, file_cases=_load_case_files(split_list(config, "attn_case_file")),
+                      fuzz=opt("attn_fuzz", None))
+        session.cases()  # an unknown case name or tag is a usage error now, not at collection
+        return session
+
+    # -- cases ----------------------------------------------------------------------------------
+    @property
+    def catalog(self) -> dict:
+        """The catalog's cases and those of --attn-case-file, by name."""
+        from pytest_attn.cases.catalog import CATALOG
+
+        return {**CATALOG, **{name: case for name, (case, _) in self.file_cases.items()}}
+
+    def fuzz_names(self) -> set:
+        from pytest_attn.cases.fuzz import FUZZ_TAG, fuzz_names, tier
+
+        return set(fuzz_names(self.seed, tier(self.fuzz).count)) | {FUZZ_TAG} if self.fuzz else set()
+
+    def cases(self) -> list:
+        """The catalog and case-file cases --attn-cases selects (all without it; none when it names
+        only fuzz cases). An unknown name or tag is an AttnInputError."""
+        from pytest_attn.cases.catalog import select
+
+        wanted = [n for n in self.case_filter if n not in self.fuzz_names()]
+        if self.case_filter and not wanted:
+            return []
+        return select(wanted, self.catalog)
+
+    def fuzz_cases(self, backend: Backend) -> list:
+        """This backend's --attn-fuzz cases that --attn-cases selects; the same ones on every run with
+        this seed and tier (see cases/fuzz.py). Drawn only where the backend says it runs them."""
+        from pytest_attn.cases.fuzz import FUZZ_TAG, fuzz_cases, tier
+
+        if not self.fuzz:
+            return []
+        if backend.name not in self._fuzzed:
+            from pytest_attn.check.minimize import runs_every_step
+
+            accept = functools.partial(runs_every_step, backend, device=self.device) if self.availability(backend) \
+                else None
+            self._fuzzed[backend.name] = fuzz_cases(self.seed, backend.name, backend.capabilities, tier(self.fuzz),
+                                                    accept)
+        chosen = self._fuzzed[backend.name]
+        if self.case_filter and FUZZ_TAG not in self.case_filter:
+            chosen = [c for c in chosen if c.name in self.case_filter]
+        return chosen
+
+    def case_source_options(self, case) -> list[str]:
+        """The options that make a case exist in a run: its --attn-case-file, or --attn-fuzz (the
+        seed is given apart); none for a catalog case."""
+        from pytest_attn.cases.fuzz import FUZZ_TAG
+
+        if case.name in self.file_cases:
+            return [f"--attn-case-file={self.file_cases[case.name][1]}"]
+        if self.fuzz and FUZZ_TAG in case.tags and case.name in self.fuzz_names():
+            return [f"--attn-fuzz={self.fuzz}"]
+        return []
 
     # -- backends -------------------------------------------------------------------------------
     def availability(self, backend: Backend) -> Availability:
@@ -131,3 +188,18 @@ class AttnSession:
 
             return f"{self.device} ({torch.cuda.get_device_name(self.device)}), torch {torch.__version__}"
         return f"cpu, torch {torch_build.version()}"
+
+
+def _load_case_files(paths: list[str]) -> dict:
+    """name -> (case, file) of every --attn-case-file; a bad file, or a name the catalog has, is an
+    AttnInputError (a usage error)."""
+    from pytest_attn.cases.catalog import CATALOG
+    from pytest_attn.cases.serialize import load_cases
+
+    loaded = load_cases(paths) if paths else {}
+    for name, (_, path) in loaded.items():
+        if name in CATALOG:
+            raise AttnInputError(f"--attn-case-file: case {name!r} in {path} has the name of the catalog case "
+                                 f"{name!r}; rename the one in {path}")
+    return loaded
+
