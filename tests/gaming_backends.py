@@ -50,6 +50,19 @@ class FinishesLater(TorchSDPABackend):
         super().__init__(name=name)
         self.delay_s = delay_s
         self.first = True
+        self.threads: list[threading.Thread] = []
+
+    def wait(self) -> None:
+        """Join the late work and restore SDPA's kernel choice: it is process-wide and torch's
+        sdpa_kernel() is not thread-safe, so the late thread, entering it while the timed thread was
+        inside, restores the timed thread's narrowed choice on exit and would leave it to later tests."""
+        import torch
+
+        for thread in self.threads:
+            thread.join()
+        self.threads.clear()
+        for enable in ("math", "flash", "mem_efficient", "cudnn"):
+            getattr(torch.backends.cuda, f"enable_{enable}_sdp")(True)
 
     def forward(self, q, k, v, metadata, plan, out=None, lse=None):
         if self.first:  # the contract check's call: honest, so only the timed calls game
@@ -60,7 +73,9 @@ class FinishesLater(TorchSDPABackend):
             time.sleep(self.delay_s)
             TorchSDPABackend.forward(self, q, k, v, metadata, plan, out=out)
 
-        threading.Thread(target=later, daemon=True).start()
+        thread = threading.Thread(target=later, daemon=True)
+        self.threads.append(thread)
+        thread.start()
         return out
 
 

@@ -259,8 +259,11 @@ def test_a_backend_that_games_the_timer_is_caught(backend):
     from pytest_attn.bench.ab import vit_batch
     from pytest_attn.bench.measure import BenchSettings, TimedCallsDidNotCompute, measure_backend
 
-    with pytest.raises(TimedCallsDidNotCompute, match="its timed calls did not compute"):
-        measure_backend(backend, vit_batch(32, "cpu"), BenchSettings(1, 3, "auto", False))
+    try:
+        with pytest.raises(TimedCallsDidNotCompute, match="its timed calls did not compute"):
+            measure_backend(backend, vit_batch(32, "cpu"), BenchSettings(1, 3, "auto", False))
+    finally:
+        getattr(backend, "wait", lambda: None)()
 
 
 def test_an_honest_backend_passes_the_compute_check():
