@@ -194,3 +194,13 @@ def test_a_kernel_the_profiler_could_not_name_is_not_judged_but_a_named_stranger
     assert "flash_fwd_kernel x1, outside the declared kernel families" in problem
     (problem,) = check_trace(KernelTrace.of("cuda", []), families)
     assert "launched nothing" in problem
+
+
+def test_a_kernel_in_an_anonymous_namespace_keeps_its_name_in_reports():
+    """An H200 run printed such kernels as blank: the parameter-list cut took "(anonymous namespace)"."""
+    from pytest_attn.check.traces import shorten
+
+    assert shorten("void (anonymous namespace)::masked_fill_kernel<float>(float*, int)") == \
+        "(anonymous namespace)::masked_fill_kernel<…>"
+    assert shorten("void at::native::(anonymous namespace)::softmax<4>(c10::BFloat16*)") == \
+        "at::native::(anonymous namespace)::softmax<…>"

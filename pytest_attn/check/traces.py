@@ -79,7 +79,14 @@ def shorten(name: str, width: int = NAME_WIDTH) -> str:
             depth -= 1
         elif depth == 0:
             out.append(c)
-    text = re.sub(r"\(.*\)$", "", "".join(out)).strip()
+    text = "".join(out).strip()
+    if text.endswith(")"):  # the parameter list: the last balanced (...), not "(anonymous namespace)"
+        depth = 0
+        for i in range(len(text) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(text[i], 0)
+            if depth == 0:
+                text = text[:i].strip() if text[:i].strip() else text
+                break
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -6,7 +6,11 @@ anew, its rows compared bitwise with its rows alone. Both are measured for every
 recorded in the test's properties (--junitxml, --attn-report); they are required only where the
 backend declares them (Capabilities.deterministic, Capabilities.batch_invariant), and a difference
 then fails with where it was found. `pytest-attn properties` prints the table per case family."""
+import pytest
+
 from pytest_attn.check.properties import assert_property, measure_case_batch_invariance, measure_case_determinism
+
+pytestmark = pytest.mark.attn_no_output_check
 
 
 def test_same_bits_twice_and_in_any_batch(attn_backend, attn_case, attn_device, attn_seed, request):
