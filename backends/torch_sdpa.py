@@ -252,7 +252,8 @@ class TorchSDPABackend(Backend):
         cuda_kernels = {"flash": (r"flash_fwd", r"FlashAttnFwd"),  # FlashAttention-2, or 3 where torch activates it
                         "efficient": (r"fmha_cutlassF", r"AttentionKernel", r"attention_kernel"),
                         "cudnn": (r"(?i)cudnn", r"(?i)sdpa", r"flash_fprop"),
-                        "math": (r"(?i)gemm", r"(?i)gemv", r"xmma", r"nvjet", r"(?i)cublas")}  # not "cutlass": FA2 names it in its template arguments
+                        # the math path: GEMMs and the softmax between them (an H200 ran softmax_warp_forward)
+                        "math": (r"(?i)gemm", r"(?i)gemv", r"xmma", r"nvjet", r"(?i)cublas", r"softmax_warp_forward")}  # not "cutlass": FA2 names it in its template arguments
         device_type = str(plan.device).split(":")[0]
         implementation = "flash" if plan.kernel == "varlen_attn" else plan.kernel_backend
         names = cpu_ops if device_type == "cpu" else cuda_kernels

@@ -204,3 +204,16 @@ def test_a_kernel_in_an_anonymous_namespace_keeps_its_name_in_reports():
         "(anonymous namespace)::masked_fill_kernel<…>"
     assert shorten("void at::native::(anonymous namespace)::softmax<4>(c10::BFloat16*)") == \
         "at::native::(anonymous namespace)::softmax<…>"
+
+
+def test_sdpa_math_on_cuda_declares_the_softmax_between_its_gemms():
+    """An H200 trace of SDPA's math path: GEMMs and (anonymous namespace)::softmax_warp_forward."""
+    from pytest_attn_backends.torch_sdpa import TorchSDPABackend
+    from pytest_attn.core.contract import Plan
+
+    layer = CATALOG["swa-causal-ragged"].layer()
+    plan = Plan("torch", "scaled_dot_product_attention", "math", "NHD", "tokens", False, device="cuda:0", layer=layer)
+    gemm, softmax = "sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize32x32x8", "void (anonymous namespace)::softmax_warp_forward<float>(float*)"
+    declared = TorchSDPABackend().expected_kernels(plan)
+    assert check_trace(KernelTrace.of("cuda", [gemm, softmax, gemm]), declared) == []
+    assert check_trace(KernelTrace.of("cuda", [gemm, "pytorch_flash::flash_fwd_kernel<x>(p)"]), declared) != []
