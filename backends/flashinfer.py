@@ -317,10 +317,11 @@ def expected_specialization(part: "Plan") -> dict:
 
 def decide(metadata: AttentionMetadata, layer: LayerSpec, variant: str = "policy", *, name: Optional[str] = None,
            sm: tuple[int, int] = ASSUMED_SM, version: str = PINNED_VERSION, device: str = "cuda",
-           fa3_budget: Optional[frozenset] = DEFAULT_FA3_FAMILIES) -> Plan:
-    """The plan for this batch and layer, decided without CUDA; UnsupportedCase on a known hazard."""
+           fa3_budget: Optional[frozenset] = DEFAULT_FA3_FAMILIES, routed=None) -> Plan:
+    """The plan for this batch and layer, decided without CUDA; UnsupportedCase on a known hazard.
+    ``routed``: what :func:`route` already returned for this batch and layer (it is not run again)."""
     name = name or next(k for k, v in VARIANTS.items() if v == variant)
-    routes, reasons, why = route(metadata, layer, variant, sm, fa3_budget, version)
+    routes, reasons, why = routed or route(metadata, layer, variant, sm, fa3_budget, version)
     if reasons:
         raise UnsupportedCase(name, reasons)
     common = (("flashinfer_version", version), ("sm", _sm_text(sm)))
@@ -416,17 +417,27 @@ class FlashInferBackend(Backend):
             return tuple(torch.cuda.get_device_capability(device))
         return ASSUMED_SM
 
+    def _route(self, metadata, layer, device):
+        """route() for this batch and layer, once: the suite asks unsupported() and then plan() of
+        the same metadata object, and the decision is made once (the last one is kept)."""
+        key = (layer, self.sm(device), fa3_budget_from_env(), self.version() or PINNED_VERSION)
+        last = self.__dict__.get("_last_route")
+        if last is not None and last[0] is metadata and last[1] == key:
+            return last[2]
+        routed = route(metadata, layer, self.variant, *key[1:])
+        self.__dict__["_last_route"] = (metadata, key, routed)
+        return routed
+
     def _decide(self, metadata, layer, device) -> Plan:
-        return decide(metadata, layer, self.variant, name=self.name, sm=self.sm(device),
-                      version=self.version() or PINNED_VERSION, device=str(device), fa3_budget=fa3_budget_from_env())
+        sm, budget, version = self.sm(device), fa3_budget_from_env(), self.version() or PINNED_VERSION
+        return decide(metadata, layer, self.variant, name=self.name, sm=sm, version=version, device=str(device),
+                      fa3_budget=budget, routed=self._route(metadata, layer, device))
 
     def unsupported(self, layer, metadata, device="cpu"):
         reasons = super().unsupported(layer, metadata, device)
         if reasons:
             return reasons
-        _, hazards, _ = route(metadata, layer, self.variant, self.sm(device), fa3_budget_from_env(),
-                              self.version() or PINNED_VERSION)
-        return hazards
+        return self._route(metadata, layer, device)[1]
 
     # -- plan ---------------------------------------------------------------------------------------
     def plan(self, metadata: AttentionMetadata, layer: LayerSpec, device: str = "cuda") -> Plan:

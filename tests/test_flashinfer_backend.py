@@ -340,3 +340,21 @@ def test_the_output_check_catches_token_offsets_given_to_an_element_offset_kerne
 def test_element_offsets_given_to_an_element_offset_kernel_pass():
     good = ElementOffsetKernel("units", fi.cudnn_index_units("0.6.18"))
     assert_case_passes(run_case(good, SEED_CASE), good, SEED_CASE)
+
+
+def test_the_decision_runs_once_per_forward(monkeypatch):
+    """unsupported() then plan() of one batch and layer route once (issue 18: route ran twice)."""
+    from pytest_attn.cases.catalog import CATALOG
+    from pytest_attn.check.harness import first_step
+
+    calls = []
+    real = fi.route
+    monkeypatch.setattr(fi, "route", lambda *a, **k: calls.append(1) or real(*a, **k))
+    backend = fi.FlashInferBackend("flashinfer")
+    metadata, layer = first_step(CATALOG["llm-mixed-nhd"])
+    assert backend.unsupported(layer, metadata, "cuda") == []
+    plan = backend.plan(metadata, layer, "cuda")  # on this CPU machine: the decision alone
+    assert len(calls) == 1 and plan.made_for is not None
+    other, _ = first_step(CATALOG["llm-mixed-nhd"])  # another batch object: decided anew
+    backend.plan(other, layer, "cuda")
+    assert len(calls) == 2
