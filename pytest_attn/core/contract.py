@@ -268,54 +268,13 @@ class Backend(abc.ABC):
 
         Backends extend this (call super) for hazards that capabilities cannot express.
         """
-        caps, reasons = self.capabilities, []
         device_type = str(device).split(":")[0]
-        if device_type not in caps.devices:
-            reasons.append(f"runs on {'/'.join(sorted(caps.devices))}, not {device_type}")
-        if layer.dtype not in caps.dtypes:
-            reasons.append(f"dtype {layer.dtype} not supported (supports {', '.join(sorted(caps.dtypes))})")
-        if caps.head_dims is not None and layer.head_dim not in caps.head_dims:
-            reasons.append(f"head_dim {layer.head_dim} not supported (supports {sorted(caps.head_dims)})")
-        if caps.max_head_dim is not None and layer.head_dim > caps.max_head_dim:
-            reasons.append(f"head_dim {layer.head_dim} exceeds the maximum {caps.max_head_dim}")
-        if layer.mask not in caps.masks:
-            reasons.append(f"mask {layer.mask!r} not supported")
-        if layer.group_size > 1 and not caps.gqa:
-            reasons.append(f"grouped-query attention ({layer.num_heads} over {layer.num_kv_heads} KV heads) not supported")
-        if layer.window_left >= 0 and not caps.sliding_window:
-            reasons.append("sliding-window attention not supported")
-        if layer.logits_soft_cap > 0 and not caps.soft_cap:
-            reasons.append("logits soft-cap not supported")
-        if layer.sinks and not caps.sinks:
-            reasons.append("attention sinks not supported")
-        if layer.head_dim_v != layer.head_dim and not caps.head_dim_vo:
-            reasons.append(f"head_dim_vo {layer.head_dim_v} != head_dim {layer.head_dim} not supported")
-        if layer.latent_kv and not caps.latent_kv:
-            reasons.append("absorbed MLA (latent_kv: one latent KV head, V = K's first head_dim_vo channels) not supported")
-        if layer.return_lse and caps.lse_base is None:
-            reasons.append("returning the log-sum-exp (LSE) not supported")
-        if metadata.is_cross and not caps.cross_attention:
-            reasons.append("cross-attention (keys other than the queries' own tokens, without a cache) not supported")
-        if metadata.has_cached_context and not caps.chunked_prefill:
-            reasons.append("context requests with tokens already in the cache (chunked prefill, reused prefixes) "
-                           "not supported")
-        if metadata.max_generation_q > 1 and not caps.multi_token_generation:
-            reasons.append(f"generation requests with {metadata.max_generation_q} new tokens (speculative decoding) "
-                           "not supported")
-        manager = metadata.kv_cache_manager
-        if manager is None and not caps.no_cache:
-            reasons.append("needs a kv_cache_manager (no ragged no-cache path)")
-        if manager is not None:
-            if not caps.paged_cache:
-                reasons.append("no paged KV cache path")
-            elif manager.layout not in caps.kv_layouts:
-                reasons.append(f"paged cache layout {manager.layout} not supported")
-            if manager.dtype != layer.dtype and manager.dtype not in caps.kv_dtypes:
-                reasons.append(f"a {manager.dtype} KV cache under a {layer.dtype} layer not supported"
-                               + (f" (reads {', '.join(sorted(caps.kv_dtypes))})" if caps.kv_dtypes else ""))
-        if not caps.empty_sequences and 0 in metadata.seq_lens:
-            reasons.append("requests with zero new tokens are not supported")
-        return reasons
+        if device_type not in self.capabilities.devices:
+            device_reasons = [f"runs on {'/'.join(sorted(self.capabilities.devices))}, not {device_type}"]
+        else:
+            device_reasons = []
+        return device_reasons + _layer_reasons(self.capabilities, layer) + _batch_reasons(self.capabilities, layer,
+                                                                                          metadata)
 
     # -- the work -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -383,3 +342,53 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def _layer_reasons(caps: Capabilities, layer: LayerSpec) -> list[str]:
+    """What the capabilities rule out of a layer: its dtype, head dims, mask and features."""
+    checks = [
+        (layer.dtype not in caps.dtypes, f"dtype {layer.dtype} not supported (supports {', '.join(sorted(caps.dtypes))})"),
+        (caps.head_dims is not None and layer.head_dim not in (caps.head_dims or ()),
+         f"head_dim {layer.head_dim} not supported (supports {sorted(caps.head_dims or ())})"),
+        (caps.max_head_dim is not None and layer.head_dim > (caps.max_head_dim or 0),
+         f"head_dim {layer.head_dim} exceeds the maximum {caps.max_head_dim}"),
+        (layer.mask not in caps.masks, f"mask {layer.mask!r} not supported"),
+        (layer.group_size > 1 and not caps.gqa,
+         f"grouped-query attention ({layer.num_heads} over {layer.num_kv_heads} KV heads) not supported"),
+        (layer.window_left >= 0 and not caps.sliding_window, "sliding-window attention not supported"),
+        (layer.logits_soft_cap > 0 and not caps.soft_cap, "logits soft-cap not supported"),
+        (bool(layer.sinks) and not caps.sinks, "attention sinks not supported"),
+        (layer.head_dim_v != layer.head_dim and not caps.head_dim_vo,
+         f"head_dim_vo {layer.head_dim_v} != head_dim {layer.head_dim} not supported"),
+        (layer.latent_kv and not caps.latent_kv,
+         "absorbed MLA (latent_kv: one latent KV head, V = K's first head_dim_vo channels) not supported"),
+        (layer.return_lse and caps.lse_base is None, "returning the log-sum-exp (LSE) not supported"),
+    ]
+    return [reason for ruled_out, reason in checks if ruled_out]
+
+
+def _batch_reasons(caps: Capabilities, layer: LayerSpec, metadata: "AttentionMetadata") -> list[str]:
+    """What the capabilities rule out of a batch: its shape and its cache."""
+    reasons = []
+    if metadata.is_cross and not caps.cross_attention:
+        reasons.append("cross-attention (keys other than the queries' own tokens, without a cache) not supported")
+    if metadata.has_cached_context and not caps.chunked_prefill:
+        reasons.append("context requests with tokens already in the cache (chunked prefill, reused prefixes) "
+                       "not supported")
+    if metadata.max_generation_q > 1 and not caps.multi_token_generation:
+        reasons.append(f"generation requests with {metadata.max_generation_q} new tokens (speculative decoding) "
+                       "not supported")
+    manager = metadata.kv_cache_manager
+    if manager is None and not caps.no_cache:
+        reasons.append("needs a kv_cache_manager (no ragged no-cache path)")
+    if manager is not None:
+        if not caps.paged_cache:
+            reasons.append("no paged KV cache path")
+        elif manager.layout not in caps.kv_layouts:
+            reasons.append(f"paged cache layout {manager.layout} not supported")
+        if manager.dtype != layer.dtype and manager.dtype not in caps.kv_dtypes:
+            reasons.append(f"a {manager.dtype} KV cache under a {layer.dtype} layer not supported"
+                           + (f" (reads {', '.join(sorted(caps.kv_dtypes))})" if caps.kv_dtypes else ""))
+    if not caps.empty_sequences and 0 in metadata.seq_lens:
+        reasons.append("requests with zero new tokens are not supported")
+    return reasons
