@@ -41,15 +41,9 @@ def independent_time_s(fn: Callable, device: str, target_s: float = 0.05) -> tup
     repeats = int(min(200, max(5, target_s * 1e3 / max(start.elapsed_time(end), 1e-3))))
     method = f"graph of {repeats} calls"
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(repeats):
-                fn()
+        from pytest_attn.check import cuda_graph
+
+        graph, _ = cuda_graph.capture(fn, torch.cuda.current_device(), repeats)
         graph.replay()
         run: Callable = graph.replay
         per_run = repeats

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from pytest_attn.check import cuda_graph
+
 GRAPH_MODES = ("auto", "on", "off")
 # The queue the GPU works through while the host enqueues the timed calls is primed with a sleep
 # kernel of at most this long, so eager event timings hold device time, not launch gaps.
@@ -172,17 +174,7 @@ def capture_graph(fn: Callable[[], Any], device, calls: int = 1) -> tuple[Any, s
     graph = None
     try:
         torch.cuda.synchronize(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # a warm call on a side stream, as torch's graph docs advise
-            fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                static_out = fn()
-        torch.cuda.synchronize(device)
+        graph, static_out = cuda_graph.capture(fn, device, calls)
     except Exception as exc:  # any capture error means "time it eagerly"
         reason = f"capture failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         graph = None

@@ -271,22 +271,12 @@ class _CallAgain:
 def _capture(fn, device):
     """A CUDA graph of ``fn``, after a warm call on a side stream (JIT loads, lazy allocations); off
     a GPU, a stand-in that calls ``fn`` at each replay."""
-    import torch
-
     if not str(device).startswith("cuda"):
         fn()
         return _CallAgain(fn)
+    from pytest_attn.check.cuda_graph import capture
 
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize(device)
+    graph, _ = capture(fn, device)
     return graph
 
 
