@@ -78,6 +78,23 @@ def _softmax_base2(scores, want_lse: bool):
     return weights / total, lse
 
 
+def _visible_keys(layer: LayerSpec, start: int, stop: int, lk: int, offset: int, device):
+    """[stop - start, lk] booleans: which keys queries ``start:stop`` see under the layer's causal
+    mask and window (query i at key position offset + i); None when they see every key."""
+    import torch
+
+    if not (layer.causal or layer.window_left >= 0):
+        return None
+    qpos = torch.arange(start, stop, device=device)[:, None] + offset
+    kpos = torch.arange(lk, device=device)[None, :]
+    visible = torch.ones((stop - start, lk), dtype=torch.bool, device=device)
+    if layer.causal:
+        visible &= kpos <= qpos
+    if layer.window_left >= 0:
+        visible &= kpos >= qpos - layer.window_left
+    return visible
+
+
 def _attend_one(q, k, v, layer: LayerSpec, compute_dtype, softmax_dtype, want_lse: bool, base2: bool = False):
     """q [Lq, H, D], k [Lk, Hkv, D], v [Lk, Hkv, Dv] of one sequence -> ([Lq, H, Dv], [Lq, H] or None).
     ``base2``: the softmax of fused kernels (see _softmax_base2), for the low-precision twin."""
@@ -103,15 +120,8 @@ def _attend_one(q, k, v, layer: LayerSpec, compute_dtype, softmax_dtype, want_ls
         if cap > 0:
             scores = torch.tanh(scores / cap) * cap
         scores = scores.to(softmax_dtype)
-        visible = None
-        if layer.causal or layer.window_left >= 0:
-            qpos = torch.arange(start, stop, device=q.device)[:, None] + offset
-            kpos = torch.arange(lk, device=q.device)[None, :]
-            visible = torch.ones((stop - start, lk), dtype=torch.bool, device=q.device)
-            if layer.causal:
-                visible &= kpos <= qpos
-            if layer.window_left >= 0:
-                visible &= kpos >= qpos - layer.window_left
+        visible = _visible_keys(layer, start, stop, lk, offset, q.device)
+        if visible is not None:
             scores = scores.masked_fill(~visible, -math.inf)
         if sinks is not None:  # the sink is one more logit of the softmax, with no value
             scores = torch.cat([scores, sinks.expand(-1, stop - start, 1)], dim=-1)
