@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backend_packages import write_backend_package
+from pytest_attn.cli import args as cli_args
 from pytest_attn.cli import main as cli
 from pytest_attn.cases.catalog import CATALOG
 from pytest_attn.check.differential import differential
@@ -128,9 +129,9 @@ def test_random_bad_cli_arguments_are_one_line_and_exit_4(capsys, args):
     command, flag, value = args
     code, err = _usage_error([*command, flag, value, "--device", "cpu"], capsys)
     if flag == "--backends" and value.strip() and not value.strip().startswith("-"):
-        assert code == cli.USAGE and err.startswith("pytest-attn differential: unknown attention backend")
+        assert code == cli_args.USAGE and err.startswith("pytest-attn differential: unknown attention backend")
         return
-    assert code == cli.USAGE, (flag, value, err)
+    assert code == cli_args.USAGE, (flag, value, err)
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from pytest_attn.cli import args
 from pytest_attn.cli import main as cli
 from pytest_attn.bench import fidelity
 from pytest_attn.bench.compare import Crossover, crossovers, load_runs
@@ -81,14 +82,14 @@ def test_compare_keeps_runs_from_different_gpus_apart(tmp_path, capsys):
     assert text.startswith("WARNING: these runs come from 2 different devices")
     assert "== NVIDIA A100-SXM4-80GB (sm 8.0): 1 run(s) ==" in text
     assert "== NVIDIA H100 80GB HBM3 (sm 9.0): 1 run(s) ==" in text
-    assert cli.main(["compare", str(tmp_path), "--require-same-device"]) == cli.USAGE
+    assert cli.main(["compare", str(tmp_path), "--require-same-device"]) == args.USAGE
     assert "refusing to compare runs from different devices" in capsys.readouterr().err
 
 
 def test_compare_without_runs_says_how_to_make_them(tmp_path, capsys):
-    assert cli.main(["compare", str(tmp_path)]) == cli.USAGE
+    assert cli.main(["compare", str(tmp_path)]) == args.USAGE
     assert "--benchmark-autosave" in capsys.readouterr().err
-    assert cli.main(["compare", str(tmp_path / "missing")]) == cli.USAGE
+    assert cli.main(["compare", str(tmp_path / "missing")]) == args.USAGE
 
 
 def test_runs_of_one_commit_are_labelled_apart(tmp_path):
@@ -142,7 +143,7 @@ def test_seed_table_on_cpu_stops_at_1024_and_adds_the_small_mix():
 
 
 def test_seed_table_names_the_registered_backends_for_an_unknown_one(capsys):
-    assert cli.main(["seed-table", "--a", "nope", "--b", "torch", "--device", "cpu"]) == cli.USAGE
+    assert cli.main(["seed-table", "--a", "nope", "--b", "torch", "--device", "cpu"]) == args.USAGE
     err = capsys.readouterr().err
     assert "unknown attention backend 'nope'; registered:" in err and "torch" in err
 
@@ -167,7 +168,7 @@ def test_fidelity_script_prints_its_table_on_cpu(capsys):
 def test_usage_errors_exit_4_in_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
-    assert exc.value.code == cli.USAGE
+    assert exc.value.code == args.USAGE
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pytest_attn.cli import args
 from pytest_attn.cli import main as cli
 from pytest_attn.cases.catalog import CATALOG
 from pytest_attn.env.registry import Registry
@@ -45,7 +46,7 @@ BAD_LENGTHS = st.one_of(  # a comma list with at least one part that is not a le
 )
 UNKNOWN_NAMES = ANY_TEXT.filter(lambda t: "," not in t and t.strip() and t.strip() not in REGISTERED)
 BAD_DEVICES = ANY_TEXT.filter(lambda t: t.strip() != "cpu")  # this machine has no CUDA: cuda and cuda:N are bad too
-BAD_PLOTS = st.one_of(ANY_TEXT.filter(lambda t: not t.lower().endswith(cli.PLOT_SUFFIXES)),
+BAD_PLOTS = st.one_of(ANY_TEXT.filter(lambda t: not t.lower().endswith(args.PLOT_SUFFIXES)),
                       st.sampled_from(["/proc/no/such/plot.txt", "."]))
 SAFE_PATH = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00/" + LINE_BREAKS),
                     min_size=1, max_size=12).filter(lambda t: t not in (".", ".."))
@@ -108,7 +109,7 @@ def test_bad_arguments_are_one_line_exit_4_and_no_traceback(argv, capsys, tmp_pa
     monkeypatch.chdir(tmp_path)  # relative paths (compare, report) name nothing that exists
     code = _main(argv)
     out, err = capsys.readouterr()
-    assert code == cli.USAGE, (argv, code, err)
+    assert code == args.USAGE, (argv, code, err)
     assert err.endswith("\n") and err.count("\n") == 1 and err.splitlines() == [err[:-1]], (argv, err)
     assert err.startswith("pytest-attn") and "Traceback" not in err, (argv, err)
     assert out == "", (argv, out)  # nothing was run

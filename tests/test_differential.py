@@ -7,6 +7,7 @@ import re
 import pytest
 
 from backend_packages import write_backend_package
+from pytest_attn.cli import args
 from pytest_attn.cli import main as cli
 from pytest_attn.cases.catalog import CATALOG
 from pytest_attn.core.contract import Availability
@@ -152,7 +153,7 @@ def test_the_suites_differential_fails_naming_the_broken_backend_alone(pytester,
 def test_cli_all_lists_the_unavailable_and_fails_for_the_broken_one_alone(planted, capsys):
     code = cli.main(["differential", "hd64-ragged", "--device", "cpu"])
     out, err = capsys.readouterr()
-    assert code == cli.FAILED and "Traceback" not in out + err
+    assert code == args.FAILED and "Traceback" not in out + err
     for row in (r"away +skipped: unavailable here: needs the widget library",
                 r"flashinfer +skipped: unavailable here: no CUDA device", r"nolib +BROKE: available\(\) raised OSError",
                 r"asserts +BROKE: AssertionError: scratch buffer too small",
@@ -166,7 +167,7 @@ def test_cli_all_lists_the_unavailable_and_fails_for_the_broken_one_alone(plante
 def test_cli_named_backend_that_cannot_run_the_case_gets_its_row_and_fails(planted, capsys):
     code = cli.main(["differential", "hd64-ragged", "--backends", "no64,torch,flex", "--device", "cpu"])
     out, err = capsys.readouterr()
-    assert code == cli.FAILED
+    assert code == args.FAILED
     assert "no64      skipped: head_dim 64 is not built" in out and "torch vs flex:" in out
     assert err == ("pytest-attn differential: FAILED: named but did not run the case: no64 (the reasons are "
                    "above)\n")

@@ -14,6 +14,7 @@ from pytest_attn.bench import gate as gate_mod
 from pytest_attn.bench.gate import GateError, RowSamples, SavedRun, compare_rows, gate, ratio_interval, rows_of
 from pytest_attn.bench.history import Point, Series
 from pytest_attn.bench.machine import differences
+from pytest_attn.cli import args
 from pytest_attn.cli import main as cli
 
 def samples(median, rel_noise=0.01, n=40):
@@ -139,9 +140,9 @@ def test_runs_from_other_versions_or_machines_are_refused_naming_the_difference(
     base = write(tmp_path, "base.json", saved_run({"t": samples(1e-3)}, gpu="NVIDIA H200"))
     newer = write(tmp_path, "newer.json", saved_run({"t": samples(1e-3)}, gpu="NVIDIA H200", torch="2.14.0"))
     other = write(tmp_path, "other.json", saved_run({"t": samples(1e-3)}, gpu="NVIDIA A100"))
-    assert cli.main(["gate", base, newer]) == cli.USAGE
+    assert cli.main(["gate", base, newer]) == args.USAGE
     assert "torch 2.13.0 -> 2.14.0" in capsys.readouterr().err
-    assert cli.main(["gate", base, other]) == cli.USAGE
+    assert cli.main(["gate", base, other]) == args.USAGE
     assert "machine NVIDIA H200 (sm 9.0) -> NVIDIA A100 (sm 9.0)" in capsys.readouterr().err
     assert differences(json.load(open(base))["machine_info"], json.load(open(base))["machine_info"]) == []
 
@@ -302,7 +303,7 @@ def test_ab_flags_a_slower_head_and_passes_the_same_code(pytester, capsys):
 
 
 def test_ab_refuses_the_same_backend_in_one_environment(capsys):
-    assert cli.main(["ab", "--base", "torch", "--head", "torch", "--device", "cpu"]) == cli.USAGE
+    assert cli.main(["ab", "--base", "torch", "--head", "torch", "--device", "cpu"]) == args.USAGE
     assert "name two backends" in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from backend_packages import write_backend_package
+from pytest_attn.cli import args
 from pytest_attn.cli import main as cli
 from pytest_attn.bench.compare import crossovers, describe_pair, load_runs, report
 
@@ -45,7 +46,7 @@ def _row(out: str, label: str) -> list[str]:
 def test_a_named_backend_that_is_unavailable_gets_its_reason_the_others_are_timed_and_it_fails(capsys):
     code = cli.main(["seed-table", "--backends", "flashinfer,torch", "--seq-lens", "64", *FAST])
     out, err = capsys.readouterr()
-    assert code == cli.FAILED
+    assert code == args.FAILED
     assert "flashinfer: did not run: unavailable here: no CUDA device" in out
     assert len(_row(out, "64")) == 1 and _row(out, "64")[0].endswith("%)")  # torch's row, with its spread
     assert err == "pytest-attn seed-table: FAILED: named but timed no row: flashinfer (the reasons are above)\n"
@@ -63,7 +64,7 @@ def test_a_row_a_backend_cannot_run_keeps_its_reason_after_later_rows_are_timed(
 def test_broken_backends_are_reported_alone_and_fail_the_command(planted, capsys):
     code = cli.main(["seed-table", "--backends", "nolib,crashes,torch", "--seq-lens", "64,128", *FAST])
     out, err = capsys.readouterr()
-    assert code == cli.FAILED and "Traceback" not in out + err
+    assert code == args.FAILED and "Traceback" not in out + err
     assert "nolib: did not run: BROKE: available() raised OSError: libwidget.so" in out
     assert [cell for cell in _row(out, "64")][0] == "n/a" and _row(out, "128")[0] == "n/a"
     assert all(_row(out, label)[1].endswith("%)") for label in ("64", "128"))  # torch's rows are all there
@@ -74,7 +75,7 @@ def test_broken_backends_are_reported_alone_and_fail_the_command(planted, capsys
 
 
 def test_nothing_to_time_fails_in_one_line_per_reason(capsys):
-    assert cli.main(["seed-table", "--a", "flashinfer", "--b", "trtllm", "--seq-lens", "64", *FAST]) == cli.FAILED
+    assert cli.main(["seed-table", "--a", "flashinfer", "--b", "trtllm", "--seq-lens", "64", *FAST]) == args.FAILED
     out, err = capsys.readouterr()
     assert "no backend to time" in out and "seq_len |" not in out
     assert err.splitlines() == [

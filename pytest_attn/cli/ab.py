@@ -15,12 +15,11 @@ import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
-from typing import Optional
 
 
 def add_parser(sub) -> None:
     from pytest_attn.cli.gate import add_threshold_options
-    from pytest_attn.cli.main import _count, _device_name, _lengths
+    from pytest_attn.cli.args import _count, _device_name, _lengths
 
     parser = sub.add_parser("ab", help="two backends (or environments, or commits) timed in alternating rounds; "
                                        "each row's ratio with its interval; exit 1 on a regression",
@@ -53,7 +52,7 @@ def run(args) -> int:
     from pytest_attn.bench.gate import compare_rows
     from pytest_attn.bench.measure import BenchSettings
     from pytest_attn.cli.gate import report
-    from pytest_attn.cli.main import UsageError, _check_device_options, _device
+    from pytest_attn.cli.args import UsageError, _check_device_options, _device
 
     for side in ("base", "head"):
         if getattr(args, f"{side}_python") and getattr(args, f"{side}_ref"):
@@ -109,7 +108,7 @@ def _registry():
 
 
 def _backend(registry, name: str):
-    from pytest_attn.cli.main import UsageError, _resolve
+    from pytest_attn.cli.args import UsageError, _resolve
     from pytest_attn.core import calls
 
     (backend,) = _resolve([name], registry)
@@ -123,7 +122,7 @@ def _backend(registry, name: str):
 # -- sides in subprocesses ---------------------------------------------------------------------------------
 def _worktree(stack: ExitStack, ref: str) -> str:
     """A temporary detached worktree of ``ref`` of the git checkout around the current folder."""
-    from pytest_attn.cli.main import UsageError
+    from pytest_attn.cli.args import UsageError
 
     root = tempfile.mkdtemp(prefix="pytest-attn-ab-")
     path = os.path.join(root, "src")
@@ -138,7 +137,7 @@ def _worktree(stack: ExitStack, ref: str) -> str:
 def _rounds_in_subprocesses(args, seq_lens, device):
     from pytest_attn.bench import ab_worker
     from pytest_attn.bench.ab import SideSamples
-    from pytest_attn.cli.main import UsageError
+    from pytest_attn.cli.args import UsageError
 
     sides = {}
     with ExitStack() as stack:

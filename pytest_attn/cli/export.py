@@ -19,7 +19,7 @@ def run(args) -> int:
 
     from pytest_attn.cases.catalog import select
     from pytest_attn.cases.serialize import SUFFIXES, case_to_dict, dump_cases
-    from pytest_attn.cli.main import UsageError
+    from pytest_attn.cli.args import UsageError
     from pytest_attn.core.errors import AttnInputError
 
     try:

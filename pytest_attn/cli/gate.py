@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from pytest_attn.bench.gate import GateError, gate, load_saved
-    from pytest_attn.cli.main import UsageError
+    from pytest_attn.cli.args import UsageError
 
     try:
         base = load_saved(args.base)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     from pytest_attn.cli.gate import add_threshold_options
-    from pytest_attn.cli.main import _plot_path
+    from pytest_attn.cli.args import _plot_path
 
     parser = sub.add_parser("history", help="each row's median and interval across saved runs; step changes; the "
                                             "rows that regressed",
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pytest_attn.bench.gate import GateError
     from pytest_attn.bench.history import lines, load_history, plot, regressed_rows
-    from pytest_attn.cli.main import UsageError
+    from pytest_attn.cli.args import UsageError
 
     try:
         history = load_history(args.paths)

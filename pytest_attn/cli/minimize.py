@@ -15,7 +15,7 @@ MINIMIZE_DESCRIPTION = (
 
 
 def add_parser(subparsers) -> None:
-    from pytest_attn.cli.main import _device_name
+    from pytest_attn.cli.args import _device_name
 
     parser = subparsers.add_parser("minimize", help="shrink a failing case to a minimal reproducer",
                                    description=MINIMIZE_DESCRIPTION)
@@ -45,7 +45,7 @@ def _fuzz_case(args, backend):
     the backend's capabilities and the --fuzz tier."""
     from pytest_attn.cases.fuzz import fuzz_case, tier
     from pytest_attn.check.minimize import runs_every_step
-    from pytest_attn.cli.main import UsageError
+    from pytest_attn.cli.args import UsageError
     from pytest_attn.core.errors import AttnInputError
 
     seed, index = map(int, FUZZ_NAME.fullmatch(args.case).groups())
@@ -63,7 +63,7 @@ def _fuzz_case(args, backend):
 
 
 def _device(args) -> str:
-    from pytest_attn.cli.main import _device as resolve
+    from pytest_attn.cli.args import _device as resolve
 
     return resolve(args.device)
 
@@ -71,7 +71,7 @@ def _device(args) -> str:
 def _load_case(args, backend):
     from pytest_attn.cases.catalog import CATALOG
     from pytest_attn.cases.serialize import cases_in_file
-    from pytest_attn.cli.main import UsageError
+    from pytest_attn.cli.args import UsageError
     from pytest_attn.core.errors import AttnInputError
 
     if args.case in CATALOG and not Path(args.case).exists():
@@ -107,7 +107,7 @@ def rerun_command(backend: str, path: Path, name: str, seed: int, device) -> str
 def run(args) -> int:
     from pytest_attn.cases.serialize import case_to_json, dump_cases
     from pytest_attn.check.minimize import minimize
-    from pytest_attn.cli.main import FAILED, UsageError, _resolve
+    from pytest_attn.cli.args import FAILED, UsageError, _resolve
     from pytest_attn.core import calls
     from pytest_attn.env.registry import Registry
 

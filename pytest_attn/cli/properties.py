@@ -7,7 +7,7 @@ import json
 
 def add_parser(sub) -> None:
     from pytest_attn.check.properties import FAMILIES
-    from pytest_attn.cli.main import _count, _device_name, _names
+    from pytest_attn.cli.args import _count, _device_name, _names
 
     props = sub.add_parser("properties", help="per backend and case family: deterministic? batch-invariant? measured, "
                                               "with the kernels it ran",
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 def command(args) -> int:
     from pytest_attn.check.differential import failure_line
     from pytest_attn.check.properties import families, measure, problems, table
-    from pytest_attn.cli.main import UsageError, _device, _failed, _resolve
+    from pytest_attn.cli.args import UsageError, _device, _failed, _resolve
     from pytest_attn.core import calls as guard
     from pytest_attn.env.registry import Registry, broken_reason
 

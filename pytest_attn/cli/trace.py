@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
                                        "declared family that launched nothing, is a failure. Exit 0: every backend "
                                        "ran and kept its declaration; 1: one broke, launched an undeclared kernel, or "
                                        "was named and did not run; 4: a bad argument.")
-    from pytest_attn.cli.main import _count, _device_name, _names
+    from pytest_attn.cli.args import _count, _device_name, _names
 
     trace.add_argument("case", help="a catalog case name (pytest-attn cases lists them)")
     trace.add_argument("--backends", type=_names, default=["all"], metavar="NAME[,NAME...]",
@@ -30,7 +30,7 @@ def command(args) -> int:
     from pytest_attn.cases.catalog import CATALOG
     from pytest_attn.check.differential import failure_line
     from pytest_attn.check.traces import trace_case
-    from pytest_attn.cli.main import UsageError, _device, _failed, _resolve
+    from pytest_attn.cli.args import UsageError, _device, _failed, _resolve
     from pytest_attn.core import calls as guard
     from pytest_attn.core.errors import UnsupportedCase
     from pytest_attn.env.registry import Registry, broken_reason
