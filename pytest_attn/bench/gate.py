@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from pytest_attn.bench.machine import differences, is_cpu_run
+from pytest_attn.bench.measure import spread
 
 REGIMES = ("device", "eager")
 DEFAULT_THRESHOLDS = {"device": 0.05, "eager": 0.10}
@@ -112,17 +113,6 @@ def parse_thresholds(items: Iterable[str]) -> dict:
 
 
 # -- statistics -------------------------------------------------------------------------------------------
-def spread(samples: Sequence[float]) -> Optional[float]:
-    """Interquartile range / median (None with fewer than 4 samples)."""
-    if len(samples) < 4:
-        return None
-    median = statistics.median(samples)
-    if median <= 0:
-        return None
-    q1, _, q3 = statistics.quantiles(samples, n=4)
-    return (q3 - q1) / median
-
-
 def ratio_interval(base: Sequence[float], head: Sequence[float], confidence: float = CONFIDENCE,
                    resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
     """(median(head)/median(base), low, high): the ratio of medians and its bootstrap confidence
