@@ -280,9 +280,10 @@ class FlexAttentionBackend(Backend):
 
         lq, lk = q.shape[0], k.shape[0]
         device = q.device
-        # [1, heads, len, dim], each a tensor of its own (not a view of the batch): a compiled flex
-        # guards on a view's base, so views of ever new batches would recompile it.
-        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
+        # [1, heads, len, dim], each a tensor of its own with the standard strides: a compiled flex
+        # guards on a view's base and on strides, and contiguous() hands back a view with odd
+        # strides when a dim is 1 (a decode's one query): each would be one more graph to compile.
+        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0).clone(memory_format=torch.contiguous_format) for t in (q, k, v))
         sink = bool(layer.sinks)
         if sink:  # one more key and value of zeros, at index lk: score_mod makes its logit the sink
             kh = torch.cat([kh, kh.new_zeros(kh.shape[:2] + (1, kh.shape[3]))], dim=2)

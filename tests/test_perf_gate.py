@@ -74,18 +74,39 @@ def test_ratio_interval_holds_the_true_ratio_and_is_reproducible():
     assert ratio_interval(base, head) == (ratio, low, high)  # a fixed seed: a rerun prints the same
 
 
-def test_a_row_regresses_only_when_its_whole_interval_is_past_the_threshold():
-    def outcome(head, base=None, threshold=None):
-        b = RowSamples("t", "device", base or samples(1.0))
-        h = RowSamples("t", "device", head, threshold)
-        return compare_rows([b], [h]).verdicts[0].outcome
+def _outcome(head, base=None, threshold=None):
+    b = RowSamples("t", "device", base or samples(1.0))
+    h = RowSamples("t", "device", head, threshold)
+    return compare_rows([b], [h]).verdicts[0].outcome
 
-    assert outcome(samples(1.20)) == "regressed"
-    assert outcome(samples(0.80)) == "improved"
-    assert outcome(samples(1.0)) == "unchanged"
-    # the median moved 8%, but the samples spread 40%: the interval reaches below +5%, so no verdict
-    assert outcome(samples(1.08, 0.4, 12), samples(1.0, 0.4, 12)) == "unchanged"
-    assert outcome(samples(1.20), threshold=0.5) == "unchanged"  # the row's own threshold wins
+
+def test_a_row_regresses_when_its_interval_is_past_half_the_threshold_and_reaches_it():
+    assert _outcome(samples(1.20)) == "regressed"
+    assert _outcome(samples(0.80)) == "improved"
+    assert _outcome(samples(1.0)) == "unchanged"
+    # the median moved 8%, but the samples spread 40%: the interval reaches below +2.5%, so no verdict
+    assert _outcome(samples(1.08, 0.4, 12), samples(1.0, 0.4, 12)) == "unchanged"
+    assert _outcome(samples(1.20), threshold=0.5) == "unchanged"  # the row's own threshold wins
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_slowdown_equal_to_the_threshold_is_caught_every_time(seed):
+    """5% slower with 0.3% noise: the median ratio lands on either side of 1.05, the interval always
+    clears +2.5% and reaches +5%. A rule asking the whole interval to lie past +5% caught 0 of 40 seeds:
+    its interval straddles 1.05."""
+    rng = np.random.default_rng(seed)
+    base = tuple(1.0 + 0.003 * rng.standard_normal(50))
+    head = tuple(1.05 + 0.003 * rng.standard_normal(50))
+    verdict = compare_rows([RowSamples("t", "device", base)], [RowSamples("t", "device", head)]).verdicts[0]
+    assert verdict.outcome == "regressed", (verdict.low, verdict.high)
+
+
+def test_a_tight_small_drift_is_not_a_regression_of_the_thresholds_size():
+    # +3% with 0.2% noise: certainly slower, certainly not 5% slower
+    assert _outcome(samples(1.03, 0.002), samples(1.0, 0.002)) == "unchanged"
+    assert _outcome(samples(0.97, 0.002), samples(1.0, 0.002)) == "unchanged"
+    assert gate_mod.outcome(1.026, 1.05, 0.05) == "regressed" and gate_mod.outcome(1.024, 1.2, 0.05) == "unchanged"
+    assert gate_mod.outcome(0.95, 0.974, 0.05) == "improved" and gate_mod.outcome(0.951, 0.974, 0.05) == "unchanged"
 
 
 def test_a_planted_gate_that_ignores_the_interval_would_fail_these_tests(monkeypatch):

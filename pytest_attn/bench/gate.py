@@ -4,8 +4,14 @@ Each row's verdict comes from its two sample sets (every timed sample, kept in t
 ``extra_info["samples_s"]``, or pytest-benchmark's ``stats.data`` with --benchmark-save-data): the
 ratio of medians HEAD/BASE, with a bootstrap confidence interval (scipy.stats.bootstrap, percentile
 method, both sets resampled independently, a fixed seed so that a rerun prints the same interval).
-A row **regressed** only when the whole interval lies above ``1 + threshold``, and **improved** only
-when it lies wholly below ``1 - threshold``; otherwise it is unchanged, however its median moved.
+A row **regressed** when its interval lies wholly above ``1 + threshold / 2`` (a slowdown of at
+least half the threshold is certain) and reaches ``1 + threshold`` (one of the threshold's size is
+within it); **improved** is the mirror image; otherwise it is unchanged, however its median moved.
+Why half: the threshold is the slowdown the gate must catch, and a slowdown *equal* to it puts the
+interval across the threshold, so a rule asking the whole interval to lie past the threshold
+misses it (0 of 40 simulated rows, tests/test_perf_gate.py; on a GPU: tests/evidence/gate_evidence.py).
+Why "reaches": a tight interval around a small steady drift (+3% against a 5% threshold) is not
+a regression of the threshold's size, and does not fail a run.
 Thresholds are per regime (DEFAULT_THRESHOLDS: device time is steadier than eager wall time) and
 per row (``extra_info["gate_threshold"]``, set by the ``attn_gate_threshold`` marker or the
 fixture's ``threshold=``). The Mann-Whitney U p-value is shown beside the interval, not used.
@@ -66,11 +72,16 @@ class Verdict:
 
     @property
     def outcome(self) -> str:
-        if self.low > 1 + self.threshold:
-            return "regressed"
-        if self.high < 1 - self.threshold:
-            return "improved"
-        return "unchanged"
+        return outcome(self.low, self.high, self.threshold)
+
+
+def outcome(low: float, high: float, threshold: float) -> str:
+    """The verdict of an interval [low, high] of HEAD/BASE against ``threshold`` (see the module)."""
+    if low > 1 + threshold / 2 and high >= 1 + threshold:
+        return "regressed"
+    if high < 1 - threshold / 2 and low <= 1 - threshold:
+        return "improved"
+    return "unchanged"
 
 
 @dataclass
@@ -292,6 +303,6 @@ def summary_line(result: GateResult, base_label: str) -> str:
         return (f"pytest-attn gate: NOT GATED: {result.why_not_gated}. {regressed} of {n} rows would have regressed "
                 f"against {base_label}{tail}")
     if regressed:
-        return (f"pytest-attn gate: FAILED: {regressed} of {n} rows regressed against {base_label} (their whole "
-                f"{CONFIDENCE:.0%} interval past the threshold); {improved} improved{tail}")
+        return (f"pytest-attn gate: FAILED: {regressed} of {n} rows regressed against {base_label} (their "
+                f"{CONFIDENCE:.0%} interval past half the threshold, reaching it); {improved} improved{tail}")
     return f"pytest-attn gate: passed: 0 of {n} rows regressed against {base_label}; {improved} improved{tail}"

@@ -2,7 +2,7 @@
 
 Prints every row's ratio of medians with its bootstrap interval, threshold, regime and the spread
 of each side, then one final line. Exit 0: no row regressed (or CPU timings, not gated without
---gate-cpu); 1: a row's whole interval lies past its threshold; 4: a bad argument, or runs from
+--gate-cpu); 1: a row's interval lies past half its threshold and reaches it; 4: a bad argument, or runs from
 different machines or versions (the line names what differs)."""
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def add_threshold_options(parser) -> None:
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("gate", help="the performance gate on two saved runs: a row regresses when the "
-                                         "bootstrap interval of its median ratio lies wholly past its threshold",
+                                         "bootstrap interval of its median ratio lies past half its threshold and "
+                                         "reaches it",
                             description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("base", help="the baseline: a saved run (--benchmark-json / --benchmark-autosave file), or a "
                                      "folder (its newest run)")

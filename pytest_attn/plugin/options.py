@@ -136,7 +136,7 @@ def add_options(parser) -> None:
     bench.addoption("--attn-gate", default=None, metavar="BASELINE",
                     help="end the run with pytest-attn's performance gate against BASELINE (a saved run's JSON, or a "
                          "folder such as .benchmarks: its newest): a row regresses when the bootstrap interval of its "
-                         "median ratio lies wholly past its threshold; a table of those rows and exit 1.")
+                         "median ratio lies past half its threshold and reaches it; a table of those rows and exit 1.")
     bench.addoption("--attn-gate-threshold", action="append", default=[], metavar="REGIME=FRACTION",
                     help="the gate's threshold per regime (default device=0.05,eager=0.10); a row's "
                          "attn_gate_threshold marker overrides it.")

@@ -17,12 +17,12 @@ two flows, each with 5 trials per planted size and 10 unchanged trials, in shuff
   (pytest_attn.bench.gate, the code behind --attn-gate and `pytest-attn gate`) on every sample;
 - ab: each trial an interleaved A/B (pytest_attn.bench.ab: --ab-rounds rounds, sides alternating).
 
-Both regimes are judged with the default thresholds (device 5%, eager 10%). The gate flags a row only
-when the whole 95% interval of its median ratio lies past the threshold, so a planted slowdown
-*equal* to the threshold is at the edge by design (caught about half the time at best); the 2x sizes
-show what it reliably catches. Prints a table (caught / false alarms per flow, regime and planted
-size) and writes DIR/evidence.json with every trial's ratio and interval. Aim: < 8 minutes on an H200.
-Also runs end-to-end `pytest --attn-gate` once on a planted-device slowdown of 2x the threshold
+Both regimes are judged with the default thresholds (device 5%, eager 10%) by the gate's rule (the
+interval past half the threshold, reaching it); the column "strict" counts the same trials under
+the rule that asks the whole interval to lie past the threshold, which a slowdown equal to the
+threshold straddles. Prints a table (caught / false alarms per flow, regime and planted size) and
+writes DIR/evidence.json with every trial's ratio and interval. Aim: < 8 minutes on an H200.
+Also runs end-to-end `pytest --attn-gate` once on a planted-device slowdown of the threshold's size
 and once unchanged (--no-pytest-flow to skip).
 """
 from __future__ import annotations
@@ -280,7 +280,10 @@ def main(argv=None) -> int:
 def summarise(records) -> list[str]:
     """caught (planted, in the regime it was planted in) and false alarms (unchanged, or the other regime)."""
     lines = [f"{'flow':<8} {'planted':<10} {'size':>6} {'trials':>6} {'caught':>7} {'other regime flagged':>21} "
-             f"{'median ratio (planted regime)':>30}"]
+             f"{'median ratio (planted regime)':>30} {'strict':>7}"]
+
+    def strict(v):  # the whole interval past the threshold
+        return v.low > 1 + v.threshold
     groups = {}
     for flow, kind, fraction, verdicts in records:
         groups.setdefault((flow, kind, fraction), []).append(verdicts)
@@ -288,16 +291,18 @@ def summarise(records) -> list[str]:
         if kind == "unchanged":
             alarms = sum(any(v.outcome == "regressed" for v in vs.values()) for vs in runs)
             ratios = [vs["device"].ratio for vs in runs]
+            strict_alarms = sum(any(strict(v) for v in vs.values()) for vs in runs)
             lines.append(f"{flow:<8} {'unchanged':<10} {'':>6} {len(runs):>6} {'-':>7} "
-                         f"{f'{alarms} false alarm(s)':>21} {statistics.median(ratios):>30.3f}")
+                         f"{f'{alarms} false alarm(s)':>21} {statistics.median(ratios):>30.3f} {strict_alarms:>7}")
             continue
         regime = "device" if kind == "device" else "eager"
         other = "eager" if regime == "device" else "device"
         caught = sum(vs[regime].outcome == "regressed" for vs in runs)
         flagged = sum(vs[other].outcome == "regressed" for vs in runs)
         ratio = statistics.median(vs[regime].ratio for vs in runs)
+        strict_caught = sum(strict(vs[regime]) for vs in runs)
         lines.append(f"{flow:<8} {kind:<10} {f'+{fraction:.0%}':>6} {len(runs):>6} {f'{caught}/{len(runs)}':>7} "
-                     f"{f'{flagged} ({other})':>21} {ratio:>30.3f}")
+                     f"{f'{flagged} ({other})':>21} {ratio:>30.3f} {f'{strict_caught}/{len(runs)}':>7}")
     return lines
 
 
@@ -328,7 +333,7 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_flow(out: Path, args, params, sizes, log) -> list[str]:
-    """`pytest --attn-gate` end to end: baseline, unchanged (must pass), planted-device 2x (must fail)."""
+    """`pytest --attn-gate` end to end: baseline, unchanged (must pass), planted-device (must fail)."""
     folder = out / "pytest_flow"
     folder.mkdir(exist_ok=True)
     (folder / "test_evidence_row.py").write_text(PYTEST_FLOW_TEST.format(here=str(HERE), backend=args.backend,
@@ -341,7 +346,7 @@ def pytest_flow(out: Path, args, params, sizes, log) -> list[str]:
     env = dict(os.environ)
     for name, extra, n in (("baseline", ["--benchmark-json=base.json"], 0),
                            ("unchanged", ["--attn-gate=base.json"], 0),
-                           ("planted-device", ["--attn-gate=base.json"], params[("device", sizes["device"][1])])):
+                           ("planted-device", ["--attn-gate=base.json"], params[("device", sizes["device"][0])])):
         env["EVIDENCE_MATMUL_N"] = str(int(n))
         done = subprocess.run(base_cmd + extra, cwd=folder, env=env, capture_output=True, text=True)
         tail = [line for line in done.stdout.splitlines() if line.startswith("pytest-attn gate")]
