@@ -2,6 +2,7 @@
 plugin making a listed failure a strict expected failure (fixed upstream when it passes)."""
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -230,10 +231,12 @@ def planted(pytester):
 
 def test_a_listed_case_that_fails_is_an_expected_failure_naming_its_entry(pytester, planted):
     result = pytester.runpytest("--attn-backend=wrongscale", "--attn-cases=hd64-ragged",
-                                "--attn-known-failures=user.toml", "-rx")
+                                "--attn-known-failures=user.toml", "-rx", "--attn-report=run.json")
     result.assert_outcomes(xfailed=1)
     result.stdout.fnmatch_lines(["*XFAIL*known failure user-scale (https://example.org/user/scale): still fails: "
                                  "AttnCheckFailure*"])
+    [test] = json.loads((pytester.path / "run.json").read_text())["tests"]
+    assert test["kind"] == "known-failure" and test["reason"].startswith("known failure user-scale")
 
 
 def test_without_the_file_the_same_failure_is_a_regression(pytester, planted):

@@ -344,6 +344,9 @@ class RunReport:
                 record.outcome, record.reason, record.kind = "failed", None, None
                 record.failure = failure_of(report, catalog_case(record.case, report.nodeid))
                 record.rerun = _property(report, RERUN_PROPERTY) or ""
+        elif report.skipped and getattr(report, "wasxfail", None) is not None:
+            if not record.outcome:  # a known failure (strict xfail): said apart from a skip
+                record.outcome, record.reason, record.kind = "skipped", str(report.wasxfail), "known-failure"
         elif report.skipped:
             if not record.outcome:
                 reason, from_backend = skip_reason(report, backend)

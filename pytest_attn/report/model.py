@@ -16,10 +16,12 @@ REPORT_FORMAT = "pytest-attn-report"  # the .json's "format"; its "version" chan
 REPORT_VERSION = 1
 REPORT_SUFFIXES = {".html": "html", ".htm": "html", ".md": "md", ".json": "json"}
 #: Why a test was skipped, most telling first (run_report.classify_reason decides).
-SKIP_KINDS = ("hazard", "unsupported", "jit-budget", "unavailable", "other")
+SKIP_KINDS = ("known-failure", "hazard", "unsupported", "jit-budget", "unavailable", "other")
 #: Each mark of a cell: (symbol, what it means).
 MARKS = {
     "failed": ("✗", "failed"),
+    "known-failure": ("⚑", "expected to fail: a listed known failure that still fails, or is not run because "
+                           "it crashes (an xfail; its entry in the known-failures files)"),
     "hazard": ("⚠", "skipped as a known hazard: running it is known to give a wrong result or crash "
                     "(measured, or an upstream issue)"),
     "unsupported": ("⊘", "skipped: the backend does not support it"),

@@ -3,15 +3,18 @@ on unchanged code? Run on a GPU machine with FlashInfer (falls back to torch SDP
 
     python tests/evidence/gate_evidence.py --out DIR
 
-For one ViT-table row (16 heads x 80, bf16, full mask; --seq-len, default 4096) of --backend
-(default flashinfer), with two planted wrappers of it:
+For ViT-table rows (16 heads x 80, bf16, full mask) of --backend (default flashinfer), with two
+planted wrappers of it:
 
 - planted-device: an extra matmul kernel after each call, sized (measured) so the device time rises
-  by --device-slowdown (default 5%, and 2x that);
+  by at least --device-slowdown (default 5%), in a device-bound row (--seq-len, default 8192);
 - planted-host: a busy-wait on the host before each call, calibrated (measured) so the eager wall
-  time rises by --host-slowdown (default 10%, and 2x that);
+  time rises by at least --host-slowdown (default 10%), in a host-bound row (--host-seq-len, default
+  256: there eager time is launch work; in a device-bound row the GPU hides host work, rightly);
+- --double: twice each slowdown as well;
 
-two flows, each with 5 trials per planted size and 10 unchanged trials, in shuffled order:
+two flows, each with 5 trials per planted size and 10 unchanged trials (judged on both rows), in
+shuffled order:
 
 - classic: one baseline measurement, then each trial measured later and judged by the gate
   (pytest_attn.bench.gate, the code behind --attn-gate and `pytest-attn gate`) on every sample;
@@ -123,7 +126,8 @@ def median_of(backend, batch, settings, regime):
 
 def calibrate(backend, batch, settings, regime, base_s, target, start, grow, label, log):
     """Find the parameter (matmul n, or wait seconds) at which ``regime``'s median is
-    ``base_s * (1 + target)``: grow until past, then bisect (6 measurements at most after that)."""
+    ``base_s * (1 + target)`` or a little over (a planted slowdown of 5% is at least 5%): grow until
+    past, then bisect (10 measurements at most after that)."""
     low, high, value = 0.0, None, start
     for _ in range(12):
         backend.set(value)
@@ -134,11 +138,11 @@ def calibrate(backend, batch, settings, regime, base_s, target, start, grow, lab
         low, value = value, value * grow
     if high is None:
         raise SystemExit(f"{label}: could not reach +{target:.0%} (last ratio {ratio:.3f})")
-    for _ in range(6):
+    for _ in range(10):
         mid = (low + high) / 2
         backend.set(mid)
         ratio = median_of(backend, batch, settings, regime) / base_s
-        if abs(ratio - 1 - target) < target * 0.15:
+        if 0 <= ratio - 1 - target < target * 0.15:
             log(f"  calibrated {label}: parameter {mid:.6g} -> x{ratio:.3f} ({regime})")
             return mid
         low, high = (mid, high) if ratio - 1 < target else (low, mid)
@@ -160,7 +164,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--backend", default="flashinfer")
-    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=8192, help="the row of the device slowdowns (device-bound)")
+    parser.add_argument("--host-seq-len", type=int, default=256,
+                        help="the row of the host overhead (host-bound: eager time is launch work there)")
+    parser.add_argument("--double", action="store_true", help="also plant twice each slowdown")
     parser.add_argument("--device-slowdown", type=float, default=0.05)
     parser.add_argument("--host-slowdown", type=float, default=0.10)
     parser.add_argument("--planted-trials", type=int, default=5)
@@ -197,25 +204,29 @@ def main(argv=None) -> int:
         log(f"{args.backend} unavailable ({calls.availability(inner).reason}); using torch")
         inner = registry.get("torch")
     device = args.device
-    batch = vit_batch(args.seq_len, device)
+    rows = {"device": args.seq_len, "host": args.host_seq_len}  # the row each kind of slowdown is planted in
+    batches = {n: vit_batch(n, device) for n in set(rows.values())}
     settings = BenchSettings(10, args.iters, "auto", False)
     quick = BenchSettings(5, 20, "auto", False)
     unchanged, planted_device, planted_host = make_backends(inner, device)
-    log(f"backend {inner.name}, seq_len {args.seq_len}, "
-        f"{torch.cuda.get_device_name(0) if device.startswith('cuda') else 'cpu (smoke test)'}")
-    base = measure_row(unchanged, batch, quick)
-    base_device, base_eager = statistics.median(base["device"]), statistics.median(base["eager"])
-    log(f"unchanged: device {base_device * 1e3:.4f} ms, eager {base_eager * 1e3:.4f} ms")
+    log(f"backend {inner.name}, device slowdowns at seq_len {rows['device']}, host overhead at seq_len "
+        f"{rows['host']}, {torch.cuda.get_device_name(0) if device.startswith('cuda') else 'cpu (smoke test)'}")
+    base = {n: measure_row(unchanged, batch, quick) for n, batch in batches.items()}
+    for n, b in base.items():
+        log(f"unchanged seq_len {n}: device {statistics.median(b['device']) * 1e3:.4f} ms, "
+            f"eager {statistics.median(b['eager']) * 1e3:.4f} ms")
 
-    sizes = {"device": [args.device_slowdown, 2 * args.device_slowdown],
-             "host": [args.host_slowdown, 2 * args.host_slowdown]}
+    factors = (1, 2) if args.double else (1,)
+    sizes = {"device": [args.device_slowdown * f for f in factors], "host": [args.host_slowdown * f for f in factors]}
     params = {}
     for fraction in sizes["device"]:
-        params[("device", fraction)] = calibrate(planted_device, batch, quick, "device", base_device, fraction, 256,
+        params[("device", fraction)] = calibrate(planted_device, batches[rows["device"]], quick, "device",
+                                                 statistics.median(base[rows["device"]]["device"]), fraction, 256,
                                                  1.4, f"planted-device +{fraction:.0%}", log)
     planted_device.set(0)
+    base_eager = statistics.median(base[rows["host"]]["eager"])
     for fraction in sizes["host"]:
-        params[("host", fraction)] = calibrate(planted_host, batch, quick, "eager", base_eager, fraction,
+        params[("host", fraction)] = calibrate(planted_host, batches[rows["host"]], quick, "eager", base_eager, fraction,
                                                max(1e-6, 0.02 * base_eager), 1.6, f"planted-host +{fraction:.0%}", log)
     planted_host.set(0)
 
@@ -232,68 +243,78 @@ def main(argv=None) -> int:
         backend.set(params[(kind, fraction)])
         return backend
 
+    def rows_of(kind):  # an unchanged trial is judged on every row
+        return sorted(batches) if kind == "unchanged" else [rows[kind]]
+
     # classic: one baseline, trials later
-    baseline = measure_row(unchanged, batch, settings)
+    baseline = {n: measure_row(unchanged, batch, settings) for n, batch in batches.items()}
     for kind, fraction in rng.sample(trials, len(trials)):
-        verdicts = judge(baseline, measure_row(side(kind, fraction), batch, settings))
-        records.append(("classic", kind, fraction, verdicts))
+        backend = side(kind, fraction)
+        for n in rows_of(kind):
+            records.append(("classic", kind, fraction, n, judge(baseline[n], measure_row(backend, batches[n], settings))))
     planted_device.set(0), planted_host.set(0)
     log(f"classic flow: {len(trials)} trials done")
     # ab: rounds alternating, each trial its own A/B
-    from pytest_attn.bench.ab import measure_rounds_in_process
+    from pytest_attn.bench.ab import measure_rounds_in_process, row_label
 
     ab_settings = BenchSettings(5, args.ab_iters, "auto", False)
     for kind, fraction in rng.sample(trials, len(trials)):
         head = side(kind, fraction)
-        a, b = measure_rounds_in_process(unchanged, head, [args.seq_len], device, ab_settings, args.ab_rounds)
-        label = next(iter(a.rows))
-        verdicts = judge(a.rows[label], b.rows[label])
-        records.append(("ab", kind, fraction, verdicts))
+        a, b = measure_rounds_in_process(unchanged, head, rows_of(kind), device, ab_settings, args.ab_rounds)
+        for n in rows_of(kind):
+            records.append(("ab", kind, fraction, n, judge(a.rows[row_label(n)], b.rows[row_label(n)])))
         planted_device.set(0), planted_host.set(0)
     log(f"ab flow: {len(trials)} trials done")
 
     table = summarise(records)
     for regime in ("device", "eager"):
-        spreads = [v[regime].head_spread for _, _, _, v in records if v[regime].head_spread is not None]
+        spreads = [v[regime].head_spread for *_, v in records if v[regime].head_spread is not None]
         if spreads:
             table.append(f"spread (IQR/median) of the {regime} samples over all trials: "
                          f"median {statistics.median(spreads):.2%}, "
                          f"max {max(spreads):.2%}")
     for line in table:
         log(line)
-    pytest_lines = [] if args.no_pytest_flow or device == "cpu" else pytest_flow(out, args, params, sizes, log)
-    (out / "evidence.json").write_text(json.dumps({
-        "machine": attn_machine_info(device), "backend": inner.name, "seq_len": args.seq_len,
-        "base_ms": {"device": base_device * 1e3, "eager": base_eager * 1e3},
-        "calibration": {f"{k}+{f}": v for (k, f), v in params.items()},
-        "trials": [{"flow": flow, "planted": kind, "fraction": fraction,
-                    **{r: {"ratio": v.ratio, "low": v.low, "high": v.high, "threshold": v.threshold,
-                           "outcome": v.outcome, "base_spread": v.base_spread, "head_spread": v.head_spread}
-                       for r, v in verdicts.items()}}
-                   for flow, kind, fraction, verdicts in records],
-        "table": table, "pytest_flow": pytest_lines, "seconds": time.perf_counter() - started}, indent=1))
-    (out / "log.txt").write_text("\n".join(log_lines) + "\n")
+
+    def write(pytest_lines):
+        (out / "evidence.json").write_text(json.dumps({
+            "machine": attn_machine_info(device), "backend": inner.name, "rows": rows,
+            "base_ms": {n: {r: statistics.median(b[r]) * 1e3 for r in ("device", "eager")} for n, b in base.items()},
+            "calibration": {f"{k}+{f}": v for (k, f), v in params.items()},
+            "trials": [{"flow": flow, "planted": kind, "fraction": fraction, "seq_len": n,
+                        **{r: {"ratio": v.ratio, "low": v.low, "high": v.high, "threshold": v.threshold,
+                               "outcome": v.outcome, "base_spread": v.base_spread, "head_spread": v.head_spread}
+                           for r, v in verdicts.items()}}
+                       for flow, kind, fraction, n, verdicts in records],
+            "table": table, "pytest_flow": pytest_lines, "seconds": time.perf_counter() - started}, indent=1))
+        (out / "log.txt").write_text("\n".join(log_lines) + "\n")
+
+    write([])  # kept if the pytest flow below is cut short
+    if not (args.no_pytest_flow or device == "cpu"):
+        write(pytest_flow(out, args, params, sizes, log))
     log(f"wrote {out / 'evidence.json'}; {time.perf_counter() - started:.0f} s in all")
     return 0
 
 
 def summarise(records) -> list[str]:
     """caught (planted, in the regime it was planted in) and false alarms (unchanged, or the other regime)."""
-    lines = [f"{'flow':<8} {'planted':<10} {'size':>6} {'trials':>6} {'caught':>7} {'other regime flagged':>21} "
-             f"{'median ratio (planted regime)':>30} {'strict':>7}"]
+    lines = [f"{'flow':<8} {'planted':<10} {'size':>6} {'row':>6} {'trials':>6} {'caught':>7} "
+             f"{'other regime flagged':>21} {'median ratio (planted regime)':>30} {'strict':>7}"]
 
     def strict(v):  # the whole interval past the threshold
         return v.low > 1 + v.threshold
+
     groups = {}
-    for flow, kind, fraction, verdicts in records:
-        groups.setdefault((flow, kind, fraction), []).append(verdicts)
-    for (flow, kind, fraction), runs in sorted(groups.items()):
+    for flow, kind, fraction, n, verdicts in records:
+        groups.setdefault((flow, kind, fraction, n), []).append(verdicts)
+    for (flow, kind, fraction, n), runs in sorted(groups.items()):
         if kind == "unchanged":
-            alarms = sum(any(v.outcome == "regressed" for v in vs.values()) for vs in runs)
-            ratios = [vs["device"].ratio for vs in runs]
-            strict_alarms = sum(any(strict(v) for v in vs.values()) for vs in runs)
-            lines.append(f"{flow:<8} {'unchanged':<10} {'':>6} {len(runs):>6} {'-':>7} "
-                         f"{f'{alarms} false alarm(s)':>21} {statistics.median(ratios):>30.3f} {strict_alarms:>7}")
+            for regime in ("device", "eager"):
+                alarms = sum(vs[regime].outcome == "regressed" for vs in runs)
+                strict_alarms = sum(strict(vs[regime]) for vs in runs)
+                ratio = statistics.median(vs[regime].ratio for vs in runs)
+                lines.append(f"{flow:<8} {'unchanged':<10} {regime:>6} {n:>6} {len(runs):>6} {'-':>7} "
+                             f"{f'{alarms} false alarm(s)':>21} {ratio:>30.3f} {strict_alarms:>7}")
             continue
         regime = "device" if kind == "device" else "eager"
         other = "eager" if regime == "device" else "device"
@@ -301,7 +322,7 @@ def summarise(records) -> list[str]:
         flagged = sum(vs[other].outcome == "regressed" for vs in runs)
         ratio = statistics.median(vs[regime].ratio for vs in runs)
         strict_caught = sum(strict(vs[regime]) for vs in runs)
-        lines.append(f"{flow:<8} {kind:<10} {f'+{fraction:.0%}':>6} {len(runs):>6} {f'{caught}/{len(runs)}':>7} "
+        lines.append(f"{flow:<8} {kind:<10} {f'+{fraction:.0%}':>6} {n:>6} {len(runs):>6} {f'{caught}/{len(runs)}':>7} "
                      f"{f'{flagged} ({other})':>21} {ratio:>30.3f} {f'{strict_caught}/{len(runs)}':>7}")
     return lines
 
