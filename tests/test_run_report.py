@@ -670,3 +670,19 @@ def test_pytest_html_report_shows_the_matrix(pytester, planted):
     assert result.ret == 1  # forgets fails
     html = (pytester.path / "h.html").read_text()
     assert "pytest-attn support matrix" in html and 'class="matrix"' in html
+
+
+def test_the_suites_own_kernel_and_property_tests_fill_the_reports_sections(pytester, flex_compilation_imported):
+    """Not a synthetic property: what test_kernels and test_properties really record reaches the
+    report (kernel names with launch counts, one determinism entry per property)."""
+    result = pytester.runpytest("--pyargs", "pytest_attn.suite.test_kernels", "pytest_attn.suite.test_properties",
+                                "--attn-backend=torch,flex", "--attn-cases=hd64-ragged", "--attn-report=r.json",
+                                "-p", "no:randomly")
+    result.assert_outcomes(passed=4)
+    data = json.loads((pytester.path / "r.json").read_text())
+    for backend in ("torch", "flex"):
+        kernels = data["kernels"][backend]
+        assert kernels and not {"step", "plan", "kernels"} & set(kernels), kernels
+        assert all(isinstance(n, int) and n >= 1 for n in kernels.values())
+        properties = data["determinism"][backend]
+        assert len(properties) == 2 and all(p["holds"] + p["fails"] == 1 for p in properties.values()), properties

@@ -234,7 +234,8 @@ class Measurement:
     def as_dict(self) -> dict:
         return {"backend": self.backend, "family": self.family, "property": self.prop, "holds": self.holds,
                 "declared": self.declared, "failed": self.failed, "differences": list(self.differences),
-                "reason": self.reason, "plans": list(self.plans)}
+                "reason": self.reason, "plans": list(self.plans),
+                "detail": self.differences[0] if self.differences else ""}
 
 
 def _lse_layer(backend: Backend, device) -> LayerSpec:

@@ -34,6 +34,7 @@ from pytest_attn.plugin.collected import (BACKEND_PROPERTY, CASE_PROPERTY, FAILU
 from pytest_attn.report.model import NO_BACKEND, REPORT_FORMAT, REPORT_SUFFIXES, REPORT_VERSION
 
 KERNELS_PROPERTY = "attn_kernels"  # user_properties entry: the kernels a test's backend ran (issue 20)
+NO_KERNEL_SUMMARY = "no attention kernel recorded"  # check.traces.KernelTrace.summary() when there is none
 DETERMINISM_PROPERTY = "attn_determinism"  # user_properties entry: one determinism property checked (issue 20)
 FAILURE_TEXT_LIMIT = 6000  # characters of a failure's text kept in the report
 
@@ -128,6 +129,23 @@ class Record:
     failure: Optional[dict] = None  # failed: see failure_of()
     duration_s: float = 0.0
     rerun: str = ""
+
+
+def kernel_counts(value) -> list[tuple[str, int]]:
+    """(kernel, launches) from an attn_kernels property: a list of names, or one traced step
+    (test_kernels: {"step", "plan", "kernels": "name xN; name xN"}, the trace's summary)."""
+    if isinstance(value, dict):
+        summary = str(value.get("kernels") or "")
+        if not summary or summary == NO_KERNEL_SUMMARY:
+            return []
+        found = []
+        for part in summary.split("; "):
+            kernel, _, count = part.rpartition(" x")
+            found.append((kernel, int(count)) if kernel and count.isdigit() else (part, 1))
+        return found
+    if isinstance(value, (list, tuple)):
+        return [(str(kernel), 1) for kernel in value]
+    return [(str(value), 1)] if value else []
 
 
 def _property(report, name: str):
@@ -360,10 +378,15 @@ class RunReport:
         if report.when != "call":
             return
         name = backend or NO_BACKEND
-        for kernel in _property(report, KERNELS_PROPERTY) or ():
-            counts = self.kernels.setdefault(name, {})
-            counts[str(kernel)] = counts.get(str(kernel), 0) + 1
-        found = _property(report, DETERMINISM_PROPERTY)
+        for key, value in getattr(report, "user_properties", ()):
+            if key == KERNELS_PROPERTY:
+                counts = self.kernels.setdefault(name, {})
+                for kernel, count in kernel_counts(value):
+                    counts[kernel] = counts.get(kernel, 0) + count
+            elif key == DETERMINISM_PROPERTY:
+                self._determinism(name, value)
+
+    def _determinism(self, name: str, found) -> None:
         if isinstance(found, dict) and "property" in found:
             entry = self.determinism.setdefault(name, {}).setdefault(
                 str(found["property"]), {"holds": 0, "fails": 0, "details": []})
