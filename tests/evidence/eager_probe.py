@@ -1,5 +1,10 @@
-"""Where does eager noise come from? Row 256 (host-bound) of flashinfer, measure_row repeated,
-alternating conditions: default, pinned to one CPU core, pinned + gc.freeze."""
+"""Where does eager noise come from? The host-bound ViT row (256 tokens) of a backend (default
+flashinfer), measure_row 8 times per condition in one process, the conditions alternating: the
+process on every CPU (default) or pinned to one core (thread migration as a source). Prints each
+measurement's eager median and IQR/median, and the device median. On a GPU machine:
+
+    python tests/evidence/eager_probe.py [BACKEND]
+"""
 import gc, os, statistics, sys, time
 from pytest_attn.bench.ab import measure_row, vit_batch
 from pytest_attn.bench.measure import BenchSettings
