@@ -356,3 +356,37 @@ def test_overlapping_intervals_make_no_step():
     assert series.steps() == [] and not series.regressed()
     series.points.append(Point("c", 1.5, 1.45, 1.55, 10))
     assert [s.after.run for s in series.steps()] == ["c"] and series.regressed()
+
+
+def test_eager_samples_taken_in_turn_cancel_a_drift_that_blocks_would_read_as_a_regression():
+    """The same call on both sides; the host gets three times slower a third of the way in (as host
+    time drifts over seconds on the GPU machines). Sampled in turn the two sides agree; sampled in
+    blocks, one after the other, the second reads three times slower."""
+    import statistics
+    import time
+
+    from pytest_attn.bench.timing import interleaved_eager_samples
+
+    def drifting_host():
+        state = {"calls": 0}
+
+        def call():
+            state["calls"] += 1
+            time.sleep(0.002 if state["calls"] <= 30 else 0.006)
+        return call
+
+    call = drifting_host()
+    turns = interleaved_eager_samples({"a": (call, 2), "b": (call, 2)}, 20, "cpu")
+    assert 0.8 < statistics.median(turns["b"]) / statistics.median(turns["a"]) < 1.25
+    call = drifting_host()
+    a = interleaved_eager_samples({"a": (call, 2)}, 20, "cpu")["a"]
+    b = interleaved_eager_samples({"b": (call, 2)}, 20, "cpu")["b"]
+    assert statistics.median(b) / statistics.median(a) > 2
+
+
+def test_eager_samples_are_taken_in_turn_the_order_reversed_every_turn():
+    from pytest_attn.bench.timing import interleaved_eager_samples
+
+    log = []
+    interleaved_eager_samples({"a": (lambda: log.append("a"), 1), "b": (lambda: log.append("b"), 1)}, 4, "cpu")
+    assert "".join(log) == "ab" + "ab" + "ba" + "ab" + "ba"  # warm-up, then A B, B A, A B, B A

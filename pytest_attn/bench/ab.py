@@ -4,7 +4,8 @@ neighbour) falls on both alike; then the gate's verdict (pytest_attn.bench.gate)
 A side is a backend in this process (``measure_rounds_in_process``), or a backend in another
 environment or commit, timed by one subprocess per round (``ab_worker``, run by ``pytest-attn ab``).
 Each round re-plans and warms up before timing, so the side measured second in a round gains nothing
-from the first. Sides swap order every round. No pytest.
+from the first. Sides swap order every round; in one process the eager samples of the two sides are
+also taken in turn, one at a time (host time drifts over seconds). No pytest.
 """
 from __future__ import annotations
 
@@ -56,15 +57,26 @@ def row_label(seq_len: int) -> str:
 
 def measure_rounds_in_process(base, head, seq_lens: Sequence[int], device: str, settings, rounds: int,
                               progress: Optional[Callable[[str], None]] = None) -> tuple[SideSamples, SideSamples]:
-    """Both backends on every row, ``rounds`` times, the order of the two swapped every round."""
+    """Both backends on every row, ``rounds`` times, the order of the two swapped every round. Device
+    time comes from each side's own measurement; eager time from samples the two sides take in turn,
+    one at a time (bench.timing.interleaved_eager_samples), so that the host's drift falls on both."""
+    from pytest_attn.bench.measure import measure_backend
+    from pytest_attn.bench.timing import calls_per_sample, interleaved_eager_samples
+
     sides = {"base": (base, SideSamples()), "head": (head, SideSamples())}
     batches = {n: vit_batch(n, device) for n in seq_lens}
     for index in range(rounds):
         order = ("base", "head") if index % 2 == 0 else ("head", "base")
         for seq_len, batch in batches.items():
+            timed = {}
             for side in order:
                 backend, samples = sides[side]
-                samples.add(row_label(seq_len), measure_row(backend, batch, settings))
+                _, timing, forward = measure_backend(backend, batch, settings)
+                samples.add(row_label(seq_len), {"device": list(timing.device_s), "eager": []})
+                timed[side] = (forward, calls_per_sample(timing.host_median_s, settings.cold_l2))
+            eager = interleaved_eager_samples(timed, settings.iters, device, settings.cold_l2)
+            for side in order:
+                sides[side][1].add(row_label(seq_len), {"device": [], "eager": eager[side]})
         if progress:
             progress(f"round {index + 1}/{rounds} done")
     return sides["base"][1], sides["head"][1]

@@ -296,6 +296,36 @@ def _eager_samples(fn: Callable[[], Any], iters: int, calls: int, flush) -> list
     return samples
 
 
+def interleaved_eager_samples(calls: dict, iters: int, device: Any, cold_l2: bool = False) -> dict:
+    """Eager samples of several calls taken in turn: ``calls`` maps a name to (fn, calls per sample);
+    one sample of each at a time, the order reversed every turn (A B, B A, ...), each sample as in
+    :func:`measure_call` (back-to-back calls, synchronised at both ends) -> {name: samples}.
+
+    Host time per call drifts: on the H200 machines this project measured on, the same eager row
+    moved by up to 1.5x between measurements seconds apart, pinned to one core or not
+    (docs/measured.md). Two sides timed in blocks one after the other read that drift as a
+    regression or an improvement; sampled in turn, it falls on both alike."""
+    names = list(calls)
+    samples = {name: [] for name in names}
+    flush = l2_flush_buffer(device) if cold_l2 and device_type(device) == "cuda" else None
+    with gc_paused():
+        for fn, count in calls.values():  # warm each after whatever ran before
+            for _ in range(count):
+                fn()
+        for turn in range(iters):
+            for name in (names if turn % 2 == 0 else names[::-1]):
+                fn, count = calls[name]
+                if flush is not None:
+                    flush.zero_()
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(count):
+                    fn()
+                synchronize(device)
+                samples[name].append((time.perf_counter() - start) / count)
+    return samples
+
+
 def _measure_cpu(fn, warmup: int, iters: int, cold_l2: bool) -> Timing:
     for _ in range(warmup):
         fn()

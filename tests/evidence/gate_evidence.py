@@ -18,7 +18,8 @@ shuffled order:
 
 - classic: one baseline measurement, then each trial measured later and judged by the gate
   (pytest_attn.bench.gate, the code behind --attn-gate and `pytest-attn gate`) on every sample;
-- ab: each trial an interleaved A/B (pytest_attn.bench.ab: --ab-rounds rounds, sides alternating).
+- ab: each trial an interleaved A/B (pytest_attn.bench.ab: --ab-rounds rounds, sides alternating;
+  eager samples taken in turn).
 
 Both regimes are judged with the default thresholds (device 5%, eager 10%) by the gate's rule (the
 interval past half the threshold, reaching it); the column "strict" counts the same trials under
@@ -184,6 +185,7 @@ def main(argv=None) -> int:
                         help="the row of the host overhead (host-bound: eager time is launch work there)")
     parser.add_argument("--double", action="store_true", help="also plant twice each slowdown")
     parser.add_argument("--kinds", default="device,host", help="which slowdowns to plant: device, host or both")
+    parser.add_argument("--flows", default="classic,ab", help="which flows to run: classic, ab or both")
     parser.add_argument("--device-slowdown", type=float, default=0.05)
     parser.add_argument("--host-slowdown", type=float, default=0.10)
     parser.add_argument("--planted-trials", type=int, default=5)
@@ -263,8 +265,9 @@ def main(argv=None) -> int:
         return sorted(batches) if kind == "unchanged" else [rows[kind]]
 
     # classic: one baseline, trials later
-    baseline = {n: measure_row(unchanged, batch, settings) for n, batch in batches.items()}
-    for kind, fraction in rng.sample(trials, len(trials)):
+    classic_trials = trials if "classic" in args.flows else []
+    baseline = {n: measure_row(unchanged, batch, settings) for n, batch in batches.items()} if classic_trials else {}
+    for kind, fraction in rng.sample(classic_trials, len(classic_trials)):
         backend = side(kind, fraction)
         for n in rows_of(kind):
             records.append(("classic", kind, fraction, n, judge(baseline[n], measure_row(backend, batches[n], settings))))
@@ -274,7 +277,8 @@ def main(argv=None) -> int:
     from pytest_attn.bench.ab import measure_rounds_in_process, row_label
 
     ab_settings = BenchSettings(5, args.ab_iters, "auto", False)
-    for kind, fraction in rng.sample(trials, len(trials)):
+    ab_trials = trials if "ab" in args.flows else []
+    for kind, fraction in rng.sample(ab_trials, len(ab_trials)):
         head = side(kind, fraction)
         a, b = measure_rounds_in_process(unchanged, head, rows_of(kind), device, ab_settings, args.ab_rounds)
         for n in rows_of(kind):
