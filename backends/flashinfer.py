@@ -198,6 +198,21 @@ def feature_hazards(kernel_backend: str, kernel: str, layer: LayerSpec, metadata
     return reasons
 
 
+def specialization_mismatches(where: str, live: dict, expected: dict, float_keys=()) -> list[str]:
+    """Each key whose value a live wrapper recorded (``live``) differs from the plan's (``expected``),
+    as a sentence; keys the wrapper does not record are skipped, floats compared to 1e-6."""
+    mismatches = []
+    for key, want in expected.items():
+        got = live.get(key, _MISSING)
+        if got is _MISSING:
+            continue  # this wrapper does not record it
+        same = math.isclose(float(got), float(want), rel_tol=1e-6, abs_tol=0.0) if key in float_keys else got == want
+        if not same:
+            name = key.lstrip("_")
+            mismatches.append(f"{where}: the plan says {name}={want!r}, the live wrapper was planned with {name}={got!r}")
+    return mismatches
+
+
 @dataclass(frozen=True)
 class Route:
     """One wrapper launch: requests [start, stop) of the batch through ``kernel``."""
@@ -561,16 +576,8 @@ class FlashInferBackend(Backend):
             return None
         mismatches = []
         for part, wrapper in zip(plan.launches, plan.handle):
-            live = live_specialization(wrapper, part.kernel)
-            for key, want in expected_specialization(part).items():
-                got = live.get(key, _MISSING)
-                if got is _MISSING:
-                    continue  # this wrapper does not record it
-                same = (math.isclose(float(got), float(want), rel_tol=1e-6, abs_tol=0.0)
-                        if key in ("sm_scale", "logits_soft_cap") else got == want)
-                if not same:
-                    mismatches.append(f"{part.kernel}: the plan says {key}={want!r}, the live wrapper was planned with "
-                                      f"{key}={got!r}")
+            mismatches += specialization_mismatches(part.kernel, live_specialization(wrapper, part.kernel),
+                                                    expected_specialization(part), ("sm_scale", "logits_soft_cap"))
         return mismatches
 
     # -- forward ------------------------------------------------------------------------------------

@@ -23,14 +23,14 @@ Neither torch nor flashinfer is imported at module import; only inside methods.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
-from pytest_attn.core.contract import Availability, Backend, BatchShape, Capabilities, LayerSpec, Plan
+from pytest_attn.core.contract import Backend, BatchShape, Capabilities, LayerSpec, Plan
 from pytest_attn.core.errors import AttnInputError, UnsupportedCase
 from pytest_attn.core.metadata import AttentionMetadata
 from pytest_attn.env import torch_build
-from pytest_attn_backends.flashinfer import ASSUMED_SM, PINNED_VERSION, FlashInferBackend, workspace
+from pytest_attn_backends.flashinfer import (ASSUMED_SM, PINNED_VERSION, FlashInferBackend,
+                                              specialization_mismatches, workspace)
 
 WRAPPER = "BatchMLAPagedAttentionWrapper"
 #: Variants by name: the FlashInfer MLA backend each forces (``backend=`` of the wrapper).
@@ -154,8 +154,6 @@ def call_form(mla_module) -> str:
     return "canonical" if hasattr(mla_module, "MLAPlanMetadata") else "flat"
 
 
-_MISSING = object()
-
 
 # -- the backend ------------------------------------------------------------------------------------
 class FlashInferMLABackend(Backend):
@@ -233,17 +231,10 @@ class FlashInferMLABackend(Backend):
         size, c_kv width, dtypes) differs from the plan; None for a plan made without a GPU."""
         if plan.handle is None:
             return None
-        mismatches = []
-        for key, want in expected_specialization(plan).items():
-            got = getattr(plan.handle, key, _MISSING)
-            if got is _MISSING:
-                continue  # this FlashInfer does not record it
-            got = str(got) if key.endswith("_data_type") else got
-            same = math.isclose(float(got), float(want), rel_tol=1e-6) if key == "_sm_scale" else got == want
-            if not same:
-                mismatches.append(f"{WRAPPER}: the plan says {key.lstrip('_')}={want!r}, the live wrapper was planned "
-                                  f"with {got!r}")
-        return mismatches
+        expected = expected_specialization(plan)
+        live = {key: getattr(plan.handle, key) for key in expected if hasattr(plan.handle, key)}
+        live = {key: str(got) if key.endswith("_data_type") else got for key, got in live.items()}
+        return specialization_mismatches(WRAPPER, live, expected, ("_sm_scale",))
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, q, k, v, metadata: AttentionMetadata, plan: Plan, out=None, lse=None):

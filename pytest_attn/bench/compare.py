@@ -297,29 +297,17 @@ def plot(runs: list[Run], out: Path) -> Path:
 
 def draw_panels(panels: list[tuple[str, dict[str, dict[int, float]]]], out: Path) -> Path:
     """One panel per (title, {line label: {seq_len: µs per token}}), two to a row."""
-    import matplotlib
+    from pytest_attn.bench.figures import panel_grid
 
-    matplotlib.use("Agg")  # no display on CI runners
-    import matplotlib.pyplot as plt
-
-    cols = min(2, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.5 * rows), squeeze=False)
-    for ax, (title, lines) in zip(axes.flat, panels):
-        for label, points in lines.items():
-            xs = sorted(points)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("seq_len (tokens)")
-        ax.set_ylabel("µs per token (median)")
-        ax.set_title(title, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    with panel_grid(len(panels), out, panel_height=4.5, dpi=110) as axes:
+        for ax, (title, lines) in zip(axes, panels):
+            for label, points in lines.items():
+                xs = sorted(points)
+                ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("seq_len (tokens)")
+            ax.set_ylabel("µs per token (median)")
+            ax.set_title(title, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    return Path(out)

@@ -132,35 +132,22 @@ def lines(history: list[Series], thresholds: Optional[dict] = None) -> list[str]
 
 def plot(history: list[Series], out) -> Path:
     """One panel per row: median with its interval per run (matplotlib)."""
-    import math
+    from pytest_attn.bench.figures import panel_grid
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(2, len(history))
-    rows = math.ceil(len(history) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 3.5 * rows), squeeze=False)
-    for ax, entry in zip(axes.flat, history):
-        xs = list(range(len(entry.points)))
-        med = [p.median * 1e3 for p in entry.points]
-        err = [[(p.median - p.low) * 1e3 for p in entry.points], [(p.high - p.median) * 1e3 for p in entry.points]]
-        ax.errorbar(xs, med, yerr=err, marker="o", capsize=3)
-        for step in entry.steps():
-            x = entry.points.index(step.after)
-            ax.axvline(x - 0.5, color="red" if step.ratio > 1 else "green", alpha=0.4)
-        ax.set_xticks(xs, [p.run for p in entry.points], rotation=30, fontsize=7, ha="right")
-        ax.set_ylabel("ms per call (median)")
-        ax.set_title(f"{entry.name} [{entry.regime}]", fontsize=8)
-    for ax in list(axes.flat)[len(history):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    with panel_grid(len(history), out, panel_height=3.5, dpi=100) as axes:
+        for ax, entry in zip(axes, history):
+            xs = list(range(len(entry.points)))
+            med = [p.median * 1e3 for p in entry.points]
+            err = [[(p.median - p.low) * 1e3 for p in entry.points],
+                   [(p.high - p.median) * 1e3 for p in entry.points]]
+            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3)
+            for step in entry.steps():
+                x = entry.points.index(step.after)
+                ax.axvline(x - 0.5, color="red" if step.ratio > 1 else "green", alpha=0.4)
+            ax.set_xticks(xs, [p.run for p in entry.points], rotation=30, fontsize=7, ha="right")
+            ax.set_ylabel("ms per call (median)")
+            ax.set_title(f"{entry.name} [{entry.regime}]", fontsize=8)
+    return Path(out)
 
 
 def regressed_rows(history: list[Series], thresholds: Optional[dict] = None) -> list[str]:

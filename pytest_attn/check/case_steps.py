@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from pytest_attn.cases.case import BatchCase
-from pytest_attn.check.harness import _cache_for, _no_cache_metadata, contiguity_reasons, derive_seed, make_qkv
+from pytest_attn.check.harness import _cache_for, case_step_metadata, contiguity_reasons, derive_seed, make_qkv
 from pytest_attn.core import calls as guard
 from pytest_attn.core.contract import Backend, Plan
 from pytest_attn.core.errors import UnsupportedCase
@@ -62,13 +62,7 @@ def forward_steps(backend: Backend, case: BatchCase, *, device="cpu", seed: int 
     compared. ``around(index, plan, call)`` wraps each forward (see :func:`forward_once`)."""
     __tracebackhide__ = True
     manager = _cache_for(case, device, backend, seed) if case.cache else None
-    for index, step in enumerate(case.steps()):
-        if manager is None:
-            metadata = _no_cache_metadata(case, step)
-        else:
-            for new, source, tokens in step.shared:
-                manager.share_prefix(source, new, tokens)
-            metadata = manager.prepare(step.seq_lens, step.request_ids, step.num_contexts)
+    for index, step, metadata in case_step_metadata(case, manager):
         for layer_idx in range(case.num_layers):
             layer = case.layer(layer_idx)
             parts = (seed, case.name, index) if layer_idx == 0 else (seed, case.name, index, "layer", layer_idx)
@@ -77,6 +71,3 @@ def forward_steps(backend: Backend, case: BatchCase, *, device="cpu", seed: int 
                                logit_shift=case.logit_shift, strided=case.strided)
             plan, out, lse = forward_once(backend, q, k, v, metadata, layer, device, around, index)
             yield StepOutput(index, layer_idx, metadata, plan, out, lse)
-        if manager is not None:
-            for rid in step.finished:
-                manager.free(rid)

@@ -234,13 +234,24 @@ def step_metadata(case: BatchCase):
     """The metadata of every step of a case, in order, on a cache with no storage (for plan checks:
     the pages are allocated, shared and freed as run_case does, and nothing is computed)."""
     manager = _cache_for(case, "meta", None, seed=None) if case.cache else None
-    for step in case.steps():
+    for _, _, metadata in case_step_metadata(case, manager):
+        yield metadata
+
+
+def case_step_metadata(case: BatchCase, manager, on_share=None):
+    """(index, step, metadata) for every step of a case: without a cache (``manager`` None) ragged or
+    cross-attention metadata; with one, the step's shared prefixes shared first (``on_share(new,
+    source, tokens)`` told of each), and the step's finished requests freed once the caller is
+    done with the step."""
+    for index, step in enumerate(case.steps()):
         if manager is None:
-            yield _no_cache_metadata(case, step)
+            yield index, step, _no_cache_metadata(case, step)
             continue
         for new, source, tokens in step.shared:
             manager.share_prefix(source, new, tokens)
-        yield manager.prepare(step.seq_lens, step.request_ids, step.num_contexts)
+            if on_share is not None:
+                on_share(new, source, tokens)
+        yield index, step, manager.prepare(step.seq_lens, step.request_ids, step.num_contexts)
         for rid in step.finished:
             manager.free(rid)
 
@@ -266,26 +277,21 @@ def run_case(backend: Backend, case: BatchCase, *, device="cpu", seed: int = 0) 
     manager = _cache_for(case, device, backend, seed) if case.cache else None
     history = KVHistory()  # (layer, request) -> its K and V as the cache stores them
     results = []
-    for index, step in enumerate(case.steps()):
-        if manager is None:
-            metadata = _no_cache_metadata(case, step)
-        else:
-            for new, source, tokens in step.shared:
-                manager.share_prefix(source, new, tokens)
-                for layer_idx in range(case.num_layers):
-                    history.share_prefix((layer_idx, new), (layer_idx, source), tokens)
-            metadata = manager.prepare(step.seq_lens, step.request_ids, step.num_contexts)
+
+    def share(new, source, tokens):
+        for layer_idx in range(case.num_layers):
+            history.share_prefix((layer_idx, new), (layer_idx, source), tokens)
+
+    for index, step, metadata in case_step_metadata(case, manager, on_share=share):
         for layer_idx in range(case.num_layers):
             try:
                 results.append(_run_layer(backend, case, metadata, layer_idx, index, history, device, seed))
             except calls.BackendError as exc:  # raised on this step: say which
                 name_the_step(exc, case, metadata, index, layer_idx)
                 raise
-        for rid in step.finished:
+        for rid in step.finished:  # the cache frees them when the loop moves on
             for layer_idx in range(case.num_layers):
                 history.drop((layer_idx, rid))
-            if manager is not None:
-                manager.free(rid)
     return results
 
 

@@ -19,7 +19,7 @@ from contextlib import ExitStack
 
 def add_parser(sub) -> None:
     from pytest_attn.cli.gate import add_threshold_options
-    from pytest_attn.cli.args import _count, _device_name, _lengths
+    from pytest_attn.cli.args import count_at_least, device_name, seq_lengths
 
     parser = sub.add_parser("ab", help="two backends (or environments, or commits) timed in alternating rounds; "
                                        "each row's ratio with its interval; exit 1 on a regression",
@@ -31,15 +31,15 @@ def add_parser(sub) -> None:
                             help=f"time the {side} side with this python (another environment with pytest-attn)")
         parser.add_argument(f"--{side}-ref", default=None, metavar="GIT_REF",
                             help=f"time the {side} side on this commit of the current git checkout")
-    parser.add_argument("--seq-lens", type=_lengths, default=None,
+    parser.add_argument("--seq-lens", type=seq_lengths, default=None,
                         help="ViT table rows (default 64,128 on CPU, 1024,4096 on CUDA)")
-    parser.add_argument("--rounds", type=_count(2, "2 or more rounds"), default=6, help="rounds per side (default 6)")
-    parser.add_argument("--iters", type=_count(1, "1 or more timed samples"), default=15,
+    parser.add_argument("--rounds", type=count_at_least(2, "2 or more rounds"), default=6, help="rounds per side (default 6)")
+    parser.add_argument("--iters", type=count_at_least(1, "1 or more timed samples"), default=15,
                         help="timed samples per row per round (default 15)")
-    parser.add_argument("--warmup", type=_count(0, "0 or more warm-up calls"), default=5,
+    parser.add_argument("--warmup", type=count_at_least(0, "0 or more warm-up calls"), default=5,
                         help="untimed calls before each round's timing (default 5)")
     parser.add_argument("--graph", choices=("auto", "on", "off"), default="auto", help="CUDA graphs (CUDA only)")
-    parser.add_argument("--device", type=_device_name, default=None, help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu, cuda or cuda:N")
     add_threshold_options(parser)
 
 
@@ -52,7 +52,7 @@ def run(args) -> int:
     from pytest_attn.bench.gate import compare_rows
     from pytest_attn.bench.measure import BenchSettings
     from pytest_attn.cli.gate import report
-    from pytest_attn.cli.args import UsageError, _check_device_options, _device
+    from pytest_attn.cli.args import UsageError, check_device_options, chosen_device
 
     for side in ("base", "head"):
         if getattr(args, f"{side}_python") and getattr(args, f"{side}_ref"):
@@ -60,9 +60,9 @@ def run(args) -> int:
     if not _subprocess_mode(args) and args.base == args.head:
         raise UsageError(f"--base and --head both name {args.base!r} in this environment; name two backends, or give "
                          "--head-ref/--head-python to time it elsewhere")
-    device = _device(args.device)
+    device = chosen_device(args.device)
     args.cold_l2 = False
-    _check_device_options(args, device)
+    check_device_options(args, device)
     seq_lens = args.seq_lens or (CPU_DEFAULT_SEQ_LENS if device == "cpu" else CUDA_DEFAULT_SEQ_LENS)
     settings = BenchSettings(args.warmup, args.iters, args.graph, False)
     print(f"pytest-attn ab: base {_side_name(args, 'base')} vs head {_side_name(args, 'head')} on {device}; "
@@ -108,10 +108,10 @@ def _registry():
 
 
 def _backend(registry, name: str):
-    from pytest_attn.cli.args import UsageError, _resolve
+    from pytest_attn.cli.args import UsageError, resolve_backends
     from pytest_attn.core import calls
 
-    (backend,) = _resolve([name], registry)
+    (backend,) = resolve_backends([name], registry)
     availability = calls.availability(backend)
     if not availability:
         raise UsageError(f"backend {name!r} cannot run here: {availability.reason}; pick one `pytest-attn backends` "

@@ -25,7 +25,7 @@ def one_line(text: str) -> str:
     return "".join(repr(c)[1:-1] if len(f"a{c}b".splitlines()) > 1 else c for c in text)
 
 
-def _count(minimum: int, what: str):
+def count_at_least(minimum: int, what: str):
     """An argparse type: an int >= minimum, else one line saying so."""
     def parse(text: str) -> int:
         try:
@@ -39,22 +39,22 @@ def _count(minimum: int, what: str):
     return parse
 
 
-def _lengths(text: str) -> list[int]:
-    parse = _count(1, "sequence lengths >= 1, comma-separated (e.g. 128,1024)")
+def seq_lengths(text: str) -> list[int]:
+    parse = count_at_least(1, "sequence lengths >= 1, comma-separated (e.g. 128,1024)")
     values = [parse(part) for part in text.split(",") if part.strip()]
     if not values:
         raise argparse.ArgumentTypeError("is empty; give sequence lengths, comma-separated (e.g. 128,1024)")
     return values
 
 
-def _names(text: str) -> list[str]:
+def name_list(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise argparse.ArgumentTypeError("is empty (an unset variable?); name backends, e.g. torch,flex, or all")
     return names
 
 
-def _device_name(text: str) -> str:
+def device_name(text: str) -> str:
     """An argparse type: cpu, cuda or cuda:N (whether that device exists is asked of torch later)."""
     from pytest_attn.env import devices
 
@@ -64,7 +64,7 @@ def _device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:N") from exc
 
 
-def _plot_path(text: str) -> str:
+def plot_path(text: str) -> str:
     """An argparse type: a .png, .svg or .pdf file that can be written, checked before any timing."""
     import os
     from pathlib import Path
@@ -84,14 +84,14 @@ def _plot_path(text: str) -> str:
     return text
 
 
-def _failed(command: str, problems: Sequence[str]) -> int:
+def failed_status(command: str, problems: Sequence[str]) -> int:
     """Each problem as one line on stderr; FAILED when there is any, else 0."""
     for problem in problems:
         print(f"pytest-attn {command}: FAILED: {one_line(problem)}", file=sys.stderr)
     return FAILED if problems else 0
 
 
-def _device(option: Optional[str]) -> str:
+def chosen_device(option: Optional[str]) -> str:
     """The device to run on (``--device``), or a UsageError naming the fix."""
     from pytest_attn.env import devices
 
@@ -101,7 +101,7 @@ def _device(option: Optional[str]) -> str:
         raise UsageError(str(exc)) from None
 
 
-def _resolve(names: Sequence[str], registry) -> list:
+def resolve_backends(names: Sequence[str], registry) -> list:
     """Backends by name (comma lists, 'all'), or a UsageError naming the registered ones."""
     from pytest_attn.core.errors import UnknownBackendError
 
@@ -111,7 +111,7 @@ def _resolve(names: Sequence[str], registry) -> list:
         raise UsageError(str(exc)) from None
 
 
-def _check_device_options(args, device: str) -> None:
+def check_device_options(args, device: str) -> None:
     if device == "cpu" and args.graph == "on":
         raise UsageError("--graph on times CUDA-graph replays and a CPU has none; leave it out, or use --device cuda")
     if device == "cpu" and args.cold_l2:

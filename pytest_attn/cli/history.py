@@ -7,13 +7,13 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     from pytest_attn.cli.gate import add_threshold_options
-    from pytest_attn.cli.args import _plot_path
+    from pytest_attn.cli.args import plot_path
 
     parser = sub.add_parser("history", help="each row's median and interval across saved runs; step changes; the "
                                             "rows that regressed",
                             description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("paths", nargs="*", default=[".benchmarks"], help="folders or JSON files (default .benchmarks)")
-    parser.add_argument("--plot", type=_plot_path, default=None, metavar="PNG", help="one panel per row")
+    parser.add_argument("--plot", type=plot_path, default=None, metavar="PNG", help="one panel per row")
     parser.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a row regressed")
     add_threshold_options(parser)
 

@@ -27,8 +27,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from pytest_attn.cli.args import (USAGE, UsageError, _check_device_options, _count, _device,
-                                   _device_name, _failed, _lengths, _names, _plot_path, _resolve, one_line)
+from pytest_attn.cli.args import (USAGE, UsageError, check_device_options, count_at_least, chosen_device,
+                                   device_name, failed_status, seq_lengths, name_list, plot_path, resolve_backends, one_line)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,25 +49,25 @@ def _add_vit_table_parser(sub, name: str, help_text: str) -> None:
                                       "spread is too close to call and makes no crossover. Exit 1 when a backend "
                                       "broke, or a named one (--backends, --a/--b) did not run; the defaults that "
                                       "are unavailable here are listed as skipped.")
-    seed.add_argument("--backends", type=_names, default=None, metavar="NAME[,NAME...]",
+    seed.add_argument("--backends", type=name_list, default=None, metavar="NAME[,NAME...]",
                       help=f"backends to compare (default: {', '.join(DEFAULT_SEED_BACKENDS)}, those available here)")
     seed.add_argument("--a", default=None, metavar="BACKEND", help="backend A (with --b: exactly two backends)")
     seed.add_argument("--b", default=None, metavar="BACKEND", help="backend B")
-    seed.add_argument("--device", type=_device_name, default=None,
+    seed.add_argument("--device", type=device_name, default=None,
                       help="cpu, cuda or cuda:N (default: cuda when available)")
-    seed.add_argument("--max-seq", type=_count(0, "a length >= 1, or 0 for no limit"), default=None,
+    seed.add_argument("--max-seq", type=count_at_least(0, "a length >= 1, or 0 for no limit"), default=None,
                       help="skip sizes above this (default: none on CUDA, 1024 on CPU; 0: no limit)")
-    seed.add_argument("--seq-lens", type=_lengths, default=None, help="comma list instead of 128,256,...,8192")
-    seed.add_argument("--warmup", type=_count(0, "0 or more warm-up calls"), default=10,
+    seed.add_argument("--seq-lens", type=seq_lengths, default=None, help="comma list instead of 128,256,...,8192")
+    seed.add_argument("--warmup", type=count_at_least(0, "0 or more warm-up calls"), default=10,
                       help="untimed calls first (default 10)")
-    seed.add_argument("--iters", type=_count(1, "1 or more timed samples"), default=50,
+    seed.add_argument("--iters", type=count_at_least(1, "1 or more timed samples"), default=50,
                       help="timed samples per regime (default 50)")
     seed.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
                       help="time CUDA-graph replays when capture works (auto), always, or never (events); CUDA only")
     seed.add_argument("--cold-l2", action="store_true", help="flush the L2 cache before each timed call (CUDA only)")
     seed.add_argument("--no-mix", action="store_true", help="leave out the ragged ViT mixes")
-    seed.add_argument("--seed", type=_count(0, "a seed >= 0"), default=0, help="random seed of the inputs")
-    seed.add_argument("--plot", type=_plot_path, default=None, metavar="PNG",
+    seed.add_argument("--seed", type=count_at_least(0, "a seed >= 0"), default=0, help="random seed of the inputs")
+    seed.add_argument("--plot", type=plot_path, default=None, metavar="PNG",
                       help="µs per token against seq_len, one panel per regime (.png, .svg or .pdf)")
 
 
@@ -86,7 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                          "backend overtakes another (a seq_len where the medians lie within their "
                                          "interquartile ranges is too close to call).")
     compare.add_argument("paths", nargs="*", default=[".benchmarks"], help="JSON files or folders (default .benchmarks)")
-    compare.add_argument("--plot", type=_plot_path, default=None, metavar="PNG",
+    compare.add_argument("--plot", type=plot_path, default=None, metavar="PNG",
                          help="write µs per token against seq_len here (.png, .svg or .pdf)")
     compare.add_argument("--require-same-device", action="store_true",
                          help="fail (exit 4) when the runs come from different GPUs, instead of comparing apart")
@@ -105,13 +105,13 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "backends that 'all' (the default) brings in and that are unavailable or "
                                       "cannot run the case are only listed. Exit 4: a bad argument.")
     diff.add_argument("case", help="a catalog case name (pytest-attn cases lists them)")
-    diff.add_argument("--backends", type=_names, default=["all"], metavar="NAME[,NAME...]",
+    diff.add_argument("--backends", type=name_list, default=["all"], metavar="NAME[,NAME...]",
                       help="default: all (every registered backend; those unavailable here are listed as skipped); "
                            "a backend named here that does not run the case fails the command (exit 1), with its "
                            "reason")
-    diff.add_argument("--device", type=_device_name, default=None,
+    diff.add_argument("--device", type=device_name, default=None,
                       help="cpu, cuda or cuda:N (default: cuda when available)")
-    diff.add_argument("--seed", type=_count(0, "a seed >= 0"), default=0, help="input seed")
+    diff.add_argument("--seed", type=count_at_least(0, "a seed >= 0"), default=0, help="input seed")
 
     sub.add_parser("backends", help="every registered backend: where it comes from, whether it runs here, what "
                                     "it supports; and the versions of torch, CUDA, cuDNN and FlashInfer",
@@ -221,7 +221,7 @@ def _seed_backends(args, registry) -> SeedBackends:
     from pytest_attn.env.registry import broken_reason
 
     names, given = _seed_backend_names(args)
-    backends = _resolve(names, registry) if given else [registry.get(n) for n in names if n in registry.names]
+    backends = resolve_backends(names, registry) if given else [registry.get(n) for n in names if n in registry.names]
     found = SeedBackends([], {}, {n for n in names if n != "all"} if given else set())
     for backend in backends:
         availability = guard.availability(backend)
@@ -242,8 +242,8 @@ def vit_table_command(args) -> int:
     from pytest_attn.env.registry import Registry
 
     backends = _seed_backends(args, Registry.discover())
-    device = _device(args.device)
-    _check_device_options(args, device)
+    device = chosen_device(args.device)
+    check_device_options(args, device)
     max_seq = args.max_seq if args.max_seq is not None else (CPU_VIT_TABLE_MAX_SEQ if device == "cpu" else None)
     rows = seed_rows(max_seq, args.seq_lens, not args.no_mix)
     if not rows:
@@ -268,7 +268,7 @@ def vit_table_command(args) -> int:
             print(f"{name}: {note}")
     if args.plot:
         _plot_seed_table(table, regimes, device, args.plot)
-    return _failed(args.command, _seed_problems(backends, table))
+    return failed_status(args.command, _seed_problems(backends, table))
 
 
 def _seed_problems(backends: SeedBackends, table: "SeedTable") -> list[str]:
@@ -460,11 +460,11 @@ def differential_command(args) -> int:
 
     if args.case not in CATALOG:
         raise UsageError(f"unknown case {args.case!r}; pytest-attn cases lists them")
-    backends = _resolve(args.backends, Registry.discover())
-    device = _device(args.device)
+    backends = resolve_backends(args.backends, Registry.discover())
+    device = chosen_device(args.device)
     result = differential(backends, CATALOG[args.case], device=device, seed=args.seed)
     print("\n".join(result.lines()))
-    return _failed("differential", _differential_problems(result, set(args.backends) - {"all"}))
+    return failed_status("differential", _differential_problems(result, set(args.backends) - {"all"}))
 
 
 def _differential_problems(result, named: set) -> list[str]:

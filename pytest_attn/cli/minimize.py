@@ -15,7 +15,7 @@ MINIMIZE_DESCRIPTION = (
 
 
 def add_parser(subparsers) -> None:
-    from pytest_attn.cli.args import _device_name
+    from pytest_attn.cli.args import device_name
 
     parser = subparsers.add_parser("minimize", help="shrink a failing case to a minimal reproducer",
                                    description=MINIMIZE_DESCRIPTION)
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
                         help="which case of a file that holds several")
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="where to write the minimized case (default: NAME-min.json here)")
-    parser.add_argument("--device", type=_device_name, default=None,
+    parser.add_argument("--device", type=device_name, default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--fuzz", default=None, metavar="ci|nightly|N",
                         help="the --attn-fuzz tier of the run a fuzz case failed in (regenerates fuzz-SEED-I)")
@@ -56,14 +56,14 @@ def _fuzz_case(args, backend):
     if index >= size.count:
         raise UsageError(f"{args.case}: --fuzz={args.fuzz} draws cases 0 to {size.count - 1}")
     case = fuzz_case(seed, backend.name, backend.capabilities, size, index,
-                     lambda c: runs_every_step(backend, c, _device(args)))
+                     lambda c: runs_every_step(backend, c, chosen_device(args)))
     if case is None:
         raise UsageError(f"{args.case}: no case of {backend.name}'s capabilities was drawn there")
     return case
 
 
-def _device(args) -> str:
-    from pytest_attn.cli.args import _device as resolve
+def chosen_device(args) -> str:
+    from pytest_attn.cli.args import chosen_device as resolve
 
     return resolve(args.device)
 
@@ -107,15 +107,15 @@ def rerun_command(backend: str, path: Path, name: str, seed: int, device) -> str
 def run(args) -> int:
     from pytest_attn.cases.serialize import case_to_json, dump_cases
     from pytest_attn.check.minimize import minimize
-    from pytest_attn.cli.args import FAILED, UsageError, _resolve
+    from pytest_attn.cli.args import FAILED, UsageError, resolve_backends
     from pytest_attn.core import calls
     from pytest_attn.env.registry import Registry
 
-    (backend,) = _resolve([args.backend], Registry.discover())
+    (backend,) = resolve_backends([args.backend], Registry.discover())
     availability = calls.availability(backend)
     if not availability:
         raise UsageError(f"backend {backend.name!r} is unavailable here: {availability.reason}")
-    device = _device(args)
+    device = chosen_device(args)
     case = _load_case(args, backend)
     fuzzed = FUZZ_NAME.fullmatch(case.name)
     seed = args.seed if args.seed is not None else int(fuzzed.group(1)) if fuzzed else DEFAULT_SEED

@@ -7,7 +7,7 @@ import json
 
 def add_parser(sub) -> None:
     from pytest_attn.check.properties import FAMILIES
-    from pytest_attn.cli.args import _count, _device_name, _names
+    from pytest_attn.cli.args import count_at_least, device_name, name_list
 
     props = sub.add_parser("properties", help="per backend and case family: deterministic? batch-invariant? measured, "
                                               "with the kernels it ran",
@@ -19,14 +19,14 @@ def add_parser(sub) -> None:
                                        "backend broke, a declared property (Capabilities.deterministic, "
                                        "batch_invariant) did not hold, or a named backend did not run; 4: a bad "
                                        "argument.")
-    props.add_argument("--backends", type=_names, default=["all"], metavar="NAME[,NAME...]",
+    props.add_argument("--backends", type=name_list, default=["all"], metavar="NAME[,NAME...]",
                        help="default: all (those unavailable here are listed as skipped)")
-    props.add_argument("--families", type=_names, default=list(FAMILIES), metavar="NAME[,NAME...]",
+    props.add_argument("--families", type=name_list, default=list(FAMILIES), metavar="NAME[,NAME...]",
                        help=f"case families (default: all: {', '.join(FAMILIES)})")
-    props.add_argument("--device", type=_device_name, default=None, help="cpu, cuda or cuda:N (default: cuda when "
+    props.add_argument("--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: cuda when "
                                                                          "available)")
-    props.add_argument("--seed", type=_count(0, "a seed >= 0"), default=0, help="input seed")
-    props.add_argument("--long", type=_count(1, "a length >= 1"), default=None, metavar="TOKENS",
+    props.add_argument("--seed", type=count_at_least(0, "a seed >= 0"), default=0, help="input seed")
+    props.add_argument("--long", type=count_at_least(1, "a length >= 1"), default=None, metavar="TOKENS",
                        help="length of the long requests beside the needle (default 2048 on CUDA, 96 on CPU)")
     props.add_argument("--no-kernels", action="store_true", help="leave the kernel traces out")
     props.add_argument("--json", default=None, metavar="PATH", help="also write the measurements as JSON here")
@@ -35,11 +35,11 @@ def add_parser(sub) -> None:
 def command(args) -> int:
     from pytest_attn.check.differential import failure_line
     from pytest_attn.check.properties import families, measure, problems, table
-    from pytest_attn.cli.args import UsageError, _device, _failed, _resolve
+    from pytest_attn.cli.args import UsageError, chosen_device, failed_status, resolve_backends
     from pytest_attn.core import calls as guard
     from pytest_attn.env.registry import Registry, broken_reason
 
-    device = _device(args.device)
+    device = chosen_device(args.device)
     long = args.long or (2048 if device.startswith("cuda") else 96)
     if long < 1:
         raise UsageError(f"--long {args.long}: give a length >= 1")
@@ -48,7 +48,7 @@ def command(args) -> int:
     if unknown:
         raise UsageError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; use "
                          f"{', '.join(known)}")
-    backends = _resolve(args.backends, Registry.discover())
+    backends = resolve_backends(args.backends, Registry.discover())
     named = set(args.backends) - {"all"}
     rows, failures, skipped = [], [], {}
     for backend in backends:
@@ -83,4 +83,4 @@ def command(args) -> int:
                 json.dump({"device": device, "rows": [r.as_dict() for r in rows], "skipped": skipped}, f, indent=1)
         except OSError as exc:
             raise UsageError(f"--json {args.json}: {exc.strerror or exc}; give a path you can write to") from None
-    return _failed("properties", failures)
+    return failed_status("properties", failures)

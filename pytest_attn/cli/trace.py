@@ -15,14 +15,14 @@ def add_parser(sub) -> None:
                                        "declared family that launched nothing, is a failure. Exit 0: every backend "
                                        "ran and kept its declaration; 1: one broke, launched an undeclared kernel, or "
                                        "was named and did not run; 4: a bad argument.")
-    from pytest_attn.cli.args import _count, _device_name, _names
+    from pytest_attn.cli.args import count_at_least, device_name, name_list
 
     trace.add_argument("case", help="a catalog case name (pytest-attn cases lists them)")
-    trace.add_argument("--backends", type=_names, default=["all"], metavar="NAME[,NAME...]",
+    trace.add_argument("--backends", type=name_list, default=["all"], metavar="NAME[,NAME...]",
                        help="default: all (those unavailable here are listed as skipped)")
-    trace.add_argument("--device", type=_device_name, default=None, help="cpu, cuda or cuda:N (default: cuda when "
+    trace.add_argument("--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: cuda when "
                                                                          "available)")
-    trace.add_argument("--seed", type=_count(0, "a seed >= 0"), default=0, help="input seed")
+    trace.add_argument("--seed", type=count_at_least(0, "a seed >= 0"), default=0, help="input seed")
     trace.add_argument("--json", default=None, metavar="PATH", help="also write every trace, whole, as JSON here")
 
 
@@ -30,7 +30,7 @@ def command(args) -> int:
     from pytest_attn.cases.catalog import CATALOG
     from pytest_attn.check.differential import failure_line
     from pytest_attn.check.traces import trace_case
-    from pytest_attn.cli.args import UsageError, _device, _failed, _resolve
+    from pytest_attn.cli.args import UsageError, chosen_device, failed_status, resolve_backends
     from pytest_attn.core import calls as guard
     from pytest_attn.core.errors import UnsupportedCase
     from pytest_attn.env.registry import Registry, broken_reason
@@ -38,8 +38,8 @@ def command(args) -> int:
     if args.case not in CATALOG:
         raise UsageError(f"unknown case {args.case!r}; pytest-attn cases lists them")
     case = CATALOG[args.case]
-    backends = _resolve(args.backends, Registry.discover())
-    device = _device(args.device)
+    backends = resolve_backends(args.backends, Registry.discover())
+    device = chosen_device(args.device)
     named = set(args.backends) - {"all"}
     problems, record = [], {"case": case.name, "device": device, "backends": {}}
     print(f"kernels of {case.name} on {device} (per new plan; {'after a warm-up call' if device != 'cpu' else 'CPU: attention operators'})")
@@ -81,4 +81,4 @@ def command(args) -> int:
                 json.dump(record, f, indent=1)
         except OSError as exc:
             raise UsageError(f"--json {args.json}: {exc.strerror or exc}; give a path you can write to") from None
-    return _failed("trace", problems)
+    return failed_status("trace", problems)
