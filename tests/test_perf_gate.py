@@ -84,8 +84,8 @@ def test_a_row_regresses_when_its_interval_is_past_half_the_threshold_and_reache
     assert _outcome(samples(1.20)) == "regressed"
     assert _outcome(samples(0.80)) == "improved"
     assert _outcome(samples(1.0)) == "unchanged"
-    # the median moved 8%, but the samples spread 40%: the interval reaches below +2.5%, so no verdict
-    assert _outcome(samples(1.08, 0.4, 12), samples(1.0, 0.4, 12)) == "unchanged"
+    # the median moved 8%, but the samples spread 40%: the interval is wider than 5%, so it cannot tell
+    assert _outcome(samples(1.08, 0.4, 12), samples(1.0, 0.4, 12)) == "unresolved"
     assert _outcome(samples(1.20), threshold=0.5) == "unchanged"  # the row's own threshold wins
 
 
@@ -105,7 +105,8 @@ def test_a_tight_small_drift_is_not_a_regression_of_the_thresholds_size():
     # +3% with 0.2% noise: certainly slower, certainly not 5% slower
     assert _outcome(samples(1.03, 0.002), samples(1.0, 0.002)) == "unchanged"
     assert _outcome(samples(0.97, 0.002), samples(1.0, 0.002)) == "unchanged"
-    assert gate_mod.outcome(1.026, 1.05, 0.05) == "regressed" and gate_mod.outcome(1.024, 1.2, 0.05) == "unchanged"
+    assert gate_mod.outcome(1.026, 1.05, 0.05) == "regressed" and gate_mod.outcome(1.024, 1.06, 0.05) == "unchanged"
+    assert gate_mod.outcome(1.024, 1.2, 0.05) == "unresolved"  # wider than the threshold: cannot tell
     assert gate_mod.outcome(0.95, 0.974, 0.05) == "improved" and gate_mod.outcome(0.951, 0.974, 0.05) == "unchanged"
 
 
@@ -390,3 +391,12 @@ def test_eager_samples_are_taken_in_turn_the_order_reversed_every_turn():
     log = []
     interleaved_eager_samples({"a": (lambda: log.append("a"), 1), "b": (lambda: log.append("b"), 1)}, 4, "cpu")
     assert "".join(log) == "ab" + "ab" + "ba" + "ab" + "ba"  # warm-up, then A B, B A, A B, B A
+
+
+def test_a_row_too_noisy_to_resolve_the_threshold_is_said_and_does_not_fail_the_gate():
+    result = compare_rows([RowSamples("t", "eager", samples(1.0, 0.4, 12)), RowSamples("u", "device", samples(1.0))],
+                          [RowSamples("t", "eager", samples(1.05, 0.4, 12)), RowSamples("u", "device", samples(1.0))])
+    assert [v.outcome for v in result.verdicts] == ["unresolved", "unchanged"] and not result.failed
+    line = gate_mod.summary_line(result, "base.json")
+    assert line.startswith("pytest-attn gate: passed: 0 of 2 rows regressed") and "1 unresolved" in line
+    assert "UNRESOLVED" in "\n".join(gate_mod.table(result.verdicts))

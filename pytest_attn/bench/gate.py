@@ -6,7 +6,9 @@ ratio of medians HEAD/BASE, with a bootstrap confidence interval (scipy.stats.bo
 method, both sets resampled independently, a fixed seed so that a rerun prints the same interval).
 A row **regressed** when its interval lies wholly above ``1 + threshold / 2`` (a slowdown of at
 least half the threshold is certain) and reaches ``1 + threshold`` (one of the threshold's size is
-within it); **improved** is the mirror image; otherwise it is unchanged, however its median moved.
+within it); **improved** is the mirror image; a row whose interval is wider than the threshold
+is **unresolved** (its samples cannot tell a regression of that size from none: it is said, and
+does not fail the run); otherwise it is unchanged, however its median moved.
 Why half: the threshold is the slowdown the gate must catch, and a slowdown *equal* to it puts the
 interval across the threshold, so a rule asking the whole interval to lie past the threshold
 misses it (0 of 40 simulated rows, tests/test_perf_gate.py; on a GPU: tests/evidence/gate_evidence.py).
@@ -81,6 +83,8 @@ def outcome(low: float, high: float, threshold: float) -> str:
         return "regressed"
     if high < 1 - threshold / 2 and low <= 1 - threshold:
         return "improved"
+    if high - low > threshold:
+        return "unresolved"
     return "unchanged"
 
 
@@ -100,6 +104,10 @@ class GateResult:
     @property
     def improved(self) -> list[Verdict]:
         return [v for v in self.verdicts if v.outcome == "improved"]
+
+    @property
+    def unresolved(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.outcome == "unresolved"]
 
     @property
     def failed(self) -> bool:
@@ -291,6 +299,8 @@ def table(verdicts: Sequence[Verdict]) -> list[str]:
 def summary_line(result: GateResult, base_label: str) -> str:
     n = len(result.verdicts)
     regressed, improved = len(result.regressed), len(result.improved)
+    unresolved = (f"; {len(result.unresolved)} unresolved (an interval wider than the threshold: take more samples, "
+                  "or time both sides in turn with pytest-attn ab)" if result.unresolved else "")
     extra = []
     if result.too_few:
         extra.append(f"{len(result.too_few)} with too few samples")
@@ -301,8 +311,9 @@ def summary_line(result: GateResult, base_label: str) -> str:
     tail = f"; not compared: {', '.join(extra)}" if extra else ""
     if not result.gated:
         return (f"pytest-attn gate: NOT GATED: {result.why_not_gated}. {regressed} of {n} rows would have regressed "
-                f"against {base_label}{tail}")
+                f"against {base_label}{unresolved}{tail}")
     if regressed:
         return (f"pytest-attn gate: FAILED: {regressed} of {n} rows regressed against {base_label} (their "
-                f"{CONFIDENCE:.0%} interval past half the threshold, reaching it); {improved} improved{tail}")
-    return f"pytest-attn gate: passed: 0 of {n} rows regressed against {base_label}; {improved} improved{tail}"
+                f"{CONFIDENCE:.0%} interval past half the threshold, reaching it); {improved} improved{unresolved}{tail}")
+    return (f"pytest-attn gate: passed: 0 of {n} rows regressed against {base_label}; {improved} improved"
+            f"{unresolved}{tail}")

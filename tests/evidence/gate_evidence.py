@@ -24,7 +24,8 @@ shuffled order:
 Both regimes are judged with the default thresholds (device 5%, eager 10%) by the gate's rule (the
 interval past half the threshold, reaching it); the column "strict" counts the same trials under
 the rule that asks the whole interval to lie past the threshold, which a slowdown equal to the
-threshold straddles. Prints a table (caught / false alarms per flow, regime and planted size) and
+threshold straddles; "unresolved" counts trials whose interval was wider than the threshold (the
+gate says so and passes). Prints a table (caught / false alarms per flow, regime and planted size) and
 writes DIR/evidence.json with every trial's ratio and interval. Aim: < 8 minutes on an H200.
 Also runs end-to-end `pytest --attn-gate` once on a planted-device slowdown of the threshold's size
 and once unchanged (--no-pytest-flow to skip).
@@ -319,7 +320,7 @@ def main(argv=None) -> int:
 def summarise(records) -> list[str]:
     """caught (planted, in the regime it was planted in) and false alarms (unchanged, or the other regime)."""
     lines = [f"{'flow':<8} {'planted':<10} {'size':>6} {'row':>6} {'trials':>6} {'caught':>7} "
-             f"{'other regime flagged':>21} {'median ratio (planted regime)':>30} {'strict':>7}"]
+             f"{'other regime flagged':>21} {'median ratio (planted regime)':>30} {'strict':>7} {'unresolved':>10}"]
 
     def strict(v):  # the whole interval past the threshold
         return v.low > 1 + v.threshold
@@ -333,8 +334,9 @@ def summarise(records) -> list[str]:
                 alarms = sum(vs[regime].outcome == "regressed" for vs in runs)
                 strict_alarms = sum(strict(vs[regime]) for vs in runs)
                 ratio = statistics.median(vs[regime].ratio for vs in runs)
+                unresolved = sum(vs[regime].outcome == "unresolved" for vs in runs)
                 lines.append(f"{flow:<8} {'unchanged':<10} {regime:>6} {n:>6} {len(runs):>6} {'-':>7} "
-                             f"{f'{alarms} false alarm(s)':>21} {ratio:>30.3f} {strict_alarms:>7}")
+                             f"{f'{alarms} false alarm(s)':>21} {ratio:>30.3f} {strict_alarms:>7} {unresolved:>10}")
             continue
         regime = "device" if kind == "device" else "eager"
         other = "eager" if regime == "device" else "device"
@@ -343,7 +345,8 @@ def summarise(records) -> list[str]:
         ratio = statistics.median(vs[regime].ratio for vs in runs)
         strict_caught = sum(strict(vs[regime]) for vs in runs)
         lines.append(f"{flow:<8} {kind:<10} {f'+{fraction:.0%}':>6} {n:>6} {len(runs):>6} {f'{caught}/{len(runs)}':>7} "
-                     f"{f'{flagged} ({other})':>21} {ratio:>30.3f} {f'{strict_caught}/{len(runs)}':>7}")
+                     f"{f'{flagged} ({other})':>21} {ratio:>30.3f} {f'{strict_caught}/{len(runs)}':>7} "
+                     f"{sum(vs[regime].outcome == 'unresolved' for vs in runs):>10}")
     return lines
 
 
