@@ -380,8 +380,8 @@ class RunReport:
         name = backend or NO_BACKEND
         for key, value in getattr(report, "user_properties", ()):
             if key == KERNELS_PROPERTY:
-                counts = self.kernels.setdefault(name, {})
-                for kernel, count in kernel_counts(value):
+                for kernel, count in kernel_counts(value):  # none recorded: no entry for the backend
+                    counts = self.kernels.setdefault(name, {})
                     counts[kernel] = counts.get(kernel, 0) + count
             elif key == DETERMINISM_PROPERTY:
                 self._determinism(name, value)
