@@ -256,7 +256,7 @@ def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10
             host.append(time.perf_counter() - start)
         flush = l2_flush_buffer(device) if cold_l2 else None
         calls = calls_per_sample(min(_event_samples(fn, 3, None, 0.0)), cold_l2)
-        eager = _eager_samples(fn, iters, calls, flush)
+        eager = _eager_samples({"call": (fn, calls)}, iters, device, flush)["call"]
         captured, fallback = (None, "--attn-bench-graph=off") if graph == "off" else capture_graph(fn, device, calls)
         if captured is None and graph == "on":
             raise GraphCaptureError(f"--attn-bench-graph=on but the call cannot be timed as a CUDA graph: {fallback}. "
@@ -275,55 +275,42 @@ def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10
                   graph_fallback=fallback, cold_l2=cold_l2, warmup=warmup, details={"calls_per_sample": calls})
 
 
-def _eager_samples(fn: Callable[[], Any], iters: int, calls: int, flush) -> list[float]:
-    """Wall time per call of ``calls`` uncaptured calls back to back (synchronised at both ends
-    only): what a layer outside a CUDA graph costs in a model that runs layers one after another."""
-    import torch
-
-    torch.cuda.synchronize()
-    for _ in range(calls):  # warm again after the synchronisation: the first sample must not start idle
-        fn()
-    samples = []
-    for _ in range(iters):
-        if flush is not None:
-            flush.zero_()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
+def _eager_samples(calls: dict, iters: int, device: Any, flush) -> dict:
+    """Wall time per call of back-to-back uncaptured calls (synchronised at both ends only): what a
+    layer outside a CUDA graph costs in a model that runs layers one after another. ``calls`` maps a
+    name to (fn, calls per sample); with several, one sample of each is taken at a time, the order
+    reversed every turn (A B, B A, ...) -> {name: samples}."""
+    names = list(calls)
+    samples = {name: [] for name in names}
+    synchronize(device)
+    for fn, count in calls.values():  # warm again after the synchronisation: the first sample must not start idle
+        for _ in range(count):
             fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / calls)
+    for turn in range(iters):
+        for name in (names if turn % 2 == 0 else names[::-1]):
+            fn, count = calls[name]
+            if flush is not None:
+                flush.zero_()
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(count):
+                fn()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) / count)
     return samples
 
 
 def interleaved_eager_samples(calls: dict, iters: int, device: Any, cold_l2: bool = False) -> dict:
-    """Eager samples of several calls taken in turn: ``calls`` maps a name to (fn, calls per sample);
-    one sample of each at a time, the order reversed every turn (A B, B A, ...), each sample as in
-    :func:`measure_call` (back-to-back calls, synchronised at both ends) -> {name: samples}.
+    """Eager samples of several calls taken in turn (see :func:`_eager_samples`): ``calls`` maps a
+    name to (fn, calls per sample) -> {name: samples}.
 
     Host time per call drifts: on the H200 machines this project measured on, the same eager row
     moved by up to 1.5x between measurements seconds apart, pinned to one core or not
     (docs/measured.md). Two sides timed in blocks one after the other read that drift as a
     regression or an improvement; sampled in turn, it falls on both alike."""
-    names = list(calls)
-    samples = {name: [] for name in names}
     flush = l2_flush_buffer(device) if cold_l2 and device_type(device) == "cuda" else None
     with gc_paused():
-        for fn, count in calls.values():  # warm each after whatever ran before
-            for _ in range(count):
-                fn()
-        for turn in range(iters):
-            for name in (names if turn % 2 == 0 else names[::-1]):
-                fn, count = calls[name]
-                if flush is not None:
-                    flush.zero_()
-                synchronize(device)
-                start = time.perf_counter()
-                for _ in range(count):
-                    fn()
-                synchronize(device)
-                samples[name].append((time.perf_counter() - start) / count)
-    return samples
+        return _eager_samples(calls, iters, device, flush)
 
 
 def _measure_cpu(fn, warmup: int, iters: int, cold_l2: bool) -> Timing:
