@@ -9,6 +9,7 @@ also taken in turn, one at a time (host time drifts over seconds). No pytest.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -65,13 +66,14 @@ def measure_rounds_in_process(base, head, seq_lens: Sequence[int], device: str, 
 
     sides = {"base": (base, SideSamples()), "head": (head, SideSamples())}
     batches = {n: vit_batch(n, device) for n in seq_lens}
+    device_only = dataclasses.replace(settings, eager=False)  # the eager samples are taken below, in turn
     for index in range(rounds):
         order = ("base", "head") if index % 2 == 0 else ("head", "base")
         for seq_len, batch in batches.items():
             timed = {}
             for side in order:
                 backend, samples = sides[side]
-                _, timing, forward = measure_backend(backend, batch, settings)
+                _, timing, forward = measure_backend(backend, batch, device_only)
                 samples.add(row_label(seq_len), {"device": list(timing.device_s), "eager": []})
                 timed[side] = (forward, calls_per_sample(timing.host_median_s, settings.cold_l2))
             eager = interleaved_eager_samples(timed, settings.iters, device, settings.cold_l2)

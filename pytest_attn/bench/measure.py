@@ -44,6 +44,7 @@ class BenchSettings:
     iters: int = 50
     graph: str = "auto"
     cold_l2: bool = False
+    eager: bool = True  # False: no eager samples (pytest-attn ab takes them itself, both sides in turn)
 
 
 def bench_max_tokens(session) -> Optional[int]:
@@ -125,7 +126,7 @@ def measure_backend(backend: Backend, batch: "AttnBatch", settings: BenchSetting
         return calls.forward(backend, batch.q, batch.k, batch.v, batch.metadata, plan, out)
 
     timing = measure_call(forward, device=device, warmup=settings.warmup, iters=settings.iters,
-                          graph=settings.graph, cold_l2=settings.cold_l2)
+                          graph=settings.graph, cold_l2=settings.cold_l2, eager=settings.eager)
     timing.plan_s, timing.plan_first_s = plan_s, plan_first_s
     check_timed_calls_compute(backend, batch, plan, out, expected)
     return plan, timing, forward

@@ -231,10 +231,11 @@ def _event_samples(call: Callable[[], Any], iters: int, flush, prime_s: float, c
 
 
 def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10, iters: int = 50,
-                 graph: str = "auto", cold_l2: bool = False) -> Timing:
+                 graph: str = "auto", cold_l2: bool = False, eager: bool = True) -> Timing:
     """Time ``fn`` (one attention call, returning its output tensor) ``iters`` times after
     ``warmup`` untimed calls. graph: "auto" (replay a CUDA graph when capture works, else events),
-    "on" (raise GraphCaptureError when it does not), "off" (events)."""
+    "on" (raise GraphCaptureError when it does not), "off" (events). eager=False: no eager samples
+    (on CUDA; ``Timing.eager_s`` stays empty)."""
     if graph not in GRAPH_MODES:
         raise ValueError(f"graph={graph!r}: use one of {GRAPH_MODES}")
     if iters < 1 or warmup < 0:
@@ -256,7 +257,7 @@ def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10
             host.append(time.perf_counter() - start)
         flush = l2_flush_buffer(device) if cold_l2 else None
         calls = calls_per_sample(min(_event_samples(fn, 3, None, 0.0)), cold_l2)
-        eager = _eager_samples({"call": (fn, calls)}, iters, device, flush)["call"]
+        eager_s = _eager_samples({"call": (fn, calls)}, iters, device, flush)["call"] if eager else []
         captured, fallback = (None, "--attn-bench-graph=off") if graph == "off" else capture_graph(fn, device, calls)
         if captured is None and graph == "on":
             raise GraphCaptureError(f"--attn-bench-graph=on but the call cannot be timed as a CUDA graph: {fallback}. "
@@ -271,7 +272,7 @@ def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10
         for _ in range(2):  # untimed: a graph's first replay uploads it
             call()
         device_s = _event_samples(call, iters, flush, prime, calls)
-    return Timing(device_s, host, "cuda-graph" if captured is not None else "cuda-events", eager_s=eager,
+    return Timing(device_s, host, "cuda-graph" if captured is not None else "cuda-events", eager_s=eager_s,
                   graph_fallback=fallback, cold_l2=cold_l2, warmup=warmup, details={"calls_per_sample": calls})
 
 
