@@ -62,3 +62,16 @@ forgets = ForgetsLastRequest(name="forgets")
 '''
 DEMO_ENTRY_POINTS = {"demo": "demo_attn:demo", "ghost": "demo_attn:ghost", "narrow": "demo_attn:narrow",
                      "forgets": "demo_attn:forgets"}
+
+
+def backend_names_in_a_fresh_process(module: str, never_imported=("torch",)) -> list[str]:
+    """Import a backend module in a new interpreter; the names of its BACKENDS, after asserting
+    there that none of ``never_imported`` came in with it (heavy imports happen in methods only)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module} as m; leaked = sorted(set({tuple(never_imported)!r}) & set(sys.modules)); "
+            "assert not leaked, leaked; print(repr([b.name for b in m.BACKENDS]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return eval(done.stdout.strip())

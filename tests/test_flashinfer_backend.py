@@ -2,11 +2,10 @@
 class of bug TensorRT-LLM #13190 fixed (ragged K/V read in the wrong layout, offsets in the wrong
 units), which a test asserting only ``wrapper._backend == "cudnn"`` (PR #12911's) let through."""
 import functools
-import subprocess
-import sys
 
 import pytest
 import steps
+from backend_packages import backend_names_in_a_fresh_process
 
 from pytest_attn.cases.catalog import CATALOG
 from pytest_attn.core.contract import LayerSpec
@@ -27,12 +26,8 @@ paged_batch = functools.partial(steps.paged_step, kv_heads=4)  # requests with c
 
 # -- module and environment -------------------------------------------------------------------------
 def test_module_imports_neither_torch_nor_flashinfer():
-    code = ("import sys, pytest_attn_backends.flashinfer as m; "
-            "assert 'torch' not in sys.modules and 'flashinfer' not in sys.modules, sorted(sys.modules); "
-            "print([b.name for b in m.BACKENDS])")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['flashinfer', 'flashinfer-fa2', 'flashinfer-fa3', 'flashinfer-auto']"
+    assert backend_names_in_a_fresh_process("pytest_attn_backends.flashinfer", ("torch", "flashinfer")) == [
+        "flashinfer", "flashinfer-fa2", "flashinfer-fa3", "flashinfer-auto"]
 
 
 @pytest.mark.attn_long

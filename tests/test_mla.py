@@ -194,15 +194,10 @@ BY_NAME = {b.name: b for b in fim.BACKENDS}
 
 
 def test_the_module_imports_neither_torch_nor_flashinfer():
-    import subprocess
-    import sys
+    from backend_packages import backend_names_in_a_fresh_process
 
-    code = ("import sys, pytest_attn_backends.flashinfer_mla as m; "
-            "assert 'torch' not in sys.modules and 'flashinfer' not in sys.modules, sorted(sys.modules); "
-            "print([b.name for b in m.BACKENDS])")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['flashinfer-mla', 'flashinfer-mla-fa3']"
+    assert backend_names_in_a_fresh_process("pytest_attn_backends.flashinfer_mla", ("torch", "flashinfer")) == [
+        "flashinfer-mla", "flashinfer-mla-fa3"]
 
 
 def test_it_is_unavailable_without_a_gpu_and_says_why():
