@@ -400,3 +400,89 @@ def test_a_row_too_noisy_to_resolve_the_threshold_is_said_and_does_not_fail_the_
     line = gate_mod.summary_line(result, "base.json")
     assert line.startswith("pytest-attn gate: passed: 0 of 2 rows regressed") and "1 unresolved" in line
     assert "UNRESOLVED" in "\n".join(gate_mod.table(result.verdicts))
+
+
+def _drift(n, low=1.0, high=1.6, seed=3):
+    """The host's speed over n moments: a random walk between low and high (as measured on the GPU
+    machines: tests/evidence/host_speed_probe.py)."""
+    rng = np.random.default_rng(seed)
+    walk = np.cumsum(rng.normal(0, 0.08, n))
+    return low + (high - low) * (walk - walk.min()) / max(np.ptp(walk), 1e-9)
+
+
+def _host_bound_run(name, eager_scale, drift, reference=True):
+    """A saved benchmark row whose eager time is host work (device 0.05, eager ~1.0): each eager
+    sample, and the host reference taken with it, slowed by the host's speed at that moment."""
+    noise = np.asarray(samples(1.0, 0.02, len(drift)))
+    saved = {"device": list(samples(0.05, 0.01, len(drift))), "eager": list(eager_scale * drift * noise)}
+    if reference:
+        saved["host-reference"] = list(0.2 * drift * np.asarray(samples(1.0, 0.02, len(drift)))[::-1])
+    return {"benchmarks": [{"fullname": name, "extra_info": {"backend": "b", "metric": "eager", "samples_s": saved}}]}
+
+
+def test_a_host_bound_row_is_judged_against_the_host_reference_so_a_host_wide_drift_cancels():
+    """The baseline saved while the host ran fast, HEAD while it ran up to 1.6x slower (a later
+    process, a noisy neighbour): undivided, that reads as a regression; divided by the host
+    reference sampled with each sample, it cancels, and a real +12% of the backend's host work
+    does not."""
+    quiet, busy = np.full(40, 1.0), _drift(40)
+    base = rows_of(_host_bound_run("t", 1.0, quiet))
+    unchanged = compare_rows(base, rows_of(_host_bound_run("t", 1.0, busy))).verdicts[0]
+    assert unchanged.basis == "host-reference" and unchanged.outcome == "unchanged", unchanged
+    slower = compare_rows(base, rows_of(_host_bound_run("t", 1.12, busy))).verdicts[0]
+    assert slower.outcome == "regressed" and 1.08 < slower.ratio < 1.16, slower
+    raw = compare_rows(base, rows_of(_host_bound_run("t", 1.0, busy, reference=False))).verdicts[0]
+    assert raw.basis == "samples" and raw.outcome != "unchanged"  # one side without the reference: judged raw
+    lines = gate_mod.table([unchanged])
+    assert "eager*" in lines[2] and "host reference" in lines[-1]
+
+
+def test_a_row_whose_eager_time_is_device_time_is_not_divided_by_the_host_speed():
+    saved = {"device": list(samples(1.0)), "eager": list(samples(1.05)), "host-reference": list(samples(0.2))}
+    rows = rows_of({"benchmarks": [{"fullname": "t", "extra_info": {"backend": "b", "metric": "eager",
+                                                                    "samples_s": saved}}]})
+    assert rows[0].regime == "eager" and rows[0].reference == ()
+    saved["eager"] = list(samples(2.5))  # host work now dominates
+    rows = rows_of({"benchmarks": [{"fullname": "t", "extra_info": {"backend": "b", "metric": "eager",
+                                                                    "samples_s": saved}}]})
+    assert len(rows[0].reference) == 40
+
+
+def test_samples_taken_in_turn_are_judged_pair_by_pair_so_a_shared_drift_cancels():
+    """pytest-attn ab in one process samples the two sides in turn: sample i of each at one moment.
+    With the host's speed wandering 1-1.6x over the run, each side's own spread hides a +10% host
+    regression (the unpaired interval is wider than the threshold); pair by pair it is plain, and no
+    change is none."""
+    drift = _drift(48)
+    base = [RowSamples("t", "eager", tuple(drift * np.asarray(samples(1.0, 0.02, 48))))]
+    head = [RowSamples("t", "eager", tuple(1.10 * drift * np.asarray(samples(1.0, 0.02, 48))[::-1]))]
+    same = [RowSamples("t", "eager", tuple(drift * np.asarray(samples(1.0, 0.02, 48))[::-1]))]
+    unpaired = compare_rows(base, head).verdicts[0]
+    paired = compare_rows(base, head, paired=("eager",)).verdicts[0]
+    assert unpaired.basis == "samples" and unpaired.high - unpaired.low > 0.1, unpaired  # wider than the threshold
+    assert paired.basis == "paired" and paired.outcome == "regressed" and paired.high - paired.low < 0.03, paired
+    assert compare_rows(base, same, paired=("eager",)).verdicts[0].outcome == "unchanged"
+    assert "HEAD_i / BASE_i" in gate_mod.table([paired])[-1]
+
+
+def test_ab_in_one_process_pairs_its_eager_samples():
+    from pytest_attn.bench.ab import compare_sides, measure_rounds_in_process
+    from pytest_attn.bench.measure import BenchSettings
+    from pytest_attn.env.registry import Registry
+
+    torch_backend = Registry.discover().get("torch")
+    base, head = measure_rounds_in_process(torch_backend, torch_backend, [32], "cpu", BenchSettings(1, 6, "off"), 2)
+    assert base.paired == head.paired == ("eager",)
+    verdicts = {v.regime: v for v in compare_sides(base, head).verdicts}
+    assert verdicts["eager"].basis == "paired" and verdicts["device"].basis == "samples"
+
+
+def test_the_host_reference_is_a_host_bound_call_kept_with_the_samples():
+    from pytest_attn.bench.measure import timing_samples
+    from pytest_attn.bench.timing import HOST_REFERENCE, Timing, host_reference_call
+
+    call, count = host_reference_call("cpu")
+    assert call() is None and count >= 1
+    timing = Timing([1.0], [1.0], "cuda-graph", eager_s=[2.0], host_reference_s=[0.5])
+    assert timing_samples(timing) == {"device": [1.0], "eager": [2.0], HOST_REFERENCE: [0.5]}
+    assert HOST_REFERENCE not in timing_samples(Timing([1.0], [1.0], "wall-clock", eager_s=[1.0]))

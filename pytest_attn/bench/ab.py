@@ -13,7 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from pytest_attn.bench.gate import REGIMES, RowSamples
+from pytest_attn.bench.gate import REGIMES, RowSamples, compare_rows, row_samples
+from pytest_attn.bench.timing import HOST_REFERENCE
 
 CPU_DEFAULT_SEQ_LENS = (64, 128)
 CUDA_DEFAULT_SEQ_LENS = (1024, 4096)
@@ -21,19 +22,28 @@ CUDA_DEFAULT_SEQ_LENS = (1024, 4096)
 
 @dataclass
 class SideSamples:
-    """Every sample one side timed: row label -> regime -> seconds per call."""
+    """Every sample one side timed: row label -> regime (and HOST_REFERENCE, taken in turn with the
+    eager samples) -> seconds per call."""
 
     rows: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    paired: tuple = ()  # regimes whose samples were taken in turn with the other side's, sample i at one moment
 
     def add(self, label: str, samples: dict) -> None:
-        row = self.rows.setdefault(label, {r: [] for r in REGIMES})
-        for regime in REGIMES:
-            row[regime].extend(samples[regime])
+        row = self.rows.setdefault(label, {r: [] for r in (*REGIMES, HOST_REFERENCE)})
+        for name in row:
+            row[name].extend(samples.get(name) or ())
 
     def row_samples(self) -> list[RowSamples]:
-        return [RowSamples(label, regime, tuple(per[regime])) for label, per in self.rows.items()
-                for regime in REGIMES if per[regime]]
+        return [row for label, per in self.rows.items()
+                for row in row_samples(label, per, [r for r in REGIMES if per[r]])]
+
+
+def compare_sides(base: SideSamples, head: SideSamples, thresholds=None):
+    """The gate's verdicts of HEAD against BASE (pytest_attn.bench.gate.compare_rows), pair by pair
+    in the regimes both sides sampled in turn."""
+    return compare_rows(base.row_samples(), head.row_samples(), thresholds,
+                        paired=tuple(set(base.paired) & set(head.paired)))
 
 
 def vit_batch(seq_len: int, device: str, seed: int = 0):
@@ -46,10 +56,10 @@ def vit_batch(seq_len: int, device: str, seed: int = 0):
 
 def measure_row(backend, batch, settings) -> dict:
     """{regime: samples} of one measure_backend of one row."""
-    from pytest_attn.bench.measure import measure_backend
+    from pytest_attn.bench.measure import measure_backend, timing_samples
 
     _, timing, _ = measure_backend(backend, batch, settings)
-    return {"device": list(timing.device_s), "eager": list(timing.samples("eager"))}
+    return timing_samples(timing)
 
 
 def row_label(seq_len: int) -> str:
@@ -60,11 +70,12 @@ def measure_rounds_in_process(base, head, seq_lens: Sequence[int], device: str, 
                               progress: Optional[Callable[[str], None]] = None) -> tuple[SideSamples, SideSamples]:
     """Both backends on every row, ``rounds`` times, the order of the two swapped every round. Device
     time comes from each side's own measurement; eager time from samples the two sides take in turn,
-    one at a time (bench.timing.interleaved_eager_samples), so that the host's drift falls on both."""
+    one at a time, with the host reference (bench.timing.interleaved_eager_samples), so that the
+    host's drift falls on both; each side keeps the reference samples of its turns."""
     from pytest_attn.bench.measure import measure_backend
-    from pytest_attn.bench.timing import calls_per_sample, interleaved_eager_samples
+    from pytest_attn.bench.timing import calls_per_sample, host_reference_call, interleaved_eager_samples
 
-    sides = {"base": (base, SideSamples()), "head": (head, SideSamples())}
+    sides = {"base": (base, SideSamples(paired=("eager",))), "head": (head, SideSamples(paired=("eager",)))}
     batches = {n: vit_batch(n, device) for n in seq_lens}
     device_only = dataclasses.replace(settings, eager=False)  # the eager samples are taken below, in turn
     for index in range(rounds):
@@ -76,9 +87,12 @@ def measure_rounds_in_process(base, head, seq_lens: Sequence[int], device: str, 
                 _, timing, forward = measure_backend(backend, batch, device_only)
                 samples.add(row_label(seq_len), {"device": list(timing.device_s), "eager": []})
                 timed[side] = (forward, calls_per_sample(timing.host_median_s, settings.cold_l2))
+            if str(device).startswith("cuda"):
+                timed[HOST_REFERENCE] = host_reference_call(device)
             eager = interleaved_eager_samples(timed, settings.iters, device, settings.cold_l2)
             for side in order:
-                sides[side][1].add(row_label(seq_len), {"device": [], "eager": eager[side]})
+                sides[side][1].add(row_label(seq_len), {"eager": eager[side],
+                                                        HOST_REFERENCE: eager.get(HOST_REFERENCE, ())})
         if progress:
             progress(f"round {index + 1}/{rounds} done")
     return sides["base"][1], sides["head"][1]

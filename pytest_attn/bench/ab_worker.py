@@ -64,7 +64,10 @@ def main(argv=None) -> int:
         batch = build_batch([seq_len], num_heads=VIT_HEADS, head_dim=VIT_HEAD_DIM, dtype="bfloat16", mask="full",
                             device=args.device)
         _, timing, _ = measure_backend(backend, batch, settings)
-        rows[f"vit-table seq {seq_len}"] = {"device": list(timing.device_s), "eager": list(timing.samples("eager"))}
+        rows[f"vit-table seq {seq_len}"] = {"device": list(timing.device_s), "eager": list(timing.samples("eager")),
+                                            # bench.timing.HOST_REFERENCE, spelled out: an older commit has no such name (nor the samples)
+                                            **({"host-reference": list(timing.host_reference_s)}
+                                               if getattr(timing, "host_reference_s", None) else {})}
     import pytest_attn.bench.measure as measure_module
 
     source = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(measure_module.__file__))))

@@ -14,6 +14,17 @@ interval across the threshold, so a rule asking the whole interval to lie past t
 misses it (0 of 40 simulated rows, tests/test_perf_gate.py; on a GPU: tests/evidence/gate_evidence.py).
 Why "reaches": a tight interval around a small steady drift (+3% against a 5% threshold) is not
 a regression of the threshold's size, and does not fail a run.
+A host-bound row (eager median at least HOST_BOUND_FACTOR times the device median: eager time is
+the host's launch work there) is judged on its eager samples each divided by the host reference
+sample taken in turn with it (bench.timing.HOST_REFERENCE), when both runs kept those: the host's
+speed drifts by up to 1.5-2x over seconds and 5-12% between processes on the machines measured,
+and it drifts for the reference alike, so it cancels; a regression in the backend's own host work
+does not. A row where eager time is device time is judged raw (dividing it by the host's speed
+would add the host's drift to it). Samples the two sides took in turn, one of each at a time
+(``pytest-attn ab`` in one process: ``paired``), are judged pair by pair instead: the interval is
+that of the median of HEAD_i / BASE_i, so a drift shared by a pair cancels exactly (the host
+reference, taken in the same turn, would cancel from the pair's ratio anyway). Rows judged either
+way show as ``eager*``, with a line saying how.
 Thresholds are per regime (DEFAULT_THRESHOLDS: device time is steadier than eager wall time) and
 per row (``extra_info["gate_threshold"]``, set by the ``attn_gate_threshold`` marker or the
 fixture's ``threshold=``). The Mann-Whitney U p-value is shown beside the interval, not used.
@@ -33,6 +44,7 @@ from typing import Iterable, Optional, Sequence
 
 from pytest_attn.bench.machine import differences, is_cpu_run
 from pytest_attn.bench.measure import spread
+from pytest_attn.bench.timing import HOST_REFERENCE
 
 REGIMES = ("device", "eager")
 DEFAULT_THRESHOLDS = {"device": 0.05, "eager": 0.10}
@@ -40,6 +52,7 @@ CONFIDENCE = 0.95
 RESAMPLES = 2000
 MIN_SAMPLES = 5  # fewer samples per side give no interval worth gating on
 BOOTSTRAP_SEED = 20261204
+HOST_BOUND_FACTOR = 2.0  # eager median / device median at which a row's eager time is host work
 
 
 class GateError(Exception):
@@ -52,10 +65,32 @@ class RowSamples:
     regime: str  # "device" or "eager"
     samples: tuple  # seconds per call
     threshold: Optional[float] = None  # the row's own threshold, where it set one
+    # eager rows that are host-bound: the HOST_REFERENCE sample taken in turn with each sample
+    reference: tuple = ()
 
     @property
     def key(self) -> tuple:
         return self.name, self.regime
+
+    def relative_samples(self) -> tuple:
+        """Each sample divided by the host reference taken with it."""
+        return tuple(x / r for x, r in zip(self.samples, self.reference))
+
+
+def row_samples(name: str, saved: dict, regimes: Sequence[str], threshold: Optional[float] = None
+                ) -> list[RowSamples]:
+    """RowSamples of one row from its saved samples ({regime: seconds, HOST_REFERENCE: seconds}),
+    the eager ones with their host reference where the row is host-bound and it was kept for each."""
+    rows = []
+    for regime in regimes:
+        samples = tuple(float(x) for x in saved.get(regime) or ())
+        reference = tuple(float(x) for x in saved.get(HOST_REFERENCE) or ())
+        device = saved.get("device") or ()
+        host_bound = (regime == "eager" and samples and device and len(reference) == len(samples)
+                      and min(reference) > 0
+                      and statistics.median(samples) >= HOST_BOUND_FACTOR * statistics.median(device))
+        rows.append(RowSamples(name, regime, samples, threshold, reference if host_bound else ()))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -70,7 +105,8 @@ class Verdict:
     head_median: float
     base_spread: Optional[float]  # interquartile range / median
     head_spread: Optional[float]
-    p_value: float  # Mann-Whitney U, two-sided (shown, not used)
+    p_value: float  # Mann-Whitney U, or Wilcoxon signed-rank for paired samples; two-sided (shown, not used)
+    basis: str = "samples"  # or "host-reference" (each sample divided by it) or "paired" (HEAD_i / BASE_i)
 
     @property
     def outcome(self) -> str:
@@ -155,6 +191,37 @@ def ratio_interval(base: Sequence[float], head: Sequence[float], confidence: flo
     return point, min(low, point), max(high, point)
 
 
+def paired_ratio_interval(base: Sequence[float], head: Sequence[float], confidence: float = CONFIDENCE,
+                          resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """(median of head_i / base_i, low, high) for samples taken in turn, pair i at one moment: the
+    bootstrap confidence interval of that median (scipy.stats.bootstrap, percentile method)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(base, dtype=float), np.asarray(head, dtype=float)
+    if a.size != b.size or a.size < 2 or (a <= 0).any():
+        raise GateError(f"need two sets of at least 2 positive samples, paired (got {a.size} and {b.size})")
+    ratios = b / a
+    point = float(np.median(ratios))
+    if np.ptp(ratios) == 0:
+        return point, point, point
+    result = bootstrap((ratios,), np.median, n_resamples=resamples, vectorized=True, axis=-1,
+                       confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return point, min(low, point), max(high, point)
+
+
+def wilcoxon_p(base: Sequence[float], head: Sequence[float]) -> float:
+    """Wilcoxon signed-rank p-value of log(head_i / base_i) (paired samples)."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    try:
+        return float(wilcoxon(np.log(np.asarray(head, dtype=float) / np.asarray(base, dtype=float))).pvalue)
+    except ValueError:  # every pair equal
+        return 1.0
+
+
 def mann_whitney_p(base: Sequence[float], head: Sequence[float]) -> float:
     from scipy.stats import mannwhitneyu
 
@@ -164,19 +231,28 @@ def mann_whitney_p(base: Sequence[float], head: Sequence[float]) -> float:
         return 1.0
 
 
-def verdict(base: RowSamples, head: RowSamples, thresholds: Optional[dict] = None) -> Verdict:
+def verdict(base: RowSamples, head: RowSamples, thresholds: Optional[dict] = None, paired: bool = False) -> Verdict:
+    """The row's verdict. ``paired``: sample i of each side was taken at one moment (in turn), so
+    the pairs' ratios are judged (when both sides have as many samples)."""
     thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     threshold = head.threshold if head.threshold is not None else (
         base.threshold if base.threshold is not None else thresholds[head.regime])
-    ratio, low, high = ratio_interval(base.samples, head.samples)
-    return Verdict(head.name, head.regime, ratio, low, high, threshold, statistics.median(base.samples),
-                   statistics.median(head.samples), spread(base.samples), spread(head.samples),
-                   mann_whitney_p(base.samples, head.samples))
+    if paired and len(base.samples) == len(head.samples):
+        a, b, basis = base.samples, head.samples, "paired"
+        (ratio, low, high), p_value = paired_ratio_interval(a, b), wilcoxon_p(a, b)
+    else:
+        relative = bool(base.reference) and bool(head.reference)
+        a, b = (base.relative_samples(), head.relative_samples()) if relative else (base.samples, head.samples)
+        basis = "host-reference" if relative else "samples"
+        (ratio, low, high), p_value = ratio_interval(a, b), mann_whitney_p(a, b)
+    return Verdict(head.name, head.regime, ratio, low, high, threshold, statistics.median(a), statistics.median(b),
+                   spread(a), spread(b), p_value, basis)
 
 
-def compare_rows(base: Iterable[RowSamples], head: Iterable[RowSamples], thresholds: Optional[dict] = None
-                 ) -> GateResult:
-    """A verdict for every (row, regime) both sides timed."""
+def compare_rows(base: Iterable[RowSamples], head: Iterable[RowSamples], thresholds: Optional[dict] = None,
+                 paired: Sequence[str] = ()) -> GateResult:
+    """A verdict for every (row, regime) both sides timed; the regimes in ``paired`` were sampled
+    in turn (see :func:`verdict`)."""
     base_rows, head_rows = {r.key: r for r in base}, {r.key: r for r in head}
     result = GateResult()
     for key in sorted(base_rows.keys() | head_rows.keys()):
@@ -188,7 +264,7 @@ def compare_rows(base: Iterable[RowSamples], head: Iterable[RowSamples], thresho
         elif min(len(base_rows[key].samples), len(head_rows[key].samples)) < MIN_SAMPLES:
             result.too_few.append(label)
         else:
-            result.verdicts.append(verdict(base_rows[key], head_rows[key], thresholds))
+            result.verdicts.append(verdict(base_rows[key], head_rows[key], thresholds, key[1] in paired))
     return result
 
 
@@ -217,9 +293,7 @@ def rows_of(data: dict, *, all_regimes: bool = False) -> list[RowSamples]:
             saved = {metric: bench["stats"]["data"]}
         regimes = [r for r in REGIMES if r in saved] if all_regimes else [metric]
         threshold = info.get("gate_threshold")
-        for regime in regimes:
-            samples = tuple(float(x) for x in saved.get(regime) or ())
-            rows.append(RowSamples(name, regime, samples, float(threshold) if threshold is not None else None))
+        rows += row_samples(name, saved, regimes, float(threshold) if threshold is not None else None)
     return rows
 
 
@@ -290,9 +364,17 @@ def table(verdicts: Sequence[Verdict]) -> list[str]:
             f"{'spread base/head':>16}  {'MWU p':>7}  verdict")
     lines = [head, "-" * len(head)]
     for v in verdicts:
-        lines.append(f"{v.name:<{width}}  {v.regime:<6}  {v.ratio:>6.3f}  {f'[{v.low:.3f}, {v.high:.3f}]':>15}  "
+        regime = v.regime if v.basis == "samples" else f"{v.regime}*"
+        lines.append(f"{v.name:<{width}}  {regime:<6}  {v.ratio:>6.3f}  {f'[{v.low:.3f}, {v.high:.3f}]':>15}  "
                      f"{f'+{v.threshold:.0%}':>9}  {f'{_pct(v.base_spread)}/{_pct(v.head_spread)}':>16}  "
                      f"{v.p_value:>7.3g}  {v.outcome.upper() if v.outcome != 'unchanged' else v.outcome}")
+    bases = {v.basis for v in verdicts}
+    if "host-reference" in bases:
+        lines.append("eager*: a host-bound row; each sample divided by the host reference timed in turn with it, "
+                     "so the host's drift cancels")
+    if "paired" in bases:
+        lines.append("eager*: the two sides sampled in turn; the ratio is the median of HEAD_i / BASE_i, pair by pair, "
+                     "so the host's drift cancels")
     return lines
 
 

@@ -69,6 +69,17 @@ def spread(samples) -> Optional[float]:
     return (q3 - q1) / median
 
 
+def timing_samples(timing: "Timing") -> dict:
+    """Every timed sample, in seconds, by regime; plus the host reference taken in turn with the
+    eager samples, where there is one (bench.timing.HOST_REFERENCE; the gate divides by it)."""
+    from pytest_attn.bench.timing import HOST_REFERENCE
+
+    samples = {"device": list(timing.device_s), "eager": list(timing.samples("eager"))}
+    if timing.host_reference_s:
+        samples[HOST_REFERENCE] = list(timing.host_reference_s)
+    return samples
+
+
 def row_info(backend: Backend, plan, batch: "AttnBatch", timing: "Timing", *, series: str, peak_tflops: float,
              device: str, label: Optional[str] = None, metric: str = "device", copy_peak_gbps: float = 0.0) -> dict:
     """Everything a benchmark row carries besides the device-time stats (all JSON-able)."""
@@ -91,7 +102,7 @@ def row_info(backend: Backend, plan, batch: "AttnBatch", timing: "Timing", *, se
         "timer": timing.method, "graph_fallback": timing.graph_fallback, "cold_l2": timing.cold_l2,
         "warmup": timing.warmup, "iters": timing.iters,
         # every timed sample of both regimes, in seconds: the gate's bootstrap reads these
-        "samples_s": {"device": list(timing.device_s), "eager": list(timing.samples("eager"))},
+        "samples_s": timing_samples(timing),
         "device_spread": spread(timing.device_s), "eager_spread": spread(timing.samples("eager")),
     }
     if md.num_requests == 1:

@@ -14,7 +14,16 @@ First-call costs (JIT builds, cuDNN graph builds, lazy allocations) stay out: ev
 comes after ``warmup`` untimed ones. The garbage collector is paused while samples are taken (a
 collection inside a timed loop is a 1-10 ms outlier in the eager regime, whose samples are host
 wall time), and the eager loop is warmed up again after the synchronisation that precedes it, so
-that its first sample does not start from an idle GPU. torch is imported inside functions only.
+that its first sample does not start from an idle GPU.
+
+The host's speed drifts: on the H200 machines this project measured on, every host-bound call
+(FlashInfer's, torch SDPA's, a loop of tiny launches, a pure-Python loop) slowed by up to 1.5-2x
+together for a second or so, and a process started later read 5-12% apart
+(tests/evidence/host_speed_probe.py; docs/measured.md). So on CUDA each eager sample is taken in
+turn with a sample of a fixed host workload, HOST_REFERENCE (a loop of tiny launches: what a
+host-bound call is made of), and the gate judges a host-bound row's eager time divided, sample by
+sample, by it (bench.gate): the drift falls on both and cancels, a regression in the backend's own
+host work does not. torch is imported inside functions only.
 """
 from __future__ import annotations
 
@@ -41,6 +50,9 @@ MAX_PRIME_S = 0.2
 # model's back-to-back layers see.
 MIN_SAMPLE_S = 20e-3
 MAX_CALLS_PER_SAMPLE = 512
+HOST_REFERENCE = "host-reference"  # the name of the fixed host workload's samples, wherever they are kept
+HOST_REFERENCE_LAUNCHES = 8  # tiny adds per reference call
+HOST_REFERENCE_SAMPLE_S = 5e-3  # a reference sample lasts about this long (it only has to share the moment)
 CPU_MATMUL_N = 1024  # bf16 matrix product for the CPU's "peak": quick, and enough to be compute bound
 CUDA_MATMUL_N = 8192
 
@@ -63,6 +75,8 @@ class Timing:
     warmup: int = 0
     details: dict = field(default_factory=dict)
     eager_s: list[float] = field(default_factory=list)  # back-to-back eager calls: wall time per call
+    # HOST_REFERENCE's wall time per call, one sample taken in turn with each eager sample (CUDA only)
+    host_reference_s: list[float] = field(default_factory=list)
 
     @property
     def iters(self) -> int:
@@ -257,7 +271,11 @@ def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10
             host.append(time.perf_counter() - start)
         flush = l2_flush_buffer(device) if cold_l2 else None
         calls = calls_per_sample(min(_event_samples(fn, 3, None, 0.0)), cold_l2)
-        eager_s = _eager_samples({"call": (fn, calls)}, iters, device, flush)["call"] if eager else []
+        eager_s, reference_s = [], []
+        if eager:
+            sampled = _eager_samples({"call": (fn, calls), HOST_REFERENCE: host_reference_call(device)}, iters,
+                                     device, flush)
+            eager_s, reference_s = sampled["call"], sampled[HOST_REFERENCE]
         captured, fallback = (None, "--attn-bench-graph=off") if graph == "off" else capture_graph(fn, device, calls)
         if captured is None and graph == "on":
             raise GraphCaptureError(f"--attn-bench-graph=on but the call cannot be timed as a CUDA graph: {fallback}. "
@@ -273,6 +291,7 @@ def measure_call(fn: Callable[[], Any], *, device: Any = "cpu", warmup: int = 10
             call()
         device_s = _event_samples(call, iters, flush, prime, calls)
     return Timing(device_s, host, "cuda-graph" if captured is not None else "cuda-events", eager_s=eager_s,
+                  host_reference_s=reference_s,
                   graph_fallback=fallback, cold_l2=cold_l2, warmup=warmup, details={"calls_per_sample": calls})
 
 
@@ -299,6 +318,30 @@ def _eager_samples(calls: dict, iters: int, device: Any, flush) -> dict:
             synchronize(device)
             samples[name].append((time.perf_counter() - start) / count)
     return samples
+
+
+def host_reference_call(device: Any) -> tuple[Callable[[], None], int]:
+    """(HOST_REFERENCE's call, calls per sample): HOST_REFERENCE_LAUNCHES adds of a 16-element
+    tensor on ``device``, host-bound on a GPU (each launch costs the host more than the GPU), with
+    enough calls for a sample of about HOST_REFERENCE_SAMPLE_S (timed here, once)."""
+    import torch
+
+    a = torch.ones(16, device=device)
+    c = torch.empty_like(a)
+
+    def reference():
+        for _ in range(HOST_REFERENCE_LAUNCHES):
+            torch.add(a, a, out=c)
+
+    for _ in range(5):
+        reference()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        reference()
+    synchronize(device)
+    per_call = max((time.perf_counter() - start) / 20, 1e-7)
+    return reference, max(1, min(MAX_CALLS_PER_SAMPLE, round(HOST_REFERENCE_SAMPLE_S / per_call)))
 
 
 def interleaved_eager_samples(calls: dict, iters: int, device: Any, cold_l2: bool = False) -> dict:

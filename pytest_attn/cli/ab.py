@@ -48,8 +48,8 @@ def _subprocess_mode(args) -> bool:
 
 
 def run(args) -> int:
-    from pytest_attn.bench.ab import CPU_DEFAULT_SEQ_LENS, CUDA_DEFAULT_SEQ_LENS, measure_rounds_in_process
-    from pytest_attn.bench.gate import compare_rows
+    from pytest_attn.bench.ab import (CPU_DEFAULT_SEQ_LENS, CUDA_DEFAULT_SEQ_LENS, compare_sides,
+                                      measure_rounds_in_process)
     from pytest_attn.bench.measure import BenchSettings
     from pytest_attn.cli.gate import report
     from pytest_attn.cli.args import UsageError, check_device_options, chosen_device
@@ -86,7 +86,7 @@ def run(args) -> int:
 
         print(f"pytest-attn ab: FAILED: {failure_line(exc)}", file=sys.stderr)
         return 1
-    result = compare_rows(base.row_samples(), head.row_samples(), args.threshold)
+    result = compare_sides(base, head, args.threshold)
     from pytest_attn.bench.machine import is_cpu_run
 
     if is_cpu_run(machine) and not args.gate_cpu:

@@ -8,18 +8,29 @@ planted wrappers of it:
 
 - planted-device: an extra matmul kernel after each call, sized (measured) so the device time rises
   by at least --device-slowdown (default 5%), in a device-bound row (--seq-len, default 8192);
-- planted-host: a busy-wait on the host before each call, calibrated (measured) so the eager wall
-  time rises by at least --host-slowdown (default 10%), in a host-bound row (--host-seq-len, default
-  256: there eager time is launch work; in a device-bound row the GPU hides host work, rightly);
+- planted-host: extra host work before each call (torch ops on a CPU tensor: instructions, as a
+  real host regression adds, which slow down with the host as the call's own do; a fixed-length
+  busy-wait would not, and its share of a call would drift with the host's speed), calibrated
+  (measured) so the eager wall time rises by at least --host-slowdown (default 10%), in a host-bound
+  row (--host-seq-len, default 256: there eager time is launch work; in a device-bound row the GPU
+  hides host work, rightly);
 - --double: twice each slowdown as well;
 
-two flows, each with 5 trials per planted size and 10 unchanged trials (judged on both rows), in
-shuffled order:
+flows (--flows), each with 5 trials per planted size and 10 unchanged trials (judged on both rows),
+in shuffled order:
 
-- classic: one baseline measurement, then each trial measured later and judged by the gate
-  (pytest_attn.bench.gate, the code behind --attn-gate and `pytest-attn gate`) on every sample;
+- pytest: the classic gate as a user runs it, one pytest process per run: a baseline
+  (`pytest --benchmark-json base.json`), then each trial `pytest --attn-gate=base.json
+  --benchmark-json trial.json` (its exit status and final line kept), judged row by row with the
+  gate's code on the two files;
+- classic: the same in this process (one baseline measurement, each trial measured later);
 - ab: each trial an interleaved A/B (pytest_attn.bench.ab: --ab-rounds rounds, sides alternating;
-  eager samples taken in turn).
+  eager samples taken in turn, with the host reference).
+
+The eager regime is judged as the gate judges it: in the pytest and classic flows, a host-bound
+row's samples divided one by one by the host reference (bench.timing.HOST_REFERENCE); in ab, the
+sides' samples taken in turn, pair by pair. The rows "eager-raw" judge the same samples undivided
+and unpaired, for comparison.
 
 Both regimes are judged with the default thresholds (device 5%, eager 10%) by the gate's rule (the
 interval past half the threshold, reaching it); the column "strict" counts the same trials under
@@ -27,8 +38,6 @@ the rule that asks the whole interval to lie past the threshold, which a slowdow
 threshold straddles; "unresolved" counts trials whose interval was wider than the threshold (the
 gate says so and passes). Prints a table (caught / false alarms per flow, regime and planted size) and
 writes DIR/evidence.json with every trial's ratio and interval. Aim: < 8 minutes on an H200.
-Also runs end-to-end `pytest --attn-gate` once on a planted-device slowdown of the threshold's size
-and once unchanged (--no-pytest-flow to skip).
 """
 from __future__ import annotations
 
@@ -106,16 +115,15 @@ def make_backends(inner, device="cuda:0"):
                 torch.matmul(self.a, self.a, out=self.c)
 
     class PlantedHost(Delegate):
-        wait_s = 0.0
+        ops = 0  # host-side torch ops per call
+        scratch = torch.zeros(16)
 
-        def set(self, wait_s):
-            self.wait_s = float(wait_s)
+        def set(self, ops):
+            self.ops = int(round(ops))
 
         def before(self):
-            if self.wait_s:
-                end = time.perf_counter() + self.wait_s
-                while time.perf_counter() < end:
-                    pass
+            for _ in range(self.ops):
+                self.scratch.add_(1.0)
 
     return Unchanged(inner, "unchanged"), PlantedDevice(inner, "planted-device"), PlantedHost(inner, "planted-host")
 
@@ -153,28 +161,59 @@ def calibrate(backend, batch, settings, regime, base_s, target, start, grow, lab
     return high
 
 
-def calibrate_wait(backend, batch, settings, base_s, target, label, log):
-    """The busy-wait at which the eager median is at least ``base_s * (1 + target)``: in a host-bound
-    row a wait adds about itself, so start at ``target * base_s`` and correct in proportion to what
-    was measured (with the full settings: the quick ones misjudged a 5 us wait as +10% on an H200)."""
-    wait = target * base_s
-    for _ in range(4):
-        backend.set(wait)
-        ratio = median_of(backend, batch, settings, "eager") / base_s
-        if target <= ratio - 1 < target * 1.15:
+def calibrate_host_work(planted, unchanged, batch, settings, target, label, log):
+    """The host ops per call at which the eager time is at least ``1 + target`` times the unchanged
+    call's (aiming at 1.03 x target over it): in a host-bound row the extra work adds in proportion,
+    so start from one op's cost and correct in proportion to what was measured. Each try times both
+    in turn (bench.timing.interleaved_eager_samples), so the host's drift does not misjudge it."""
+    import torch
+
+    from pytest_attn.bench.measure import measure_backend
+    from pytest_attn.bench.timing import calls_per_sample, interleaved_eager_samples
+
+    scratch = torch.zeros(16)
+    start = time.perf_counter()
+    for _ in range(10000):
+        scratch.add_(1.0)
+    per_op = (time.perf_counter() - start) / 10000
+    _, timing, forward = measure_backend(unchanged, batch, settings)
+    ops = target * statistics.median(timing.samples("eager")) / per_op
+    ratio = 0.0
+    for _ in range(6):
+        planted.set(ops)
+        _, _, planted_forward = measure_backend(planted, batch, settings)
+        count = calls_per_sample(statistics.median(timing.samples("eager")), False)
+        got = interleaved_eager_samples({"base": (forward, count), "planted": (planted_forward, count)},
+                                        settings.iters, batch.device)
+        ratio = statistics.median(got["planted"]) / statistics.median(got["base"])
+        if target <= ratio - 1 < target * 1.2:
             break
-        wait *= target * 1.05 / max(ratio - 1, target / 4)
-    log(f"  calibrated {label}: wait {wait * 1e6:.2f} us -> x{ratio:.3f} (eager)")
-    return wait
+        ops *= target * 1.08 / max(ratio - 1, target / 4)
+    log(f"  calibrated {label}: {planted.ops} host ops per call ({per_op * 1e6:.2f} us each) -> x{ratio:.3f} (eager)")
+    return planted.ops
 
 
-def judge(base_samples, head_samples):
-    """{regime: Verdict} by the gate's own code."""
-    from pytest_attn.bench.gate import RowSamples, compare_rows
+def raw_eager_verdicts(base_rows, head_rows):
+    """The gate's eager verdicts of these rows with the samples undivided and unpaired."""
+    import dataclasses
 
-    base = [RowSamples("row", r, tuple(s)) for r, s in base_samples.items()]
-    head = [RowSamples("row", r, tuple(s)) for r, s in head_samples.items()]
-    return {v.regime: v for v in compare_rows(base, head).verdicts}
+    from pytest_attn.bench.gate import compare_rows
+
+    return compare_rows([dataclasses.replace(r, reference=()) for r in base_rows if r.regime == "eager"],
+                        [dataclasses.replace(r, reference=()) for r in head_rows if r.regime == "eager"]).verdicts
+
+
+def judge(base_samples, head_samples, paired=()):
+    """{regime: Verdict} by the gate's own code (row_samples: the eager regime of a host-bound row
+    divided by the host reference; ``paired``: the regimes sampled in turn, judged pair by pair),
+    "eager-raw": the eager samples undivided and unpaired, and "samples": both sides' samples."""
+    from pytest_attn.bench.gate import REGIMES, compare_rows, row_samples
+
+    base, head = row_samples("row", base_samples, REGIMES), row_samples("row", head_samples, REGIMES)
+    verdicts = {v.regime: v for v in compare_rows(base, head, paired=paired).verdicts}
+    verdicts["eager-raw"] = raw_eager_verdicts(base, head)[0]
+    verdicts["samples"] = {"base": base_samples, "head": head_samples}
+    return verdicts
 
 
 def main(argv=None) -> int:
@@ -186,15 +225,17 @@ def main(argv=None) -> int:
                         help="the row of the host overhead (host-bound: eager time is launch work there)")
     parser.add_argument("--double", action="store_true", help="also plant twice each slowdown")
     parser.add_argument("--kinds", default="device,host", help="which slowdowns to plant: device, host or both")
-    parser.add_argument("--flows", default="classic,ab", help="which flows to run: classic, ab or both")
+    parser.add_argument("--flows", default="pytest,ab",
+                        help="which flows to run: pytest (the classic gate, a process per run), classic (the same "
+                             "in this process), ab; comma-separated")
     parser.add_argument("--device-slowdown", type=float, default=0.05)
     parser.add_argument("--host-slowdown", type=float, default=0.10)
-    parser.add_argument("--planted-trials", type=int, default=5)
+    parser.add_argument("--planted-trials", default="5",
+                        help="trials per planted size: N, or per kind: device=N,host=M")
     parser.add_argument("--unchanged-trials", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50, help="samples per regime in the classic flow")
     parser.add_argument("--ab-rounds", type=int, default=4)
     parser.add_argument("--ab-iters", type=int, default=12)
-    parser.add_argument("--no-pytest-flow", action="store_true")
     parser.add_argument("--device", default="cuda:0", help="cpu: a smoke test of this script's code only")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -243,15 +284,16 @@ def main(argv=None) -> int:
                                                  statistics.median(base[rows["device"]]["device"]), fraction, 256,
                                                  1.4, f"planted-device +{fraction:.0%}", log)
     planted_device.set(0)
-    base_eager = statistics.median(base[rows["host"]]["eager"])
     for fraction in sizes["host"] if "host" in args.kinds else ():
-        params[("host", fraction)] = calibrate_wait(planted_host, batches[rows["host"]], settings, base_eager,
-                                                    fraction, f"planted-host +{fraction:.0%}", log)
+        params[("host", fraction)] = calibrate_host_work(planted_host, unchanged, batches[rows["host"]], settings,
+                                                         fraction, f"planted-host +{fraction:.0%}", log)
     planted_host.set(0)
 
     trials = [("unchanged", 0.0)] * args.unchanged_trials
+    per_kind = dict(item.split("=") for item in args.planted_trials.split(",")) if "=" in args.planted_trials \
+        else {kind: args.planted_trials for kind in ("device", "host")}
     for kind in args.kinds.split(","):
-        trials += [(kind, f) for f in sizes[kind] for _ in range(args.planted_trials)]
+        trials += [(kind, f) for f in sizes[kind] for _ in range(int(per_kind.get(kind, 0)))]
     rng = random.Random(20261204)
     records = []
 
@@ -265,6 +307,20 @@ def main(argv=None) -> int:
     def rows_of(kind):  # an unchanged trial is judged on every row
         return sorted(batches) if kind == "unchanged" else [rows[kind]]
 
+    def write(records):
+        (out / "evidence.json").write_text(json.dumps({
+            "machine": attn_machine_info(device), "backend": inner.name, "rows": rows,
+            "base_ms": {n: {r: statistics.median(b[r]) * 1e3 for r in ("device", "eager")} for n, b in base.items()},
+            "calibration": {f"{k}+{f}": v for (k, f), v in params.items()},
+            "trials": [{"flow": flow, "planted": kind, "fraction": fraction, "seq_len": n,
+                        **{r: {"ratio": v.ratio, "low": v.low, "high": v.high, "threshold": v.threshold,
+                               "outcome": v.outcome, "basis": v.basis, "base_spread": v.base_spread,
+                               "head_spread": v.head_spread} for r, v in verdicts.items() if hasattr(v, "ratio")},
+                        **{key: verdicts[key] for key in ("pytest", "samples") if key in verdicts}}
+                       for flow, kind, fraction, n, verdicts in records],
+            "table": summarise(records), "seconds": time.perf_counter() - started}, indent=1))
+        (out / "log.txt").write_text("\n".join(log_lines) + "\n")
+
     # classic: one baseline, trials later
     classic_trials = trials if "classic" in args.flows else []
     baseline = {n: measure_row(unchanged, batch, settings) for n, batch in batches.items()} if classic_trials else {}
@@ -273,7 +329,8 @@ def main(argv=None) -> int:
         for n in rows_of(kind):
             records.append(("classic", kind, fraction, n, judge(baseline[n], measure_row(backend, batches[n], settings))))
     planted_device.set(0), planted_host.set(0)
-    log(f"classic flow: {len(trials)} trials done")
+    if classic_trials:
+        log(f"classic flow: {len(trials)} trials done")
     # ab: rounds alternating, each trial its own A/B
     from pytest_attn.bench.ab import measure_rounds_in_process, row_label
 
@@ -283,44 +340,37 @@ def main(argv=None) -> int:
         head = side(kind, fraction)
         a, b = measure_rounds_in_process(unchanged, head, rows_of(kind), device, ab_settings, args.ab_rounds)
         for n in rows_of(kind):
-            records.append(("ab", kind, fraction, n, judge(a.rows[row_label(n)], b.rows[row_label(n)])))
+            records.append(("ab", kind, fraction, n, judge(a.rows[row_label(n)], b.rows[row_label(n)],
+                                                           paired=tuple(set(a.paired) & set(b.paired)))))
         planted_device.set(0), planted_host.set(0)
-    log(f"ab flow: {len(trials)} trials done")
+        write(records)
+    if ab_trials:
+        log(f"ab flow: {len(trials)} trials done")
 
+    if "pytest" in args.flows:
+        pytest_flow(out, args, trials, rng, params, rows, records, log, lambda: write(records))
+        log(f"pytest flow: {len(trials)} trials done")
+    write(records)
     table = summarise(records)
-    for regime in ("device", "eager"):
-        spreads = [v[regime].head_spread for *_, v in records if v[regime].head_spread is not None]
-        if spreads:
-            table.append(f"spread (IQR/median) of the {regime} samples over all trials: "
-                         f"median {statistics.median(spreads):.2%}, "
-                         f"max {max(spreads):.2%}")
+    for n in sorted(batches):
+        for regime in ("device", "eager", "eager-raw"):
+            spreads = [v[regime].head_spread for *_, row, v in records if row == n and v[regime].head_spread is not None]
+            if spreads:
+                table.append(f"spread (IQR/median) of the {regime} samples of row {n} over all trials: "
+                             f"median {statistics.median(spreads):.2%}, max {max(spreads):.2%}")
     for line in table:
         log(line)
-
-    def write(pytest_lines):
-        (out / "evidence.json").write_text(json.dumps({
-            "machine": attn_machine_info(device), "backend": inner.name, "rows": rows,
-            "base_ms": {n: {r: statistics.median(b[r]) * 1e3 for r in ("device", "eager")} for n, b in base.items()},
-            "calibration": {f"{k}+{f}": v for (k, f), v in params.items()},
-            "trials": [{"flow": flow, "planted": kind, "fraction": fraction, "seq_len": n,
-                        **{r: {"ratio": v.ratio, "low": v.low, "high": v.high, "threshold": v.threshold,
-                               "outcome": v.outcome, "base_spread": v.base_spread, "head_spread": v.head_spread}
-                           for r, v in verdicts.items()}}
-                       for flow, kind, fraction, n, verdicts in records],
-            "table": table, "pytest_flow": pytest_lines, "seconds": time.perf_counter() - started}, indent=1))
-        (out / "log.txt").write_text("\n".join(log_lines) + "\n")
-
-    write([])  # kept if the pytest flow below is cut short
-    if not (args.no_pytest_flow or device == "cpu"):
-        write(pytest_flow(out, args, params, sizes, log))
+    write(records)
     log(f"wrote {out / 'evidence.json'}; {time.perf_counter() - started:.0f} s in all")
     return 0
 
 
 def summarise(records) -> list[str]:
-    """caught (planted, in the regime it was planted in) and false alarms (unchanged, or the other regime)."""
-    lines = [f"{'flow':<8} {'planted':<10} {'size':>6} {'row':>6} {'trials':>6} {'caught':>7} "
-             f"{'other regime flagged':>21} {'median ratio (planted regime)':>30} {'strict':>7} {'unresolved':>10}"]
+    """caught (planted, in the regime it was planted in) and false alarms (unchanged, or the other
+    regime); eager judged as the gate does (divided by the host reference where the row is
+    host-bound) and raw ("eager-raw"); for the pytest flow, the exit statuses of the runs."""
+    lines = [f"{'flow':<8} {'planted':<10} {'size/regime':>11} {'row':>6} {'trials':>6} {'caught':>7} "
+             f"{'other regime flagged':>21} {'median ratio':>12} {'strict':>7} {'unresolved':>10}"]
 
     def strict(v):  # the whole interval past the threshold
         return v.low > 1 + v.threshold
@@ -330,73 +380,126 @@ def summarise(records) -> list[str]:
         groups.setdefault((flow, kind, fraction, n), []).append(verdicts)
     for (flow, kind, fraction, n), runs in sorted(groups.items()):
         if kind == "unchanged":
-            for regime in ("device", "eager"):
+            for regime in ("device", "eager", "eager-raw"):
                 alarms = sum(vs[regime].outcome == "regressed" for vs in runs)
                 strict_alarms = sum(strict(vs[regime]) for vs in runs)
                 ratio = statistics.median(vs[regime].ratio for vs in runs)
                 unresolved = sum(vs[regime].outcome == "unresolved" for vs in runs)
-                lines.append(f"{flow:<8} {'unchanged':<10} {regime:>6} {n:>6} {len(runs):>6} {'-':>7} "
-                             f"{f'{alarms} false alarm(s)':>21} {ratio:>30.3f} {strict_alarms:>7} {unresolved:>10}")
+                lines.append(f"{flow:<8} {'unchanged':<10} {regime:>11} {n:>6} {len(runs):>6} {'-':>7} "
+                             f"{f'{alarms} false alarm(s)':>21} {ratio:>12.3f} {strict_alarms:>7} {unresolved:>10}")
             continue
-        regime = "device" if kind == "device" else "eager"
-        other = "eager" if regime == "device" else "device"
-        caught = sum(vs[regime].outcome == "regressed" for vs in runs)
-        flagged = sum(vs[other].outcome == "regressed" for vs in runs)
-        ratio = statistics.median(vs[regime].ratio for vs in runs)
-        strict_caught = sum(strict(vs[regime]) for vs in runs)
-        lines.append(f"{flow:<8} {kind:<10} {f'+{fraction:.0%}':>6} {n:>6} {len(runs):>6} {f'{caught}/{len(runs)}':>7} "
-                     f"{f'{flagged} ({other})':>21} {ratio:>30.3f} {f'{strict_caught}/{len(runs)}':>7} "
-                     f"{sum(vs[regime].outcome == 'unresolved' for vs in runs):>10}")
+        other = "eager" if kind == "device" else "device"
+        for regime in (("device",) if kind == "device" else ("eager", "eager-raw")):
+            caught = sum(vs[regime].outcome == "regressed" for vs in runs)
+            flagged = sum(vs[other].outcome == "regressed" for vs in runs)
+            ratio = statistics.median(vs[regime].ratio for vs in runs)
+            strict_caught = sum(strict(vs[regime]) for vs in runs)
+            label = f"+{fraction:.0%} {regime}"
+            lines.append(f"{flow:<8} {kind:<10} {label:>11} {n:>6} {len(runs):>6} {f'{caught}/{len(runs)}':>7} "
+                         f"{f'{flagged} ({other})':>21} {ratio:>12.3f} {f'{strict_caught}/{len(runs)}':>7} "
+                         f"{sum(vs[regime].outcome == 'unresolved' for vs in runs):>10}")
+    exits = {}
+    for flow, kind, fraction, n, verdicts in records:
+        if "pytest" in verdicts:
+            exits[verdicts["pytest"]["run"]] = (kind, verdicts["pytest"]["exit"])
+    for kind in ("unchanged", "device", "host"):
+        codes = [code for k, code in exits.values() if k == kind]
+        if codes:
+            want = 0 if kind == "unchanged" else 1
+            lines.append(f"pytest --attn-gate, {kind} runs: exit {want} in {codes.count(want)}/{len(codes)} "
+                         f"(exits {sorted(codes)})")
     return lines
 
 
 PYTEST_FLOW_TEST = '''
 import os, sys
+
+import pytest
+
 sys.path.insert(0, {here!r})
 import gate_evidence
 from pytest_attn.bench.ab import vit_batch
 from pytest_attn.env.registry import Registry
 
+_CHOSEN = []
 
-def test_row(attn_benchmark, bench_metric):
-    inner = Registry.discover().get({backend!r})
-    unchanged, planted_device, _ = gate_evidence.make_backends(inner)
-    n = int(os.environ.get("EVIDENCE_MATMUL_N", "0"))
-    backend = planted_device if n else unchanged
-    if n:
-        backend.set(n)
-    attn_benchmark(backend, vit_batch({seq_len}, "cuda:0"), series="evidence", metric=bench_metric)
+
+def backend_of_this_run():
+    """unchanged, or planted as $EVIDENCE_MATMUL_N / $EVIDENCE_HOST_OPS say."""
+    if not _CHOSEN:
+        unchanged, planted_device, planted_host = gate_evidence.make_backends(Registry.discover().get({backend!r}),
+                                                                              {device!r})
+        matmul_n, host_ops = int(os.environ.get("EVIDENCE_MATMUL_N", "0")), int(os.environ.get("EVIDENCE_HOST_OPS", "0"))
+        chosen = unchanged
+        if matmul_n:
+            planted_device.set(matmul_n)
+            chosen = planted_device
+        elif host_ops:
+            planted_host.set(host_ops)
+            chosen = planted_host
+        _CHOSEN.append(chosen)
+    return _CHOSEN[0]
+
+
+@pytest.mark.parametrize("seq_len", {seq_lens!r})
+def test_row(attn_benchmark, bench_metric, seq_len):
+    attn_benchmark(backend_of_this_run(), vit_batch(seq_len, {device!r}), series="evidence", metric=bench_metric)
 '''
 PYTEST_FLOW_CONFTEST = '''
-import pytest
-
 def pytest_generate_tests(metafunc):
     if "bench_metric" in metafunc.fixturenames:
         metafunc.parametrize("bench_metric", ["device", "eager"])
 '''
 
 
-def pytest_flow(out: Path, args, params, sizes, log) -> list[str]:
-    """`pytest --attn-gate` end to end: baseline, unchanged (must pass), planted-device (must fail)."""
+def pytest_flow(out: Path, args, trials, rng, params, rows, records, log, save) -> None:
+    """The classic gate as a user runs it: a baseline pytest run, then one pytest run per trial with
+    --attn-gate=base.json (exit status and final line kept) and --benchmark-json, each judged row by
+    row with the gate's code on the two saved files. Appends to ``records``; ``save()`` after each."""
+    import re
+
+    from pytest_attn.bench.gate import compare_rows, load_saved
+
     folder = out / "pytest_flow"
     folder.mkdir(exist_ok=True)
+    seq_lens = sorted(set(rows.values()))
     (folder / "test_evidence_row.py").write_text(PYTEST_FLOW_TEST.format(here=str(HERE), backend=args.backend,
-                                                                          seq_len=args.seq_len))
+                                                                          seq_lens=seq_lens, device=args.device))
     (folder / "conftest.py").write_text(PYTEST_FLOW_CONFTEST)
-    base_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-                "--attn-device=cuda:0", "-m", "", "--benchmark-only", "test_evidence_row.py", "--rootdir", str(folder),
-                "-c", os.devnull]
-    lines = []
-    env = dict(os.environ)
-    for name, extra, n in (("baseline", ["--benchmark-json=base.json"], 0),
-                           ("unchanged", ["--attn-gate=base.json"], 0),
-                           ("planted-device", ["--attn-gate=base.json"], params[("device", sizes["device"][0])])):
-        env["EVIDENCE_MATMUL_N"] = str(int(n))
-        done = subprocess.run(base_cmd + extra, cwd=folder, env=env, capture_output=True, text=True)
-        tail = [line for line in done.stdout.splitlines() if line.startswith("pytest-attn gate")]
-        lines.append(f"pytest flow {name}: exit {done.returncode}; {tail[-1] if tail else done.stdout.strip()[-300:]}")
-        log(lines[-1])
-    return lines
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+               f"--attn-device={args.device}", *(["--attn-gate-cpu"] if args.device == "cpu" else []), "-m", "", "--benchmark-only", f"--attn-bench-iters={args.iters}",
+               "test_evidence_row.py", "--rootdir", str(folder), "-c", os.devnull]
+
+    def run(name, extra, kind="unchanged", fraction=0.0):
+        env = dict(os.environ, EVIDENCE_MATMUL_N="0", EVIDENCE_HOST_OPS="0")
+        if kind != "unchanged":
+            env["EVIDENCE_MATMUL_N" if kind == "device" else "EVIDENCE_HOST_OPS"] = str(int(params[(kind, fraction)]))
+        done = subprocess.run(command + extra, cwd=folder, env=env, capture_output=True, text=True)
+        final = [line for line in done.stdout.splitlines() if line.startswith("pytest-attn gate")]
+        line = final[-1] if final else done.stdout.strip()[-300:] + done.stderr.strip()[-300:]
+        log(f"pytest {name} ({kind}): exit {done.returncode}; {line}")
+        return done.returncode, line
+
+    code, line = run("baseline", ["--benchmark-json=base.json"])
+    if code != 0:
+        raise SystemExit(f"the baseline pytest run failed (exit {code}): {line}")
+    base = load_saved(folder / "base.json")
+
+    def seq_len_of(name):
+        return int(re.findall(r"\d+", name.split("[")[-1])[0])
+
+    for index, (kind, fraction) in enumerate(rng.sample(trials, len(trials))):
+        saved = f"trial{index}.json"
+        code, line = run(f"trial {index}", [f"--benchmark-json={saved}", "--attn-gate=base.json"], kind, fraction)
+        head = load_saved(folder / saved)
+        verdicts = compare_rows(base.rows, head.rows).verdicts
+        raw = raw_eager_verdicts(base.rows, head.rows)
+        for n in (seq_lens if kind == "unchanged" else [rows[kind]]):
+            judged = {v.regime: v for v in verdicts if seq_len_of(v.name) == n}
+            judged["eager-raw"] = next(v for v in raw if seq_len_of(v.name) == n)
+            judged["pytest"] = {"run": index, "exit": code, "final": line}
+            records.append(("pytest", kind, fraction, n, judged))
+        save()
 
 
 if __name__ == "__main__":
