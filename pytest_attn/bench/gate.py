@@ -356,12 +356,13 @@ def _pct(x: Optional[float]) -> str:
 
 
 def table(verdicts: Sequence[Verdict]) -> list[str]:
-    """One line per verdict: ratio, interval, threshold, regime, spread of each side, outcome."""
+    """One line per verdict: ratio, interval, threshold, regime, spread of each side, the p-value
+    (Mann-Whitney U; Wilcoxon signed-rank for paired samples; shown, not used), outcome."""
     if not verdicts:
         return []
     width = max(12, max(len(v.name) for v in verdicts))
     head = (f"{'row':<{width}}  {'regime':<6}  {'ratio':>6}  {'95% interval':>15}  {'threshold':>9}  "
-            f"{'spread base/head':>16}  {'MWU p':>7}  verdict")
+            f"{'spread base/head':>16}  {'p':>7}  verdict")
     lines = [head, "-" * len(head)]
     for v in verdicts:
         regime = v.regime if v.basis == "samples" else f"{v.regime}*"
@@ -374,7 +375,7 @@ def table(verdicts: Sequence[Verdict]) -> list[str]:
                      "so the host's drift cancels")
     if "paired" in bases:
         lines.append("eager*: the two sides sampled in turn; the ratio is the median of HEAD_i / BASE_i, pair by pair, "
-                     "so the host's drift cancels")
+                     "so the host's drift cancels (p: Wilcoxon signed-rank)")
     return lines
 
 
