@@ -30,3 +30,13 @@ def test_an_honest_backend_passes_on_cuda(graph):
     _, timing, _ = measure_backend(TorchSDPABackend(name="torch"), vit_batch(2048, "cuda"),
                                    BenchSettings(3, 10, graph, False))
     assert timing.device_median_s > 0
+    assert len(timing.host_reference_s) == len(timing.eager_s) == 10  # one reference sample with each eager one
+
+
+def test_a_host_bound_row_carries_its_host_reference_to_the_gate():
+    from pytest_attn.bench.gate import REGIMES, row_samples
+    from pytest_attn.bench.measure import timing_samples
+
+    _, timing, _ = measure_backend(TorchSDPABackend(name="torch"), vit_batch(256, "cuda"), BenchSettings(3, 10))
+    eager = {r.regime: r for r in row_samples("t", timing_samples(timing), REGIMES)}["eager"]
+    assert len(eager.reference) == 10 and all(x > 0 for x in eager.relative_samples())

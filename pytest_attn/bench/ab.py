@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence
 from pytest_attn.bench.gate import REGIMES, RowSamples, compare_rows, row_samples
 from pytest_attn.bench.timing import HOST_REFERENCE
 
+DEFAULT_ROUNDS = 6  # rounds per side
+DEFAULT_ITERS = 15  # timed samples per row per round
 CPU_DEFAULT_SEQ_LENS = (64, 128)
 CUDA_DEFAULT_SEQ_LENS = (1024, 4096)
 

@@ -19,6 +19,7 @@ from contextlib import ExitStack
 
 def add_parser(sub) -> None:
     from pytest_attn.cli.gate import add_threshold_options
+    from pytest_attn.bench.ab import DEFAULT_ITERS, DEFAULT_ROUNDS
     from pytest_attn.cli.args import count_at_least, device_name, seq_lengths
 
     parser = sub.add_parser("ab", help="two backends (or environments, or commits) timed in alternating rounds; "
@@ -33,9 +34,10 @@ def add_parser(sub) -> None:
                             help=f"time the {side} side on this commit of the current git checkout")
     parser.add_argument("--seq-lens", type=seq_lengths, default=None,
                         help="ViT table rows (default 64,128 on CPU, 1024,4096 on CUDA)")
-    parser.add_argument("--rounds", type=count_at_least(2, "2 or more rounds"), default=6, help="rounds per side (default 6)")
-    parser.add_argument("--iters", type=count_at_least(1, "1 or more timed samples"), default=15,
-                        help="timed samples per row per round (default 15)")
+    parser.add_argument("--rounds", type=count_at_least(2, "2 or more rounds"), default=DEFAULT_ROUNDS,
+                        help=f"rounds per side (default {DEFAULT_ROUNDS})")
+    parser.add_argument("--iters", type=count_at_least(1, "1 or more timed samples"), default=DEFAULT_ITERS,
+                        help=f"timed samples per row per round (default {DEFAULT_ITERS})")
     parser.add_argument("--warmup", type=count_at_least(0, "0 or more warm-up calls"), default=5,
                         help="untimed calls before each round's timing (default 5)")
     parser.add_argument("--graph", choices=("auto", "on", "off"), default="auto", help="CUDA graphs (CUDA only)")

@@ -24,7 +24,8 @@ in shuffled order:
   --benchmark-json trial.json` (its exit status and final line kept), judged row by row with the
   gate's code on the two files;
 - classic: the same in this process (one baseline measurement, each trial measured later);
-- ab: each trial an interleaved A/B (pytest_attn.bench.ab: --ab-rounds rounds, sides alternating;
+- ab: each trial an interleaved A/B (pytest_attn.bench.ab: --ab-rounds rounds of --ab-iters
+  samples, default pytest-attn ab's own, sides alternating;
   eager samples taken in turn, with the host reference).
 
 The eager regime is judged as the gate judges it: in the pytest and classic flows, a host-bound
@@ -234,8 +235,10 @@ def main(argv=None) -> int:
                         help="trials per planted size: N, or per kind: device=N,host=M")
     parser.add_argument("--unchanged-trials", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50, help="samples per regime in the classic flow")
-    parser.add_argument("--ab-rounds", type=int, default=4)
-    parser.add_argument("--ab-iters", type=int, default=12)
+    from pytest_attn.bench.ab import DEFAULT_ITERS, DEFAULT_ROUNDS
+
+    parser.add_argument("--ab-rounds", type=int, default=DEFAULT_ROUNDS, help="as pytest-attn ab's default")
+    parser.add_argument("--ab-iters", type=int, default=DEFAULT_ITERS, help="as pytest-attn ab's default")
     parser.add_argument("--device", default="cuda:0", help="cpu: a smoke test of this script's code only")
     args = parser.parse_args(argv)
     out = Path(args.out)
