@@ -79,6 +79,7 @@ def measure_rounds_in_process(base, head, seq_lens: Sequence[int], device: str, 
 
     sides = {"base": (base, SideSamples(paired=("eager",))), "head": (head, SideSamples(paired=("eager",)))}
     batches = {n: vit_batch(n, device) for n in seq_lens}
+    reference = {HOST_REFERENCE: host_reference_call(device)} if str(device).startswith("cuda") else {}
     device_only = dataclasses.replace(settings, eager=False)  # the eager samples are taken below, in turn
     for index in range(rounds):
         order = ("base", "head") if index % 2 == 0 else ("head", "base")
@@ -89,9 +90,7 @@ def measure_rounds_in_process(base, head, seq_lens: Sequence[int], device: str, 
                 _, timing, forward = measure_backend(backend, batch, device_only)
                 samples.add(row_label(seq_len), {"device": list(timing.device_s), "eager": []})
                 timed[side] = (forward, calls_per_sample(timing.host_median_s, settings.cold_l2))
-            if str(device).startswith("cuda"):
-                timed[HOST_REFERENCE] = host_reference_call(device)
-            eager = interleaved_eager_samples(timed, settings.iters, device, settings.cold_l2)
+            eager = interleaved_eager_samples({**timed, **reference}, settings.iters, device, settings.cold_l2)
             for side in order:
                 sides[side][1].add(row_label(seq_len), {"eager": eager[side],
                                                         HOST_REFERENCE: eager.get(HOST_REFERENCE, ())})

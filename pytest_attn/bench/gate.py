@@ -82,10 +82,10 @@ def row_samples(name: str, saved: dict, regimes: Sequence[str], threshold: Optio
     """RowSamples of one row from its saved samples ({regime: seconds, HOST_REFERENCE: seconds}),
     the eager ones with their host reference where the row is host-bound and it was kept for each."""
     rows = []
+    reference = tuple(float(x) for x in saved.get(HOST_REFERENCE) or ())
+    device = saved.get("device") or ()
     for regime in regimes:
         samples = tuple(float(x) for x in saved.get(regime) or ())
-        reference = tuple(float(x) for x in saved.get(HOST_REFERENCE) or ())
-        device = saved.get("device") or ()
         host_bound = (regime == "eager" and samples and device and len(reference) == len(samples)
                       and min(reference) > 0
                       and statistics.median(samples) >= HOST_BOUND_FACTOR * statistics.median(device))
@@ -168,12 +168,24 @@ def parse_thresholds(items: Iterable[str]) -> dict:
 
 
 # -- statistics -------------------------------------------------------------------------------------------
+def _percentile_interval(data: tuple, statistic, point: float, confidence: float, resamples: int, seed: int
+                         ) -> tuple[float, float, float]:
+    """(point, low, high): scipy.stats.bootstrap's percentile interval of ``statistic`` over ``data``
+    (each array resampled on its own), widened to contain the point."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    result = bootstrap(data, statistic, n_resamples=resamples, paired=False, vectorized=True, axis=-1,
+                       confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return point, min(low, point), max(high, point)
+
+
 def ratio_interval(base: Sequence[float], head: Sequence[float], confidence: float = CONFIDENCE,
                    resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
     """(median(head)/median(base), low, high): the ratio of medians and its bootstrap confidence
     interval (scipy.stats.bootstrap, percentile method, independent resampling of each side)."""
     import numpy as np
-    from scipy.stats import bootstrap
 
     a, b = np.asarray(base, dtype=float), np.asarray(head, dtype=float)
     if a.size < 2 or b.size < 2 or np.median(a) <= 0:
@@ -185,10 +197,7 @@ def ratio_interval(base: Sequence[float], head: Sequence[float], confidence: flo
     point = float(ratio(a, b))
     if np.ptp(a) == 0 and np.ptp(b) == 0:  # no variation at all: the interval is the point
         return point, point, point
-    result = bootstrap((a, b), ratio, n_resamples=resamples, paired=False, vectorized=True, axis=-1,
-                       confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
-    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
-    return point, min(low, point), max(high, point)
+    return _percentile_interval((a, b), ratio, point, confidence, resamples, seed)
 
 
 def paired_ratio_interval(base: Sequence[float], head: Sequence[float], confidence: float = CONFIDENCE,
@@ -196,7 +205,6 @@ def paired_ratio_interval(base: Sequence[float], head: Sequence[float], confiden
     """(median of head_i / base_i, low, high) for samples taken in turn, pair i at one moment: the
     bootstrap confidence interval of that median (scipy.stats.bootstrap, percentile method)."""
     import numpy as np
-    from scipy.stats import bootstrap
 
     a, b = np.asarray(base, dtype=float), np.asarray(head, dtype=float)
     if a.size != b.size or a.size < 2 or (a <= 0).any():
@@ -205,10 +213,7 @@ def paired_ratio_interval(base: Sequence[float], head: Sequence[float], confiden
     point = float(np.median(ratios))
     if np.ptp(ratios) == 0:
         return point, point, point
-    result = bootstrap((ratios,), np.median, n_resamples=resamples, vectorized=True, axis=-1,
-                       confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
-    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
-    return point, min(low, point), max(high, point)
+    return _percentile_interval((ratios,), np.median, point, confidence, resamples, seed)
 
 
 def wilcoxon_p(base: Sequence[float], head: Sequence[float]) -> float:
