@@ -5,6 +5,8 @@ tests and the GPU evidence script (tests/evidence/gate_evidence.py). Each games 
 - CopiesCachedOutput: computes once, then copies its saved result into ``out`` (times a copy).
 - FinishesLater: returns at once and writes ``out`` from a thread afterwards (work past the timed region).
 - SideStream (CUDA): runs the attention on a side stream the caller's stream never waits for.
+- WritesNaN: fills ``out`` with NaN on every call (a fast kernel that computes nothing; the check
+  after the timed calls compares only finite values, so the first output must be finite).
 
 and the planted slowdowns the gate must catch:
 
@@ -31,6 +33,15 @@ class CachesOutput(TorchSDPABackend):
         if self.calls <= 1:
             return super().forward(q, k, v, metadata, plan, out=out)
         return out  # "already computed"
+
+
+class WritesNaN(TorchSDPABackend):
+    def __init__(self, name="writes-nan"):
+        super().__init__(name=name)
+
+    def forward(self, q, k, v, metadata, plan, out=None, lse=None):
+        out.fill_(float("nan"))
+        return out
 
 
 class CopiesCachedOutput(TorchSDPABackend):

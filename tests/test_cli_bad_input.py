@@ -128,6 +128,12 @@ def test_one_line_writes_out_every_line_break():
      "pytest-attn differential: argument --device: 'foo': use cpu, cuda or cuda:N"),
     (["seed-table", "--device", "cpu", "--plot", "seed.txt"],
      "pytest-attn seed-table: argument --plot: 'seed.txt': the suffix picks the format; end it in .png, .svg, .pdf"),
+    (["ab", "--base", "torch", "--head", "flex", "--device", "cpu", "--json", ""],
+     "pytest-attn ab: argument --json: is empty (an unset variable?); give a file name, e.g. result.json"),
+    (["ab", "--base", "torch", "--head", "flex", "--device", "cpu", "--json", "."],
+     "pytest-attn ab: argument --json: '.' is a folder; give a file name in it"),
+    (["ab", "--base", "torch", "--head", "flex", "--device", "cpu", "--json", "/proc/ab.json"],  # checked before timing
+     "pytest-attn ab: --json /proc/ab.json: No such file or directory; give a path you can write to"),
     (["seed-table", "--device", "cpu", "--graph", "on"],
      "pytest-attn seed-table: --graph on times CUDA-graph replays and a CPU has none; leave it out"),
 ])

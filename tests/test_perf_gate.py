@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from backend_packages import write_backend_package
-from gaming_backends import CachesOutput, CopiesCachedOutput, FinishesLater
+from gaming_backends import CachesOutput, CopiesCachedOutput, FinishesLater, WritesNaN
 from pytest_attn.bench import gate as gate_mod
 from pytest_attn.bench.gate import GateError, RowSamples, SavedRun, compare_rows, gate, ratio_interval, rows_of
 from pytest_attn.bench.history import Point, Series
@@ -289,6 +289,14 @@ def test_a_backend_that_games_the_timer_is_caught(backend):
         getattr(backend, "wait", lambda: None)()
 
 
+def test_a_backend_whose_output_is_nan_is_not_timed():
+    from pytest_attn.bench.ab import vit_batch
+    from pytest_attn.bench.measure import BenchSettings, OutputNotFinite, measure_backend
+
+    with pytest.raises(OutputNotFinite, match=r"backend 'writes-nan': its output holds 40960 NaN/Inf value\(s\) of 40960"):
+        measure_backend(WritesNaN(), vit_batch(32, "cpu"), BenchSettings(1, 3, "auto", False))
+
+
 def test_an_honest_backend_passes_the_compute_check():
     from pytest_attn.bench.ab import vit_batch
     from pytest_attn.bench.measure import BenchSettings, measure_backend
@@ -321,7 +329,11 @@ def test_ab_flags_a_slower_head_and_passes_the_same_code(pytester, capsys):
     assert "vit-table seq 16  device" in out and "REGRESSED" in out and "round 2/2 done" in out
     assert out.splitlines()[-1].startswith("pytest-attn gate: FAILED")
     assert cli.main(["ab", "--base", "same", "--head", "torch", "--gate-cpu", "--threshold",
-                     "device=0.9,eager=0.9", *AB_FAST]) == 0
+                     "device=0.9,eager=0.9", *AB_FAST, "--json", "ab.json"]) == 0
+    saved = json.loads(pytester.path.joinpath("ab.json").read_text())  # in one process: eager pair by pair
+    assert saved["paired"] == ["eager"] and saved["failed"] is False
+    eager = next(v for v in saved["verdicts"] if v["regime"] == "eager")
+    assert eager["basis"] == "paired" and eager["pair_spread"] is not None and eager["outcome"] == "unchanged"
 
 
 def test_ab_refuses_the_same_backend_in_one_environment(capsys):
@@ -330,12 +342,40 @@ def test_ab_refuses_the_same_backend_in_one_environment(capsys):
 
 
 @pytest.mark.attn_long
-def test_ab_times_another_environment_in_alternating_subprocesses(capsys):
+def test_ab_times_another_environment_in_alternating_subprocesses(capsys, tmp_path):
     assert cli.main(["ab", "--base", "torch", "--head", "torch", "--head-python", sys.executable,
-                     "--base-python", sys.executable, *AB_FAST]) == 0
+                     "--base-python", sys.executable, *AB_FAST, "--json", str(tmp_path / "ab.json")]) == 0
     out = capsys.readouterr().out
     assert "base torch@" in out and "round 2/2 done" in out and "NOT GATED" in out.splitlines()[-1]
+    assert "with pytest-attn ab" not in out  # ab's own advice, when a row is unresolved, is more rounds
     assert f"  head: {sys.executable} with pytest_attn from " in out
+    # --json keeps what the table showed and every sample: 2 rounds x 6 per side; no pairs across processes
+    saved = json.loads((tmp_path / "ab.json").read_text())
+    assert saved["gated"] is False and saved["paired"] == [] and saved["rounds"] == 2
+    assert {v["regime"] for v in saved["verdicts"]} == {"device", "eager"}
+    assert all(v["outcome"] in out for v in saved["verdicts"]) and saved["verdicts"][0]["pair_spread"] is None
+    assert len(saved["samples"]["head"]["vit-table seq 16"]["eager"]) == 12
+
+
+@pytest.mark.attn_long
+def test_the_gpu_evidence_script_runs_pytest_attn_ab_with_sides_in_subprocesses(tmp_path):
+    """tests/evidence/gate_evidence.py --flows ab-processes, on CPU: the pytest-attn ab command itself,
+    its sides in subprocesses, the planted wrapper reaching them through an entry point; the script
+    stops when the command's verdicts differ from the gate's code on the samples --json kept."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "evidence" / "gate_evidence.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--device", "cpu", "--flows",
+                           "ab-processes", "--kinds", "host", "--seq-len", "64", "--host-seq-len", "32",
+                           "--unchanged-trials", "1", "--planted-trials", "1", "--ab-rounds", "2", "--ab-iters", "3"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    evidence = json.loads((tmp_path / "evidence.json").read_text())
+    trials = [(t["flow"], t["planted"], t["seq_len"]) for t in evidence["trials"]]
+    assert sorted(trials) == [("ab-proc", "host", 32), ("ab-proc", "unchanged", 32), ("ab-proc", "unchanged", 64)]
+    runs = {t["pytest"]["run"]: t["pytest"] for t in evidence["trials"]}
+    assert len(runs) == 2 and all(r["final"].startswith("pytest-attn gate: ") for r in runs.values()), runs
+    assert all(len(t["samples"]["head"]["eager"]) == 6 for t in evidence["trials"])  # 2 rounds x 3
 
 
 # -- history ------------------------------------------------------------------------------------------------------
@@ -462,7 +502,11 @@ def test_samples_taken_in_turn_are_judged_pair_by_pair_so_a_shared_drift_cancels
     assert unpaired.basis == "samples" and unpaired.high - unpaired.low > 0.1, unpaired  # wider than the threshold
     assert paired.basis == "paired" and paired.outcome == "regressed" and paired.high - paired.low < 0.03, paired
     assert compare_rows(base, same, paired=("eager",)).verdicts[0].outcome == "unchanged"
-    assert "HEAD_i / BASE_i" in gate_mod.table([paired])[-1]
+    # the table shows what was judged: each side spreads with the drift, the pairs' ratios do not
+    assert unpaired.pair_spread is None and paired.head_spread > 0.1 and paired.pair_spread < 0.06, paired
+    lines = gate_mod.table([unpaired, paired])
+    assert "pairs" not in lines[2] and f"pairs {paired.pair_spread:.1%}" in lines[3]
+    assert "HEAD_i / BASE_i" in lines[-1]
 
 
 def test_ab_in_one_process_pairs_its_eager_samples():

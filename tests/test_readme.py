@@ -34,6 +34,37 @@ def test_every_option_the_readme_names_is_registered(pytestconfig):
     assert named and named <= registered, named - registered
 
 
+def documented_commands() -> list[tuple[str, str]]:
+    """(file, command) for every ``pytest-attn SUBCOMMAND ...`` line in a code block of the README
+    and docs/, its comment and ``|| true`` left off."""
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", path.read_text(), re.S):
+            for line in block.splitlines():
+                command = line.strip().removeprefix("run: ").split(" || ")[0]
+                if re.match(r"pytest-attn [a-z-]+(\s|$)", command):  # not output such as "pytest-attn capture: ..."
+                    found.append((path.name, command))
+    return found
+
+
+def test_every_documented_command_parses(tmp_path, monkeypatch):
+    """Each pytest-attn command the README and docs show is one the CLI accepts as written (parsed,
+    not run: most want a GPU or files of their own)."""
+    import shlex
+
+    from pytest_attn.cli.main import _build_parser
+
+    monkeypatch.chdir(tmp_path)  # the commands' output paths must be writable
+    commands = documented_commands()
+    assert any("pytest-attn ab " in c and "--json" in c for _, c in commands), commands
+    parser = _build_parser()
+    for name, command in commands:
+        try:
+            parser.parse_args(shlex.split(command, comments=True)[1:])
+        except SystemExit as exc:  # argparse's error: the usage line was printed above
+            pytest.fail(f"{name}: {command!r} does not parse (exit {exc.code})")
+
+
 def writing_a_backend_package(folder: Path) -> tuple[str, Path]:
     """The two files of "Writing a backend", laid out as the README says: (backend name, folder)."""
     text = section("Writing a backend")

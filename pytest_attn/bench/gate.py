@@ -107,6 +107,7 @@ class Verdict:
     head_spread: Optional[float]
     p_value: float  # Mann-Whitney U, or Wilcoxon signed-rank for paired samples; two-sided (shown, not used)
     basis: str = "samples"  # or "host-reference" (each sample divided by it) or "paired" (HEAD_i / BASE_i)
+    pair_spread: Optional[float] = None  # paired: interquartile range / median of HEAD_i / BASE_i, what is judged
 
     @property
     def outcome(self) -> str:
@@ -242,16 +243,18 @@ def verdict(base: RowSamples, head: RowSamples, thresholds: Optional[dict] = Non
     thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     threshold = head.threshold if head.threshold is not None else (
         base.threshold if base.threshold is not None else thresholds[head.regime])
+    pair_spread = None
     if paired and len(base.samples) == len(head.samples):
         a, b, basis = base.samples, head.samples, "paired"
         (ratio, low, high), p_value = paired_ratio_interval(a, b), wilcoxon_p(a, b)
+        pair_spread = spread([y / x for x, y in zip(a, b)])
     else:
         relative = bool(base.reference) and bool(head.reference)
         a, b = (base.relative_samples(), head.relative_samples()) if relative else (base.samples, head.samples)
         basis = "host-reference" if relative else "samples"
         (ratio, low, high), p_value = ratio_interval(a, b), mann_whitney_p(a, b)
     return Verdict(head.name, head.regime, ratio, low, high, threshold, statistics.median(a), statistics.median(b),
-                   spread(a), spread(b), p_value, basis)
+                   spread(a), spread(b), p_value, basis, pair_spread)
 
 
 def compare_rows(base: Iterable[RowSamples], head: Iterable[RowSamples], thresholds: Optional[dict] = None,
@@ -366,13 +369,16 @@ def table(verdicts: Sequence[Verdict]) -> list[str]:
     if not verdicts:
         return []
     width = max(12, max(len(v.name) for v in verdicts))
+    spreads = [f"{_pct(v.base_spread)}/{_pct(v.head_spread)}" + ("" if v.pair_spread is None else
+                                                                 f" pairs {_pct(v.pair_spread)}") for v in verdicts]
+    spread_width = max(16, max(map(len, spreads)))
     head = (f"{'row':<{width}}  {'regime':<6}  {'ratio':>6}  {'95% interval':>15}  {'threshold':>9}  "
-            f"{'spread base/head':>16}  {'p':>7}  verdict")
+            f"{'spread base/head':>{spread_width}}  {'p':>7}  verdict")
     lines = [head, "-" * len(head)]
-    for v in verdicts:
+    for v, spread_cell in zip(verdicts, spreads):
         regime = v.regime if v.basis == "samples" else f"{v.regime}*"
         lines.append(f"{v.name:<{width}}  {regime:<6}  {v.ratio:>6.3f}  {f'[{v.low:.3f}, {v.high:.3f}]':>15}  "
-                     f"{f'+{v.threshold:.0%}':>9}  {f'{_pct(v.base_spread)}/{_pct(v.head_spread)}':>16}  "
+                     f"{f'+{v.threshold:.0%}':>9}  {spread_cell:>{spread_width}}  "
                      f"{v.p_value:>7.3g}  {v.outcome.upper() if v.outcome != 'unchanged' else v.outcome}")
     bases = {v.basis for v in verdicts}
     if "host-reference" in bases:
@@ -380,15 +386,18 @@ def table(verdicts: Sequence[Verdict]) -> list[str]:
                      "so the host's drift cancels")
     if "paired" in bases:
         lines.append("eager*: the two sides sampled in turn; the ratio is the median of HEAD_i / BASE_i, pair by pair, "
-                     "so the host's drift cancels (p: Wilcoxon signed-rank)")
+                     "so the host's drift cancels (pairs: the spread of those ratios; p: Wilcoxon signed-rank)")
     return lines
 
 
-def summary_line(result: GateResult, base_label: str) -> str:
+UNRESOLVED_ADVICE = "take more samples, or time both sides in turn with pytest-attn ab"
+
+
+def summary_line(result: GateResult, base_label: str, unresolved_advice: str = UNRESOLVED_ADVICE) -> str:
     n = len(result.verdicts)
     regressed, improved = len(result.regressed), len(result.improved)
-    unresolved = (f"; {len(result.unresolved)} unresolved (an interval wider than the threshold: take more samples, "
-                  "or time both sides in turn with pytest-attn ab)" if result.unresolved else "")
+    unresolved = (f"; {len(result.unresolved)} unresolved (an interval wider than the threshold: {unresolved_advice})"
+                  if result.unresolved else "")
     extra = []
     if result.too_few:
         extra.append(f"{len(result.too_few)} with too few samples")

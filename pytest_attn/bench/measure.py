@@ -117,9 +117,15 @@ class TimedCallsDidNotCompute(AssertionError):
     running when forward() returned. An assertion: a failed check, not a broken contract."""
 
 
+class OutputNotFinite(AssertionError):
+    """The first call's output holds NaN or Inf: what would be timed is not attention (every query
+    of a batch sees at least one key, so its output is finite). An assertion: a failed check."""
+
+
 def measure_backend(backend: Backend, batch: "AttnBatch", settings: BenchSettings = BenchSettings()):
     """(plan, timing, forward) for one batch: plan timed, one untimed call through the harness
-    (the output contract, JIT and first-call costs), the timed calls, then check_timed_calls_compute.
+    (the output contract, JIT and first-call costs) whose output must be finite
+    (check_output_finite), the timed calls, then check_timed_calls_compute.
     Raises UnsupportedCase before launching anything when the backend cannot run the batch. Every
     call goes through core.calls, so a backend that raises or breaks its contract fails with
     a BackendError naming it."""
@@ -132,6 +138,7 @@ def measure_backend(backend: Backend, batch: "AttnBatch", settings: BenchSetting
     plan, plan_s, plan_first_s = time_plan(lambda: calls.plan(backend, batch.metadata, batch.layer, device), device)
     out = run_forward(backend, batch.q, batch.k, batch.v, batch.metadata, batch.layer, device, plan).out
     expected = out.clone()
+    check_output_finite(backend, expected)
 
     def forward():  # calls.forward checks each call hands back the buffer it was given
         return calls.forward(backend, batch.q, batch.k, batch.v, batch.metadata, plan, out)
@@ -141,6 +148,18 @@ def measure_backend(backend: Backend, batch: "AttnBatch", settings: BenchSetting
     timing.plan_s, timing.plan_first_s = plan_s, plan_first_s
     check_timed_calls_compute(backend, batch, plan, out, expected)
     return plan, timing, forward
+
+
+def check_output_finite(backend: Backend, out) -> None:
+    """OutputNotFinite when ``out`` holds a NaN or an Inf (the check after the timed calls compares
+    finite values only, so without this a backend writing NaN would be timed as if it computed)."""
+    import torch
+
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        raise OutputNotFinite(f"backend {backend.name!r}: its output holds {bad} NaN/Inf value(s) of {out.numel()}, "
+                              "so its times would not be attention's; run pytest --attn-backend="
+                              f"{backend.name} to see which cases it gets wrong, and time it once they pass")
 
 
 def check_timed_calls_compute(backend: Backend, batch: "AttnBatch", plan, out, expected) -> None:

@@ -20,7 +20,7 @@ from contextlib import ExitStack
 def add_parser(sub) -> None:
     from pytest_attn.cli.gate import add_threshold_options
     from pytest_attn.bench.ab import DEFAULT_ITERS, DEFAULT_ROUNDS
-    from pytest_attn.cli.args import count_at_least, device_name, seq_lengths
+    from pytest_attn.cli.args import count_at_least, device_name, json_path, seq_lengths
 
     parser = sub.add_parser("ab", help="two backends (or environments, or commits) timed in alternating rounds; "
                                        "each row's ratio with its interval; exit 1 on a regression",
@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
                         help="untimed calls before each round's timing (default 5)")
     parser.add_argument("--graph", choices=("auto", "on", "off"), default="auto", help="CUDA graphs (CUDA only)")
     parser.add_argument("--device", type=device_name, default=None, help="cpu, cuda or cuda:N")
+    parser.add_argument("--json", type=json_path, default=None, metavar="PATH",
+                        help="also write every verdict and every sample of both sides to PATH (a CI artifact)")
     add_threshold_options(parser)
 
 
@@ -62,6 +64,8 @@ def run(args) -> int:
     if not _subprocess_mode(args) and args.base == args.head:
         raise UsageError(f"--base and --head both name {args.base!r} in this environment; name two backends, or give "
                          "--head-ref/--head-python to time it elsewhere")
+    if args.json:
+        _check_writable(args.json)  # before minutes of timing
     device = chosen_device(args.device)
     args.cold_l2 = False
     check_device_options(args, device)
@@ -95,7 +99,41 @@ def run(args) -> int:
         result.gated = False
         result.why_not_gated = ("CPU timings are reported, not gated (a CPU runner's noise is not a regression); "
                                 "--gate-cpu gates them")
-    return report(result, f"base {_side_name(args, 'base')}")
+    if args.json:  # before the table: the gate's line stays the last
+        _write_json(args.json, args, result, base, head, machine)
+    return report(result, f"base {_side_name(args, 'base')}", unresolved_advice="more --rounds or --iters")
+
+
+def _check_writable(path: str) -> None:
+    """A UsageError unless a file can be made in ``path``'s folder (made here when missing)."""
+    from pathlib import Path
+
+    from pytest_attn.cli.args import UsageError
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=Path(path).parent, prefix=".pytest-attn-ab-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--json {path}: {exc.strerror or exc}; give a path you can write to") from None
+
+
+def _write_json(path: str, args, result, base, head, machine) -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from pytest_attn.cli.args import UsageError
+
+    verdicts = [{**dataclasses.asdict(v), "outcome": v.outcome} for v in result.verdicts]
+    try:
+        Path(path).write_text(json.dumps({
+            "base": _side_name(args, "base"), "head": _side_name(args, "head"), "rounds": args.rounds,
+            "iters": args.iters, "machine": machine, "gated": result.gated, "failed": result.failed,
+            "paired": sorted(set(base.paired) & set(head.paired)), "verdicts": verdicts,
+            "samples": {"base": base.rows, "head": head.rows}}, indent=1, default=float))
+    except OSError as exc:
+        raise UsageError(f"--json {path}: {exc.strerror or exc}; give a path you can write to") from None
+    print(f"pytest-attn ab: wrote {path}")
 
 
 def _side_name(args, side: str) -> str:

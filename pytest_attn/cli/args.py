@@ -66,17 +66,32 @@ def device_name(text: str) -> str:
 
 def plot_path(text: str) -> str:
     """An argparse type: a .png, .svg or .pdf file that can be written, checked before any timing."""
+    from pathlib import Path
+
+    if Path(text).suffix.lower() not in PLOT_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the suffix picks the format; end it in "
+                                         f"{', '.join(PLOT_SUFFIXES)}")
+    return writable_file(text, "plot.png")
+
+
+def json_path(text: str) -> str:
+    """An argparse type: a file that can be written, checked before any timing."""
+    return writable_file(text, "result.json")
+
+
+def writable_file(text: str, example: str) -> str:
+    """``text`` when a file can be written there (the missing folders made by the writer), else
+    an ArgumentTypeError saying why."""
     import os
     from pathlib import Path
 
     path = Path(text)
-    if path.suffix.lower() not in PLOT_SUFFIXES:
-        raise argparse.ArgumentTypeError(f"{text!r}: the suffix picks the format; end it in "
-                                         f"{', '.join(PLOT_SUFFIXES)}")
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"is empty (an unset variable?); give a file name, e.g. {example}")
     if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name in it, e.g. {path / 'plot.png'}")
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name in it, e.g. {path / example}")
     folder = path.parent.absolute()
-    while not folder.exists():  # draw_panels makes the missing folders: the nearest existing one must be writable
+    while not folder.exists():  # the writer makes the missing folders: the nearest existing one must be writable
         folder = folder.parent
     if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
         raise argparse.ArgumentTypeError(f"{text!r}: cannot write under {folder}; give a path in a folder you can "

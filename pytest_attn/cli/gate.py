@@ -55,9 +55,9 @@ def run(args) -> int:
     return report(result, base.path, regressed_only=args.regressed_only)
 
 
-def report(result, base_label: str, *, regressed_only: bool = False) -> int:
+def report(result, base_label: str, *, regressed_only: bool = False, unresolved_advice: str = "") -> int:
     """Print the table and the final line; the exit status (1 when the gate failed)."""
-    from pytest_attn.bench.gate import summary_line, table
+    from pytest_attn.bench.gate import UNRESOLVED_ADVICE, summary_line, table
 
     for line in table(result.regressed if regressed_only else result.verdicts):
         print(line)
@@ -65,5 +65,5 @@ def report(result, base_label: str, *, regressed_only: bool = False) -> int:
                         ("too few samples to judge", result.too_few)):
         if names:
             print(f"not compared, {what}: {', '.join(names)}")
-    print(summary_line(result, base_label))
+    print(summary_line(result, base_label, unresolved_advice or UNRESOLVED_ADVICE))
     return 1 if result.failed else 0

@@ -26,11 +26,16 @@ in shuffled order:
 - classic: the same in this process (one baseline measurement, each trial measured later);
 - ab: each trial an interleaved A/B (pytest_attn.bench.ab: --ab-rounds rounds of --ab-iters
   samples, default pytest-attn ab's own, sides alternating;
-  eager samples taken in turn, with the host reference).
+  eager samples taken in turn, with the host reference);
+- ab-processes: each trial the `pytest-attn ab` command itself with both sides in subprocesses
+  (`--base-python`/`--head-python`, as with `--base-ref`: one process per side per round), the
+  planted wrappers reaching them through an entry point (a dist-info folder on PYTHONPATH); its
+  exit status and final line kept, each trial judged from the samples its `--json` saved.
 
 The eager regime is judged as the gate judges it: in the pytest and classic flows, a host-bound
-row's samples divided one by one by the host reference (bench.timing.HOST_REFERENCE); in ab, the
-sides' samples taken in turn, pair by pair. The rows "eager-raw" judge the same samples undivided
+row's samples divided one by one by the host reference (bench.timing.HOST_REFERENCE), and so in
+ab-processes (samples from different processes cannot pair); in ab, the sides' samples taken in
+turn, pair by pair. The rows "eager-raw" judge the same samples undivided
 and unpaired, for comparison.
 
 Both regimes are judged with the default thresholds (device 5%, eager 10%) by the gate's rule (the
@@ -228,7 +233,10 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default="device,host", help="which slowdowns to plant: device, host or both")
     parser.add_argument("--flows", default="pytest,ab",
                         help="which flows to run: pytest (the classic gate, a process per run), classic (the same "
-                             "in this process), ab; comma-separated")
+                             "in this process), ab (in this process), ab-processes (the pytest-attn ab command, "
+                             "sides in subprocesses); comma-separated")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no trial of a process flow (pytest, ab-processes) past this many seconds")
     parser.add_argument("--device-slowdown", type=float, default=0.05)
     parser.add_argument("--host-slowdown", type=float, default=0.10)
     parser.add_argument("--planted-trials", default="5",
@@ -318,14 +326,14 @@ def main(argv=None) -> int:
             "trials": [{"flow": flow, "planted": kind, "fraction": fraction, "seq_len": n,
                         **{r: {"ratio": v.ratio, "low": v.low, "high": v.high, "threshold": v.threshold,
                                "outcome": v.outcome, "basis": v.basis, "base_spread": v.base_spread,
-                               "head_spread": v.head_spread} for r, v in verdicts.items() if hasattr(v, "ratio")},
+                               "head_spread": v.head_spread, "pair_spread": v.pair_spread} for r, v in verdicts.items() if hasattr(v, "ratio")},
                         **{key: verdicts[key] for key in ("pytest", "samples") if key in verdicts}}
                        for flow, kind, fraction, n, verdicts in records],
             "table": summarise(records), "seconds": time.perf_counter() - started}, indent=1))
         (out / "log.txt").write_text("\n".join(log_lines) + "\n")
 
     # classic: one baseline, trials later
-    classic_trials = trials if "classic" in args.flows else []
+    classic_trials = trials if "classic" in args.flows.split(",") else []
     baseline = {n: measure_row(unchanged, batch, settings) for n, batch in batches.items()} if classic_trials else {}
     for kind, fraction in rng.sample(classic_trials, len(classic_trials)):
         backend = side(kind, fraction)
@@ -338,7 +346,7 @@ def main(argv=None) -> int:
     from pytest_attn.bench.ab import measure_rounds_in_process, row_label
 
     ab_settings = BenchSettings(5, args.ab_iters, "auto", False)
-    ab_trials = trials if "ab" in args.flows else []
+    ab_trials = trials if "ab" in args.flows.split(",") else []
     for kind, fraction in rng.sample(ab_trials, len(ab_trials)):
         head = side(kind, fraction)
         a, b = measure_rounds_in_process(unchanged, head, rows_of(kind), device, ab_settings, args.ab_rounds)
@@ -350,16 +358,26 @@ def main(argv=None) -> int:
     if ab_trials:
         log(f"ab flow: {len(trials)} trials done")
 
-    if "pytest" in args.flows:
+    over_budget = (lambda: args.budget_s is not None and time.perf_counter() - started > args.budget_s)
+    if "ab-processes" in args.flows.split(","):
+        done = ab_processes_flow(out, args, inner.name, trials, rng, params, rows, records, log,
+                                 lambda: write(records), over_budget)
+        log(f"ab-processes flow: {done} of {len(trials)} trials done")
+    if "pytest" in args.flows.split(","):
         pytest_flow(out, args, trials, rng, params, rows, records, log, lambda: write(records))
         log(f"pytest flow: {len(trials)} trials done")
     write(records)
     table = summarise(records)
     for n in sorted(batches):
         for regime in ("device", "eager", "eager-raw"):
-            spreads = [v[regime].head_spread for *_, row, v in records if row == n and v[regime].head_spread is not None]
+            # what the verdict judged: each side's samples, or the pairs' ratios where it paired them
+            judged = [v[regime].head_spread if v[regime].pair_spread is None else v[regime].pair_spread
+                      for *_, row, v in records if row == n]
+            spreads = [x for x in judged if x is not None]
             if spreads:
-                table.append(f"spread (IQR/median) of the {regime} samples of row {n} over all trials: "
+                what = "pair ratios" if any(v[regime].pair_spread is not None for *_, row, v in records if row == n) \
+                    else "samples"
+                table.append(f"spread (IQR/median) of the {regime} {what} of row {n} over all trials: "
                              f"median {statistics.median(spreads):.2%}, max {max(spreads):.2%}")
     for line in table:
         log(line)
@@ -401,16 +419,18 @@ def summarise(records) -> list[str]:
             lines.append(f"{flow:<8} {kind:<10} {label:>11} {n:>6} {len(runs):>6} {f'{caught}/{len(runs)}':>7} "
                          f"{f'{flagged} ({other})':>21} {ratio:>12.3f} {f'{strict_caught}/{len(runs)}':>7} "
                          f"{sum(vs[regime].outcome == 'unresolved' for vs in runs):>10}")
-    exits = {}
+    exits = {}  # the command each trial ran (one record per row): its exit status, once
     for flow, kind, fraction, n, verdicts in records:
         if "pytest" in verdicts:
-            exits[verdicts["pytest"]["run"]] = (kind, verdicts["pytest"]["exit"])
-    for kind in ("unchanged", "device", "host"):
-        codes = [code for k, code in exits.values() if k == kind]
-        if codes:
-            want = 0 if kind == "unchanged" else 1
-            lines.append(f"pytest --attn-gate, {kind} runs: exit {want} in {codes.count(want)}/{len(codes)} "
-                         f"(exits {sorted(codes)})")
+            exits[(flow, verdicts["pytest"]["run"])] = (kind, verdicts["pytest"]["exit"])
+    commands = {"pytest": "pytest --attn-gate", "ab-proc": "pytest-attn ab (sides in subprocesses)"}
+    for flow, command in commands.items():
+        for kind in ("unchanged", "device", "host"):
+            codes = [code for (f, _), (k, code) in exits.items() if f == flow and k == kind]
+            if codes:
+                want = 0 if kind == "unchanged" else 1
+                lines.append(f"{command}, {kind} runs: exit {want} in {codes.count(want)}/{len(codes)} "
+                             f"(exits {sorted(codes)})")
     return lines
 
 
@@ -503,6 +523,86 @@ def pytest_flow(out: Path, args, trials, rng, params, rows, records, log, save) 
             judged["pytest"] = {"run": index, "exit": code, "final": line}
             records.append(("pytest", kind, fraction, n, judged))
         save()
+
+
+AB_SIDES_MODULE = '''"""gate_evidence's ab-processes flow: evidence-base (the backend unchanged) and evidence-head (planted as
+$EVIDENCE_MATMUL_N / $EVIDENCE_HOST_OPS say, else unchanged), loaded in each pytest-attn ab subprocess."""
+import os
+import sys
+
+sys.path.insert(0, {here!r})
+
+
+def backends():
+    import gate_evidence
+    from pytest_attn.env.registry import builtin_backends
+
+    inner = next(b for b in builtin_backends() if b.name == {backend!r})
+    unchanged, planted_device, planted_host = gate_evidence.make_backends(inner, {device!r})
+    matmul_n, host_ops = int(os.environ.get("EVIDENCE_MATMUL_N", "0")), int(os.environ.get("EVIDENCE_HOST_OPS", "0"))
+    head = gate_evidence.make_backends(inner, {device!r})[0]
+    if matmul_n:
+        planted_device.set(matmul_n)
+        head = planted_device
+    elif host_ops:
+        planted_host.set(host_ops)
+        head = planted_host
+    unchanged.name, head.name = "evidence-base", "evidence-head"
+    return [unchanged, head]
+'''
+
+
+def ab_processes_flow(out: Path, args, backend: str, trials, rng, params, rows, records, log, save, over_budget) -> int:
+    """Each trial ``pytest-attn ab --base evidence-base --head evidence-head`` with both sides in
+    subprocesses (--base-python/--head-python: one process per side per round, as --base-ref runs),
+    judged from its --json samples by the gate's code; its exit status and final line kept.
+    Returns the number of trials run (fewer when ``over_budget()`` stops it)."""
+    folder = out / "ab_processes"
+    site = folder / "site"
+    dist = site / "attn_evidence_sides-0.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: attn-evidence-sides\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("[pytest_attn.backends]\nevidence = attn_evidence_sides:backends\n")
+    (site / "attn_evidence_sides.py").write_text(AB_SIDES_MODULE.format(here=str(HERE), backend=backend,
+                                                                        device=args.device))
+    python = sys.executable
+    done = 0
+    for index, (kind, fraction) in enumerate(rng.sample(trials, len(trials))):
+        if over_budget():
+            log(f"ab-processes: out of time budget after {done} trials")
+            break
+        seq_lens = sorted(set(rows.values())) if kind == "unchanged" else [rows[kind]]
+        env = dict(os.environ, EVIDENCE_MATMUL_N="0", EVIDENCE_HOST_OPS="0",
+                   PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+        if kind != "unchanged":
+            env["EVIDENCE_MATMUL_N" if kind == "device" else "EVIDENCE_HOST_OPS"] = str(int(params[(kind, fraction)]))
+        saved = folder / f"trial{index}.json"
+        command = [python, "-c", "import sys; from pytest_attn.cli.main import main; sys.exit(main())", "ab",
+                   "--base", "evidence-base", "--base-python", python, "--head", "evidence-head",
+                   "--head-python", python, "--seq-lens", ",".join(map(str, seq_lens)), "--device", args.device,
+                   "--rounds", str(args.ab_rounds), "--iters", str(args.ab_iters), "--json", str(saved),
+                   *(["--gate-cpu"] if args.device == "cpu" else [])]
+        t0 = time.perf_counter()
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("pytest-attn gate")]
+        final = lines[-1] if lines else (result.stdout.strip()[-300:] + result.stderr.strip()[-300:])
+        log(f"ab-processes trial {index} ({kind}): exit {result.returncode} in {time.perf_counter() - t0:.0f} s; "
+            f"{final}")
+        if not saved.exists():
+            raise SystemExit(f"pytest-attn ab wrote no {saved.name} (exit {result.returncode}): {final}")
+        written = json.loads(saved.read_text())
+        for n in seq_lens:
+            label = f"vit-table seq {n}"
+            judged = judge(written["samples"]["base"][label], written["samples"]["head"][label])
+            command_said = {v["regime"]: v["outcome"] for v in written["verdicts"] if v["name"] == label}
+            if any(judged[r].outcome != command_said.get(r) for r in ("device", "eager")):
+                raise SystemExit(f"trial {index}, {label}: the gate's code on the saved samples says "
+                                 f"{ {r: judged[r].outcome for r in ('device', 'eager')} }, the command said {command_said}")
+            judged["pytest"] = {"run": f"ab{index}", "exit": result.returncode, "final": final}
+            records.append(("ab-proc", kind, fraction, n, judged))
+        done += 1
+        save()
+    return done
 
 
 if __name__ == "__main__":
