@@ -358,24 +358,27 @@ def test_ab_times_another_environment_in_alternating_subprocesses(capsys, tmp_pa
 
 
 @pytest.mark.attn_long
-def test_the_gpu_evidence_script_runs_pytest_attn_ab_with_sides_in_subprocesses(tmp_path):
-    """tests/evidence/gate_evidence.py --flows ab-processes, on CPU: the pytest-attn ab command itself,
-    its sides in subprocesses, the planted wrapper reaching them through an entry point; the script
-    stops when the command's verdicts differ from the gate's code on the samples --json kept."""
+def test_the_gpu_evidence_script_runs_the_commands_users_run(tmp_path):
+    """tests/evidence/gate_evidence.py on CPU (its smoke test, falling back to torch): the flow
+    ab-processes runs the pytest-attn ab command itself, its sides in subprocesses, the planted
+    wrapper reaching them through an entry point (the script stops when the command's verdicts differ
+    from the gate's code on the samples --json kept); the flow pytest, pytest --attn-gate."""
     from pathlib import Path
 
     script = Path(__file__).resolve().parent / "evidence" / "gate_evidence.py"
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--device", "cpu", "--flows",
-                           "ab-processes", "--kinds", "host", "--seq-len", "64", "--host-seq-len", "32",
-                           "--unchanged-trials", "1", "--planted-trials", "1", "--ab-rounds", "2", "--ab-iters", "3"],
+                           "ab-processes,pytest", "--kinds", "host", "--seq-len", "64", "--host-seq-len", "32",
+                           "--unchanged-trials", "1", "--planted-trials", "1", "--ab-rounds", "2", "--ab-iters", "3",
+                           "--iters", "6"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     evidence = json.loads((tmp_path / "evidence.json").read_text())
     trials = [(t["flow"], t["planted"], t["seq_len"]) for t in evidence["trials"]]
-    assert sorted(trials) == [("ab-proc", "host", 32), ("ab-proc", "unchanged", 32), ("ab-proc", "unchanged", 64)]
-    runs = {t["pytest"]["run"]: t["pytest"] for t in evidence["trials"]}
-    assert len(runs) == 2 and all(r["final"].startswith("pytest-attn gate: ") for r in runs.values()), runs
-    assert all(len(t["samples"]["head"]["eager"]) == 6 for t in evidence["trials"])  # 2 rounds x 3
+    assert sorted(trials) == [(flow, kind, n) for flow in ("ab-proc", "pytest")
+                              for kind, n in (("host", 32), ("unchanged", 32), ("unchanged", 64))]
+    runs = {(t["flow"], t["pytest"]["run"]): t["pytest"] for t in evidence["trials"]}
+    assert len(runs) == 4 and all(r["final"].startswith("pytest-attn gate: ") for r in runs.values()), runs
+    assert all(len(t["samples"]["head"]["eager"]) == 6 for t in evidence["trials"] if t["flow"] == "ab-proc")  # 2 x 3
 
 
 # -- history ------------------------------------------------------------------------------------------------------

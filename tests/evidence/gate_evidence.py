@@ -134,6 +134,20 @@ def make_backends(inner, device="cuda:0"):
     return Unchanged(inner, "unchanged"), PlantedDevice(inner, "planted-device"), PlantedHost(inner, "planted-host")
 
 
+def backend_from_environment(inner, device):
+    """(unchanged, chosen): ``chosen`` planted as $EVIDENCE_MATMUL_N / $EVIDENCE_HOST_OPS say (the
+    process flows' runs), else a second unchanged wrapper."""
+    unchanged, planted_device, planted_host = make_backends(inner, device)
+    matmul_n, host_ops = int(os.environ.get("EVIDENCE_MATMUL_N", "0")), int(os.environ.get("EVIDENCE_HOST_OPS", "0"))
+    if matmul_n:
+        planted_device.set(matmul_n)
+        return unchanged, planted_device
+    if host_ops:
+        planted_host.set(host_ops)
+        return unchanged, planted_host
+    return unchanged, make_backends(inner, device)[0]
+
+
 def median_of(backend, batch, settings, regime):
     from pytest_attn.bench.ab import measure_row
 
@@ -364,7 +378,7 @@ def main(argv=None) -> int:
                                  lambda: write(records), over_budget)
         log(f"ab-processes flow: {done} of {len(trials)} trials done")
     if "pytest" in args.flows.split(","):
-        pytest_flow(out, args, trials, rng, params, rows, records, log, lambda: write(records))
+        pytest_flow(out, args, inner.name, trials, rng, params, rows, records, log, lambda: write(records))
         log(f"pytest flow: {len(trials)} trials done")
     write(records)
     table = summarise(records)
@@ -435,7 +449,7 @@ def summarise(records) -> list[str]:
 
 
 PYTEST_FLOW_TEST = '''
-import os, sys
+import sys
 
 import pytest
 
@@ -450,17 +464,7 @@ _CHOSEN = []
 def backend_of_this_run():
     """unchanged, or planted as $EVIDENCE_MATMUL_N / $EVIDENCE_HOST_OPS say."""
     if not _CHOSEN:
-        unchanged, planted_device, planted_host = gate_evidence.make_backends(Registry.discover().get({backend!r}),
-                                                                              {device!r})
-        matmul_n, host_ops = int(os.environ.get("EVIDENCE_MATMUL_N", "0")), int(os.environ.get("EVIDENCE_HOST_OPS", "0"))
-        chosen = unchanged
-        if matmul_n:
-            planted_device.set(matmul_n)
-            chosen = planted_device
-        elif host_ops:
-            planted_host.set(host_ops)
-            chosen = planted_host
-        _CHOSEN.append(chosen)
+        _CHOSEN.append(gate_evidence.backend_from_environment(Registry.discover().get({backend!r}), {device!r})[1])
     return _CHOSEN[0]
 
 
@@ -475,7 +479,7 @@ def pytest_generate_tests(metafunc):
 '''
 
 
-def pytest_flow(out: Path, args, trials, rng, params, rows, records, log, save) -> None:
+def pytest_flow(out: Path, args, backend: str, trials, rng, params, rows, records, log, save) -> None:
     """The classic gate as a user runs it: a baseline pytest run, then one pytest run per trial with
     --attn-gate=base.json (exit status and final line kept) and --benchmark-json, each judged row by
     row with the gate's code on the two saved files. Appends to ``records``; ``save()`` after each."""
@@ -486,7 +490,7 @@ def pytest_flow(out: Path, args, trials, rng, params, rows, records, log, save) 
     folder = out / "pytest_flow"
     folder.mkdir(exist_ok=True)
     seq_lens = sorted(set(rows.values()))
-    (folder / "test_evidence_row.py").write_text(PYTEST_FLOW_TEST.format(here=str(HERE), backend=args.backend,
+    (folder / "test_evidence_row.py").write_text(PYTEST_FLOW_TEST.format(here=str(HERE), backend=backend,
                                                                           seq_lens=seq_lens, device=args.device))
     (folder / "conftest.py").write_text(PYTEST_FLOW_CONFTEST)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
@@ -527,7 +531,6 @@ def pytest_flow(out: Path, args, trials, rng, params, rows, records, log, save) 
 
 AB_SIDES_MODULE = '''"""gate_evidence's ab-processes flow: evidence-base (the backend unchanged) and evidence-head (planted as
 $EVIDENCE_MATMUL_N / $EVIDENCE_HOST_OPS say, else unchanged), loaded in each pytest-attn ab subprocess."""
-import os
 import sys
 
 sys.path.insert(0, {here!r})
@@ -538,15 +541,7 @@ def backends():
     from pytest_attn.env.registry import builtin_backends
 
     inner = next(b for b in builtin_backends() if b.name == {backend!r})
-    unchanged, planted_device, planted_host = gate_evidence.make_backends(inner, {device!r})
-    matmul_n, host_ops = int(os.environ.get("EVIDENCE_MATMUL_N", "0")), int(os.environ.get("EVIDENCE_HOST_OPS", "0"))
-    head = gate_evidence.make_backends(inner, {device!r})[0]
-    if matmul_n:
-        planted_device.set(matmul_n)
-        head = planted_device
-    elif host_ops:
-        planted_host.set(host_ops)
-        head = planted_host
+    unchanged, head = gate_evidence.backend_from_environment(inner, {device!r})
     unchanged.name, head.name = "evidence-base", "evidence-head"
     return [unchanged, head]
 '''
