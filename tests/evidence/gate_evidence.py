@@ -479,6 +479,12 @@ def pytest_generate_tests(metafunc):
 '''
 
 
+def own_session_environment() -> dict:
+    """This process's environment less what marks it a pytest-xdist worker: a run this script starts
+    is a session of its own (pytest-benchmark switches itself off in an xdist worker)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+
+
 def pytest_flow(out: Path, args, backend: str, trials, rng, params, rows, records, log, save) -> None:
     """The classic gate as a user runs it: a baseline pytest run, then one pytest run per trial with
     --attn-gate=base.json (exit status and final line kept) and --benchmark-json, each judged row by
@@ -498,7 +504,7 @@ def pytest_flow(out: Path, args, backend: str, trials, rng, params, rows, record
                "test_evidence_row.py", "--rootdir", str(folder), "-c", os.devnull]
 
     def run(name, extra, kind="unchanged", fraction=0.0):
-        env = dict(os.environ, EVIDENCE_MATMUL_N="0", EVIDENCE_HOST_OPS="0")
+        env = dict(own_session_environment(), EVIDENCE_MATMUL_N="0", EVIDENCE_HOST_OPS="0")
         if kind != "unchanged":
             env["EVIDENCE_MATMUL_N" if kind == "device" else "EVIDENCE_HOST_OPS"] = str(int(params[(kind, fraction)]))
         done = subprocess.run(command + extra, cwd=folder, env=env, capture_output=True, text=True)
@@ -567,7 +573,7 @@ def ab_processes_flow(out: Path, args, backend: str, trials, rng, params, rows, 
             log(f"ab-processes: out of time budget after {done} trials")
             break
         seq_lens = sorted(set(rows.values())) if kind == "unchanged" else [rows[kind]]
-        env = dict(os.environ, EVIDENCE_MATMUL_N="0", EVIDENCE_HOST_OPS="0",
+        env = dict(own_session_environment(), EVIDENCE_MATMUL_N="0", EVIDENCE_HOST_OPS="0",
                    PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
         if kind != "unchanged":
             env["EVIDENCE_MATMUL_N" if kind == "device" else "EVIDENCE_HOST_OPS"] = str(int(params[(kind, fraction)]))
