@@ -133,7 +133,8 @@ def test_one_line_writes_out_every_line_break():
     (["ab", "--base", "torch", "--head", "flex", "--device", "cpu", "--json", "."],
      "pytest-attn ab: argument --json: '.' is a folder; give a file name in it"),
     (["ab", "--base", "torch", "--head", "flex", "--device", "cpu", "--json", "/proc/ab.json"],  # checked before timing
-     "pytest-attn ab: --json /proc/ab.json: No such file or directory; give a path you can write to"),
+     "pytest-attn ab: argument --json: '/proc/ab.json': cannot write under /proc; give a path in a folder you can "
+     "write to"),
     (["seed-table", "--device", "cpu", "--graph", "on"],
      "pytest-attn seed-table: --graph on times CUDA-graph replays and a CPU has none; leave it out"),
 ])

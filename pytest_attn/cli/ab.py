@@ -64,8 +64,6 @@ def run(args) -> int:
     if not _subprocess_mode(args) and args.base == args.head:
         raise UsageError(f"--base and --head both name {args.base!r} in this environment; name two backends, or give "
                          "--head-ref/--head-python to time it elsewhere")
-    if args.json:
-        _check_writable(args.json)  # before minutes of timing
     device = chosen_device(args.device)
     args.cold_l2 = False
     check_device_options(args, device)
@@ -104,20 +102,6 @@ def run(args) -> int:
     return report(result, f"base {_side_name(args, 'base')}", unresolved_advice="more --rounds or --iters")
 
 
-def _check_writable(path: str) -> None:
-    """A UsageError unless a file can be made in ``path``'s folder (made here when missing)."""
-    from pathlib import Path
-
-    from pytest_attn.cli.args import UsageError
-
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=Path(path).parent, prefix=".pytest-attn-ab-"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--json {path}: {exc.strerror or exc}; give a path you can write to") from None
-
-
 def _write_json(path: str, args, result, base, head, machine) -> None:
     import dataclasses
     from pathlib import Path
@@ -126,6 +110,7 @@ def _write_json(path: str, args, result, base, head, machine) -> None:
 
     verdicts = [{**dataclasses.asdict(v), "outcome": v.outcome} for v in result.verdicts]
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps({
             "base": _side_name(args, "base"), "head": _side_name(args, "head"), "rounds": args.rounds,
             "iters": args.iters, "machine": machine, "gated": result.gated, "failed": result.failed,

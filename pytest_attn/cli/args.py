@@ -81,8 +81,9 @@ def json_path(text: str) -> str:
 
 def writable_file(text: str, example: str) -> str:
     """``text`` when a file can be written there (the missing folders made by the writer), else
-    an ArgumentTypeError saying why."""
-    import os
+    an ArgumentTypeError saying why. The nearest existing folder is tried with a temporary file
+    (permissions alone pass root, and /proc)."""
+    import tempfile
     from pathlib import Path
 
     path = Path(text)
@@ -93,9 +94,12 @@ def writable_file(text: str, example: str) -> str:
     folder = path.parent.absolute()
     while not folder.exists():  # the writer makes the missing folders: the nearest existing one must be writable
         folder = folder.parent
-    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pytest-attn-"):
+            pass
+    except OSError:
         raise argparse.ArgumentTypeError(f"{text!r}: cannot write under {folder}; give a path in a folder you can "
-                                         "write to")
+                                         "write to") from None
     return text
 
 
